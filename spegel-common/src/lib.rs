@@ -1,0 +1,52 @@
+//! `#[repr(C)]` types shared by spegel's eBPF programs and its daemon: map keys, values and indices.
+//!
+//! Addresses are stored as the kernel hands them over: IPv4 in the first word, IPv6 in all four,
+//! each word holding network-order bytes. Ports are host order.
+#![no_std]
+
+/// `AF_INET`, as the kernel reports a socket's family.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u32 = 10;
+
+/// Index in the `CONFIG` array: the port of the daemon's interception listener (host order).
+/// Zero disables every redirect.
+pub const CFG_PROXY_PORT: u32 = 0;
+/// Index in the `CONFIG` array: the daemon's tgid; connects made by it are never redirected.
+pub const CFG_PROXY_TGID: u32 = 1;
+/// Number of entries in the `CONFIG` array.
+pub const CFG_LEN: u32 = 4;
+
+/// Capacity of the maps that hand a connection's original destination to the daemon.
+pub const ORIG_MAP_ENTRIES: u32 = 16384;
+
+/// The original destination of a redirected connection.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct OrigDst {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Destination port, host order.
+    pub port: u32,
+    /// Destination address: network-order bytes, IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+}
+
+/// The key under which sock_ops publishes a redirected connection's original destination: the
+/// client's (family, local port), which is exactly the peer address the daemon sees in `accept()`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct ConnKey {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// The client's local port, host order.
+    pub port: u32,
+}
+
+// SAFETY: both types are `#[repr(C)]`, `Copy`, made only of `u32`s (no padding, no pointers), and
+// every bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for OrigDst {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ConnKey {}

@@ -1,0 +1,117 @@
+//! Command line and environment: clap (every flag has a `SPEGEL_*` env twin) → one validated
+//! config per subcommand, built before anything binds. Each subsystem owns its own `Args` struct,
+//! flattened here.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// spegel: peer-to-peer, transparent container image distribution for Kubernetes nodes.
+#[derive(Debug, Parser)]
+#[command(name = "spegel", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon.
+    Run(Box<RunArgs>),
+    /// Write containerd hosts.toml files that point at this node's daemon (mirror mode), or
+    /// restore what was there before with --undo.
+    ConfigureMirror(crate::mirror::MirrorArgs),
+    /// Install this node's CA into the host trust store (transparent mode).
+    InstallCa(crate::ca::InstallCaArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log filter, in `tracing` EnvFilter syntax (e.g. `info,spegel=debug`).
+    #[arg(long, env = "SPEGEL_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log format.
+    #[arg(long, env = "SPEGEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Where the daemon keeps its state (libp2p key, node CA). Created if missing.
+    #[arg(long, env = "SPEGEL_DATA_DIR", default_value = "/var/lib/spegel")]
+    pub data_dir: PathBuf,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "SPEGEL_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+    #[command(flatten)]
+    pub containerd: crate::store::containerd::ContainerdArgs,
+    #[command(flatten)]
+    pub registry: crate::registry::RegistryArgs,
+    #[command(flatten)]
+    pub router: crate::routing::p2p::RouterArgs,
+    #[command(flatten)]
+    pub fetch: crate::fetch::FetchArgs,
+    #[command(flatten)]
+    pub intercept: crate::intercept::InterceptArgs,
+}
+
+/// Parses `250ms`, `3s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration `{s}`"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in `{s}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("invalid duration `{s}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("3 days").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1e400s").is_err());
+    }
+
+    #[test]
+    fn cli_parses_defaults() {
+        let cli = Cli::try_parse_from(["spegel", "run"]).unwrap();
+        assert!(matches!(cli.command, Command::Run(_)));
+        assert!(Cli::try_parse_from(["spegel", "run", "--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

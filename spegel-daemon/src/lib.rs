@@ -1,0 +1,15 @@
+//! spegel: a node daemon that serves container image content peer to peer.
+//!
+//! See ARCHITECTURE.md at the repository root for the bird's eye view and the code map.
+
+pub mod ca;
+pub mod config;
+pub mod daemon;
+pub mod digest;
+pub mod fetch;
+pub mod intercept;
+pub mod mirror;
+pub mod registry;
+pub mod routing;
+pub mod source;
+pub mod store;

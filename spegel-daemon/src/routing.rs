@@ -1,0 +1,42 @@
+//! Finding which nodes hold a key: the [`Router`] seam, its libp2p Kademlia implementation, an
+//! in-memory one for unit tests, and the loop that keeps this node's advertisements in step with
+//! its store.
+use std::net::SocketAddr;
+
+use tokio::sync::mpsc;
+
+/// A node that provides a key, and where its registry API listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The libp2p peer id, as text.
+    pub id: String,
+    /// The peer's registry API (plain HTTP).
+    pub addr: SocketAddr,
+}
+
+/// Why the router could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The router's event loop is gone (shutting down).
+    #[error("router closed")]
+    Closed,
+    /// Any other failure.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Content routing. Keys are `sha256:<hex>` digests and `registry/repo:tag` references.
+#[async_trait::async_trait]
+pub trait Router: Send + Sync + 'static {
+    /// Whether this node knows at least one other node.
+    fn has_peers(&self) -> bool;
+    /// Peers that provide `key`, at most `count`, sent as they are found; the channel closes
+    /// when the lookup is over. This node itself is never included.
+    async fn lookup(&self, key: &str, count: usize) -> Result<mpsc::Receiver<Peer>, RouterError>;
+    /// Start providing `keys` (and keep re-providing them until withdrawn).
+    async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError>;
+    /// Stop providing `keys`.
+    async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;
+}
+
+pub mod p2p;

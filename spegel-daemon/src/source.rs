@@ -1,0 +1,193 @@
+//! The one seam every content source implements: the local containerd store, peers found in the
+//! DHT, and the upstream registry. The registry API asks a source for an object; a [`Chain`]
+//! tries sources in order.
+use std::{io, net::SocketAddr, ops::RangeInclusive, pin::Pin, sync::Arc};
+
+use bytes::Bytes;
+use futures::Stream;
+use http::HeaderMap;
+
+use crate::digest::Digest;
+
+/// Manifest or blob: the two kinds of object the pull API serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Manifest,
+    Blob,
+}
+
+/// What the client named: a tag (manifests only) or a digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reference {
+    Tag(String),
+    Digest(Digest),
+}
+
+/// A `Range` header as the client sent it; resolved against the object's size by whoever knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=start-` or `bytes=start-end` (end inclusive).
+    From { start: u64, end: Option<u64> },
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// The inclusive byte range this selects in an object of `size` bytes, or `None` when it
+    /// cannot be satisfied (RFC 9110 §14.1.2).
+    pub fn resolve(self, size: u64) -> Option<RangeInclusive<u64>> {
+        match self {
+            ByteRange::From { start, end } => {
+                if start >= size {
+                    return None;
+                }
+                let last = end.map_or(size - 1, |end| end.min(size - 1));
+                (last >= start).then_some(start..=last)
+            }
+            ByteRange::Suffix(0) => None,
+            ByteRange::Suffix(n) => (size > 0).then(|| size.saturating_sub(n)..=size - 1),
+        }
+    }
+}
+
+/// Where a transparently intercepted request was originally going.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The address containerd dialled.
+    pub addr: SocketAddr,
+    /// The host name containerd asked for (SNI or `Host`), or the IP when it used an IP literal.
+    pub host: String,
+    /// Whether the original connection was TLS.
+    pub tls: bool,
+}
+
+/// One request for an object, as the registry API parsed it.
+#[derive(Debug, Clone)]
+pub struct ObjectRequest {
+    pub kind: Kind,
+    /// The image's registry (`docker.io`, `10.1.2.3:5000`): from `?ns=` in mirror mode, from the
+    /// intercepted connection in transparent mode. `None` when the client did not say.
+    pub registry: Option<String>,
+    /// The repository, e.g. `library/nginx`.
+    pub repository: String,
+    pub reference: Reference,
+    pub range: Option<ByteRange>,
+    /// HEAD: headers only; sources may skip opening the body.
+    pub head: bool,
+    /// Headers of the client's request a source may forward (`Authorization`, `Accept`, …).
+    pub headers: HeaderMap,
+    /// Set for transparently intercepted requests.
+    pub origin: Option<Origin>,
+    /// Set when the request came from another spegel node: it must never be forwarded again.
+    pub mirrored: bool,
+}
+
+/// A body: bytes as they arrive. An `Err` item aborts the response (the client sees a truncated
+/// transfer and must not commit it).
+pub type Body = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// An object a source can serve.
+pub struct Object {
+    pub digest: Digest,
+    pub media_type: String,
+    /// The size of the whole object.
+    pub size: u64,
+    /// The bytes `body` holds when the request had a satisfiable range.
+    pub range: Option<RangeInclusive<u64>>,
+    /// `None` for HEAD.
+    pub body: Option<Body>,
+    /// Which source served it, for logs and metrics: `local`, `peer`, `upstream`.
+    pub source: &'static str,
+}
+
+impl std::fmt::Debug for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Object")
+            .field("digest", &self.digest)
+            .field("media_type", &self.media_type)
+            .field("size", &self.size)
+            .field("range", &self.range)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a source could not serve an object.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// This source does not have it; the next one may.
+    #[error("not found")]
+    NotFound,
+    /// The object exists but the range cannot be satisfied.
+    #[error("range not satisfiable for an object of {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
+    /// The request is malformed in a way only the source could tell (e.g. a manifest asked for as a blob).
+    #[error("{0}")]
+    Invalid(String),
+    /// An upstream answered with a status the client should see as is (401 with its challenge, 429…).
+    #[error("upstream answered {status}")]
+    Upstream {
+        status: http::StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    /// The source failed (I/O, timeout, bad peer); the next source may still succeed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Something that can serve objects.
+#[async_trait::async_trait]
+pub trait Source: Send + Sync + 'static {
+    async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError>;
+}
+
+/// Tries sources in order. `NotFound` and `Unavailable` move on to the next source; any other
+/// error is the answer. When every source misses, the last `Unavailable` (if any) is reported,
+/// else `NotFound`.
+#[derive(Clone, Default)]
+pub struct Chain {
+    sources: Vec<Arc<dyn Source>>,
+}
+
+impl Chain {
+    pub fn new(sources: Vec<Arc<dyn Source>>) -> Self {
+        Self { sources }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for Chain {
+    async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
+        let mut last = SourceError::NotFound;
+        for source in &self.sources {
+            match source.fetch(request).await {
+                Ok(object) => return Ok(object),
+                Err(err @ SourceError::Unavailable(_)) => last = err,
+                Err(SourceError::NotFound) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve() {
+        let from = |start, end| ByteRange::From { start, end };
+        assert_eq!(from(0, None).resolve(10), Some(0..=9));
+        assert_eq!(from(2, Some(4)).resolve(10), Some(2..=4));
+        assert_eq!(from(2, Some(400)).resolve(10), Some(2..=9));
+        assert_eq!(from(10, None).resolve(10), None);
+        assert_eq!(from(5, Some(4)).resolve(10), None);
+        assert_eq!(from(0, None).resolve(0), None);
+        assert_eq!(ByteRange::Suffix(3).resolve(10), Some(7..=9));
+        assert_eq!(ByteRange::Suffix(30).resolve(10), Some(0..=9));
+        assert_eq!(ByteRange::Suffix(0).resolve(10), None);
+        assert_eq!(ByteRange::Suffix(3).resolve(0), None);
+    }
+}

@@ -1,0 +1,57 @@
+//! What this node's containerd holds: the [`Store`] seam, its containerd implementation, an
+//! in-memory one for unit tests, and the conformance suite both must pass.
+use std::{collections::BTreeSet, pin::Pin};
+
+use tokio::io::AsyncRead;
+
+use crate::digest::Digest;
+
+/// A local object: digest, size, and media type when the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub digest: Digest,
+    pub size: u64,
+    /// Known from the parent that references the object (index → manifest → config/layers), or
+    /// from the object's own JSON for manifests. `None` when nothing says.
+    pub media_type: Option<String>,
+}
+
+/// Everything this node can serve, as DHT keys: every digest present locally and reachable from
+/// an image, and every `registry/repo:tag` an image is known by.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Keys {
+    pub digests: BTreeSet<Digest>,
+    pub tags: BTreeSet<String>,
+}
+
+/// A reader positioned at the requested offset, yielding exactly the requested bytes.
+pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// Why the store could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Not in the store.
+    #[error("not found")]
+    NotFound,
+    /// The store (containerd) could not be reached or failed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A node-local content store.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `registry/repo:tag` → the digest the tag points at.
+    async fn resolve(&self, reference: &str) -> Result<Digest, StoreError>;
+    /// Size and media type of a digest present locally.
+    async fn descriptor(&self, digest: &Digest) -> Result<Descriptor, StoreError>;
+    /// Read `len` bytes of a present object starting at `offset`. The caller has checked the
+    /// bounds against [`Store::descriptor`].
+    async fn open(&self, digest: &Digest, offset: u64, len: u64) -> Result<Reader, StoreError>;
+    /// Everything to advertise.
+    async fn keys(&self) -> Result<Keys, StoreError>;
+    /// A counter that moves whenever images may have changed; watchers re-read [`Store::keys`].
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+pub mod containerd;

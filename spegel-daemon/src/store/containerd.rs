@@ -1,0 +1,5 @@
+//! (stub, being written)
+
+/// Flags of this subsystem.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ContainerdArgs {}

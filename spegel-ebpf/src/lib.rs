@@ -1,0 +1,2 @@
+// This file exists to enable the library target; the programs are in main.rs.
+#![no_std]
