@@ -1,1 +1,197 @@
-fn main() {}
+//! Chores for spegel, in Rust so they run wherever cargo does:
+//!
+//! - `cargo xtask prereqs` — install what building and testing need (idempotent).
+//! - `cargo xtask test`    — prereqs, build everything (eBPF included), run every test, e2e too.
+//! - `cargo xtask demo`    — prereqs, build, bring up a local multi-node cluster and pull through it.
+//! - `cargo xtask bench`   — prereqs, build, run the benchmarks (ratios against a baseline run).
+//!
+//! xtask itself depends on nothing heavy, so it builds before protoc or bpf-linker exist.
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages the build, the rig and the daemon need.
+const APT_PACKAGES: &[&str] = &[
+    "containerd",
+    "runc",
+    "docker-registry",
+    "skopeo",
+    "protobuf-compiler",
+    "openssl",
+    "curl",
+    "iproute2",
+    "util-linux",
+    "ca-certificates",
+    // bpf-linker links LLVM 22, the same major as rustc's own LLVM.
+    "llvm-22-dev",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | demo | bench [name]>";
+
+fn main() -> ExitCode {
+    let mut args = env::args_os().skip(1);
+    let Some(command) = args.next() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(64);
+    };
+    let rest: Vec<OsString> = args.collect();
+    let result = match command.to_str() {
+        Some("prereqs") => prereqs().map(|_| ()),
+        Some("test") => test(&rest),
+        Some("demo") => run_tool("spegel-demo", &rest),
+        Some("bench") => run_tool("spegel-bench", &rest),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(64);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ lives directly under the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Where bpf-linker is installed: `$SPEGEL_TOOLS`, else `$HOME/.spegel-tools` (outside the
+/// checkout, so fresh clones on the same machine reuse it).
+fn tools_dir() -> PathBuf {
+    if let Some(dir) = env::var_os("SPEGEL_TOOLS") {
+        return PathBuf::from(dir);
+    }
+    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".spegel-tools")
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// Installs whatever is missing; returns the PATH to build with (bpf-linker first).
+fn prereqs() -> anyhow::Result<OsString> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output();
+            !out.is_ok_and(|o| o.stdout.ends_with(b"install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run as root (or install them yourself)");
+        }
+        eprintln!("xtask: installing {}", missing.join(" "));
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    // The eBPF crate is built with nightly and -Z build-std=core, which needs rust-src.
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+    if !has_src {
+        eprintln!("xtask: adding rust-src to the nightly toolchain");
+        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    let tools = tools_dir();
+    let linker = tools.join("bin/bpf-linker");
+    let have_linker = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if !have_linker {
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} (LLVM 22) into {}", tools.display());
+        status(
+            Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["install", "--locked", "--root"])
+                .arg(&tools)
+                .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+
+    let mut paths = vec![tools.join("bin")];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).context("PATH")
+}
+
+fn cargo(path: &OsString) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root()).env("PATH", path);
+    cmd
+}
+
+/// Builds every default member once, in one profile (the eBPF crate comes in through the daemon's
+/// build script; the daemon binary the end-to-end tests run is the one just built), then runs every
+/// test with the end-to-end suite enabled.
+fn test(extra: &[OsString]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the end-to-end tests need root (network namespaces, cgroups, eBPF)");
+    }
+    let path = prereqs()?;
+    status(cargo(&path).args(["build", "--all-targets", "--locked"]))?;
+    let bin = workspace_root().join("target/debug/spegel");
+    status(
+        cargo(&path)
+            .args(["test", "--locked"])
+            .args(extra)
+            .env("SPEGEL_E2E", "1")
+            .env("SPEGEL_BIN", &bin),
+    )
+}
+
+/// Runs one of the tools of the `spegel-tests` crate (the demo, the benchmarks).
+fn run_tool(bin: &str, extra: &[OsString]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{bin} needs root (network namespaces, cgroups, eBPF)");
+    }
+    let path = prereqs()?;
+    let profile = if bin == "spegel-bench" { "release" } else { "dev" };
+    status(cargo(&path).args(["build", "--locked", "--profile", profile, "-p", "spegel-daemon", "-p", "spegel-tests"]))?;
+    let dir = if profile == "dev" { "debug" } else { profile };
+    let target = workspace_root().join("target").join(dir);
+    status(
+        Command::new(target.join(bin))
+            .args(extra)
+            .env("PATH", &path)
+            .env("SPEGEL_BIN", target.join("spegel")),
+    )
+}
