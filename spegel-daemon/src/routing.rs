@@ -39,4 +39,6 @@ pub trait Router: Send + Sync + 'static {
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;
 }
 
+pub mod memory;
 pub mod p2p;
+pub mod sync;
