@@ -54,4 +54,7 @@ pub trait Store: Send + Sync + 'static {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
+pub mod conformance;
 pub mod containerd;
+pub mod memory;
+mod walk;
