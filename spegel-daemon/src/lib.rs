@@ -9,6 +9,7 @@ pub mod digest;
 pub mod fetch;
 pub mod intercept;
 pub mod mirror;
+pub mod oci;
 pub mod registry;
 pub mod routing;
 pub mod source;
