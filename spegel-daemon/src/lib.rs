@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod digest;
 pub mod fetch;
 pub mod intercept;
+pub mod local;
 pub mod mirror;
 pub mod oci;
 pub mod registry;
