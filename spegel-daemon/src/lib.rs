@@ -15,3 +15,4 @@ pub mod registry;
 pub mod routing;
 pub mod source;
 pub mod store;
+pub mod tls;
