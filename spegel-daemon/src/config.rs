@@ -60,6 +60,8 @@ pub struct RunArgs {
     pub fetch: crate::fetch::FetchArgs,
     #[command(flatten)]
     pub intercept: crate::intercept::InterceptArgs,
+    #[command(flatten)]
+    pub fault: crate::fault::FaultArgs,
 }
 
 /// Parses `250ms`, `3s`, `2m`, `1h`, or a bare number of seconds.
