@@ -14,8 +14,19 @@ pub const AF_INET6: u32 = 10;
 pub const CFG_PROXY_PORT: u32 = 0;
 /// Index in the `CONFIG` array: the daemon's tgid; connects made by it are never redirected.
 pub const CFG_PROXY_TGID: u32 = 1;
+/// Index in the `CONFIG` array: `CFG_FLAG_*` bits.
+pub const CFG_FLAGS: u32 = 2;
 /// Number of entries in the `CONFIG` array.
 pub const CFG_LEN: u32 = 4;
+
+/// `CFG_FLAGS` bit: the daemon also listens on `[::1]`, so plain IPv6 connects may be redirected.
+/// Without it only IPv4 (and v4-mapped) connects are, and IPv6 ones go direct.
+pub const CFG_FLAG_IPV6_LISTENER: u32 = 1;
+
+/// Capacity of the `REDIRECT_PORTS` map.
+pub const REDIRECT_PORTS_ENTRIES: u32 = 64;
+/// Capacity of each of the `REDIRECT_IP4` and `REDIRECT_IP6` maps.
+pub const REDIRECT_IPS_ENTRIES: u32 = 1024;
 
 /// Capacity of the maps that hand a connection's original destination to the daemon.
 pub const ORIG_MAP_ENTRIES: u32 = 16384;
@@ -34,6 +45,8 @@ pub struct OrigDst {
 
 /// The key under which sock_ops publishes a redirected connection's original destination: the
 /// client's (family, local port), which is exactly the peer address the daemon sees in `accept()`.
+/// An `AF_INET6` socket that dialled a v4-mapped address talks IPv4 on the wire, so its key has
+/// family `AF_INET` (the value keeps the mapped address).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
 pub struct ConnKey {

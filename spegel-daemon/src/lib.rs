@@ -6,6 +6,7 @@ pub mod ca;
 pub mod config;
 pub mod daemon;
 pub mod digest;
+pub mod ebpf;
 pub mod fault;
 pub mod fetch;
 pub mod intercept;

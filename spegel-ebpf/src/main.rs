@@ -24,7 +24,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use spegel_common::{
-    AF_INET, AF_INET6, CFG_LEN, CFG_PROXY_PORT, CFG_PROXY_TGID, ConnKey, ORIG_MAP_ENTRIES, OrigDst,
+    AF_INET, AF_INET6, CFG_FLAG_IPV6_LISTENER, CFG_FLAGS, CFG_LEN, CFG_PROXY_PORT, CFG_PROXY_TGID,
+    ConnKey, ORIG_MAP_ENTRIES, OrigDst, REDIRECT_IPS_ENTRIES, REDIRECT_PORTS_ENTRIES,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -33,13 +34,13 @@ const SOCK_STREAM: u32 = 1;
 static CONFIG: Array<u32> = Array::with_max_entries(CFG_LEN, 0);
 /// Destination ports (host order) to redirect.
 #[map]
-static REDIRECT_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
+static REDIRECT_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(REDIRECT_PORTS_ENTRIES, 0);
 /// Destination IPv4 addresses (network-order bytes in a u32) to redirect, whatever the port.
 #[map]
-static REDIRECT_IP4: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+static REDIRECT_IP4: HashMap<u32, u8> = HashMap::with_max_entries(REDIRECT_IPS_ENTRIES, 0);
 /// Destination IPv6 addresses (network-order bytes) to redirect, whatever the port.
 #[map]
-static REDIRECT_IP6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(1024, 0);
+static REDIRECT_IP6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(REDIRECT_IPS_ENTRIES, 0);
 /// connect() -> sock_ops hand-over, keyed by socket cookie; kept for getpeername (LRU-bounded).
 #[map]
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_MAP_ENTRIES, 0);
@@ -181,6 +182,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
     if !listed && (is_loopback || !port_listed(port)) {
         return Ok(());
     }
+    // A plain IPv6 connect can only be redirected when the daemon listens on [::1].
+    if !v4_mapped && cfg(CFG_FLAGS) & CFG_FLAG_IPV6_LISTENER == 0 {
+        return Ok(());
+    }
     // SAFETY: the cookie helper only reads the socket behind the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
@@ -215,8 +220,15 @@ pub fn spegel_sockops(ctx: SockOpsContext) -> u32 {
         // SAFETY: the value is copied out at once.
         if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
             let orig = *orig;
+            // connect6 sent a v4-mapped destination to ::ffff:127.0.0.1: IPv4 on the wire, so the
+            // daemon sees an IPv4 peer.
+            let ffff = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+            let v4_mapped = orig.family == AF_INET6
+                && orig.addr[0] == 0
+                && orig.addr[1] == 0
+                && orig.addr[2] == ffff;
             let key = ConnKey {
-                family: ctx.family(),
+                family: if v4_mapped { AF_INET } else { ctx.family() },
                 port: ctx.local_port(),
             };
             let _ = ORIG_BY_PORT.insert(&key, &orig, 0);

@@ -1,0 +1,140 @@
+//! Which intercepted connections are registry traffic spegel terminates: an explicit list of
+//! `host[:port]` names (no wildcards), matched against SNI / `Host`, or — for registries addressed
+//! by IP literal — against the original destination.
+use std::net::SocketAddr;
+
+use super::sni::Authority;
+
+/// Well-known public registries, mirrored by default. Blob CDNs the registries redirect to are
+/// deliberately absent: the registry handler follows those redirects itself.
+pub const DEFAULT_MIRRORED_REGISTRIES: &[&str] = &[
+    "docker.io",
+    "registry-1.docker.io",
+    "index.docker.io",
+    "ghcr.io",
+    "quay.io",
+    "registry.k8s.io",
+    "k8s.gcr.io",
+    "gcr.io",
+    "mcr.microsoft.com",
+    "public.ecr.aws",
+    "nvcr.io",
+    "registry.gitlab.com",
+    "docker.elastic.co",
+    "cgr.dev",
+];
+
+/// The port a `host` entry without a port stands for.
+fn default_port(tls: bool) -> u16 {
+    if tls { 443 } else { 80 }
+}
+
+/// The mirrored registries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirroredRegistries {
+    entries: Vec<Authority>,
+}
+
+impl MirroredRegistries {
+    /// Parses `host[:port]` entries; a bad entry is an error naming it.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+        let entries = entries
+            .iter()
+            .map(|e| {
+                let e = e.as_ref();
+                if e.contains('*') || e.contains('/') {
+                    return Err(format!(
+                        "mirrored registry `{e}`: expected host[:port], without scheme, path or wildcard"
+                    ));
+                }
+                Authority::parse(e)
+                    .ok_or_else(|| format!("mirrored registry `{e}`: expected host[:port]"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { entries })
+    }
+
+    /// The entries.
+    pub fn entries(&self) -> &[Authority] {
+        &self.entries
+    }
+
+    /// Ports named explicitly by entries: connects to them must be redirected too.
+    pub fn explicit_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.entries.iter().filter_map(|e| e.port)
+    }
+
+    /// Whether a connection that named `name` (SNI, or the `Host` header) is mirrored. `port` is
+    /// the port it asked for: the `Host` header's, else the original destination's.
+    pub fn matches_name(&self, name: &str, port: u16, tls: bool) -> bool {
+        let ip = name.parse::<std::net::IpAddr>().ok();
+        self.entries.iter().any(|e| {
+            let host_matches = match (ip, e.ip()) {
+                (Some(a), Some(b)) => a == b,
+                (None, None) => e.host.eq_ignore_ascii_case(name),
+                _ => false,
+            };
+            host_matches && e.port.unwrap_or(default_port(tls)) == port
+        })
+    }
+
+    /// Whether a connection that named no host (TLS without SNI, HTTP without `Host`) is
+    /// mirrored: only IP-literal entries can match, on the original destination.
+    pub fn matches_addr(&self, dst: SocketAddr, tls: bool) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.ip() == Some(dst.ip()) && e.port.unwrap_or(default_port(tls)) == dst.port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let r = MirroredRegistries::parse(DEFAULT_MIRRORED_REGISTRIES).unwrap();
+        assert!(r.matches_name("registry-1.docker.io", 443, true));
+        assert!(r.matches_name("GHCR.io", 443, true));
+        assert!(!r.matches_name("ghcr.io", 8443, true));
+        assert!(!r.matches_name("example.com", 443, true));
+        assert!(!r.matches_name("pkg-containers.githubusercontent.com", 443, true));
+        assert_eq!(r.explicit_ports().count(), 0);
+    }
+
+    #[test]
+    fn ports_and_ip_literals() {
+        let r = MirroredRegistries::parse(&[
+            "registry.local:5000",
+            "10.1.2.3:5000",
+            "[fd00::5]",
+            "plain.local",
+        ])
+        .unwrap();
+        assert!(r.matches_name("registry.local", 5000, true));
+        assert!(r.matches_name("registry.local", 5000, false));
+        assert!(!r.matches_name("registry.local", 443, true));
+        assert!(r.matches_name("plain.local", 80, false));
+        assert!(!r.matches_name("plain.local", 443, false));
+        assert!(r.matches_name("plain.local", 443, true));
+        // An IP literal in Host matches the IP entry, however it is spelled.
+        assert!(r.matches_name("10.1.2.3", 5000, false));
+        assert!(r.matches_name("fd00:0::5", 443, true));
+        assert!(r.matches_addr("10.1.2.3:5000".parse().unwrap(), true));
+        assert!(!r.matches_addr("10.1.2.3:5001".parse().unwrap(), true));
+        assert!(r.matches_addr("[fd00::5]:443".parse().unwrap(), true));
+        assert!(r.matches_addr("[fd00::5]:80".parse().unwrap(), false));
+        // Name entries never match an address.
+        assert!(!r.matches_addr("10.9.9.9:443".parse().unwrap(), true));
+        let mut ports: Vec<_> = r.explicit_ports().collect();
+        ports.sort_unstable();
+        assert_eq!(ports, [5000, 5000]);
+    }
+
+    #[test]
+    fn bad_entries() {
+        for bad in ["https://ghcr.io", "*.docker.io", "ghcr.io/foo", "a:b", ""] {
+            assert!(MirroredRegistries::parse(&[bad]).is_err(), "{bad}");
+        }
+    }
+}
