@@ -1,0 +1,286 @@
+//! A blob body streamed from peers: hashed as it passes, the chunk that completes the object held
+//! back until the digest checks, and continued elsewhere with `Range` when its source fails.
+use std::{collections::HashSet, io, ops::Range, sync::Arc};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, header};
+use http_body_util::BodyExt;
+use tokio::time::timeout;
+
+use super::{AttemptError, Inner, PeerResponse, bump};
+use crate::{
+    digest::{Digest, Verifier},
+    routing::Peer,
+    source::{Body, ByteRange, ObjectRequest},
+};
+
+/// Where the bytes currently come from.
+enum Current {
+    // Boxed: the response (headers, body, guards) is many times the size of the other variants.
+    Peer {
+        peer: Peer,
+        response: Box<PeerResponse>,
+    },
+    Fallback(Body),
+    Nothing,
+}
+
+pub(super) struct BlobStream {
+    inner: Arc<Inner>,
+    /// The client's request, for resumes.
+    request: ObjectRequest,
+    key: String,
+    digest: Digest,
+    total: u64,
+    /// Absolute offset of the next byte to deliver.
+    next: u64,
+    /// One past the last byte to deliver.
+    end: u64,
+    /// Present only when the whole object is delivered: a part cannot be verified.
+    verifier: Option<Verifier>,
+    current: Current,
+    /// Bytes the current source sends before `next` (it started earlier than asked).
+    skip: u64,
+    /// Peers that failed this body: never asked again for it.
+    tried: HashSet<String>,
+    /// Peers whose bytes are in the hash: all are suspects when it does not match.
+    contributors: Vec<Peer>,
+    resumes: usize,
+    done: bool,
+}
+
+impl BlobStream {
+    /// The body for `want` (half-open, absolute) of the blob `digest`, starting with the answer
+    /// `peer` gave.
+    pub(super) fn start(
+        inner: Arc<Inner>,
+        mut request: ObjectRequest,
+        key: String,
+        digest: Digest,
+        peer: Peer,
+        response: PeerResponse,
+        want: Range<u64>,
+    ) -> Body {
+        let span = response.span;
+        // The client's own Range header must not reach the fallback: ranges are set explicitly.
+        request.headers.remove(header::RANGE);
+        let stream = BlobStream {
+            inner,
+            request,
+            key,
+            digest,
+            total: span.total,
+            next: want.start,
+            end: want.end,
+            verifier: (want.start == 0 && want.end == span.total).then(|| Verifier::new(digest)),
+            skip: want.start.saturating_sub(span.start),
+            tried: HashSet::new(),
+            contributors: vec![peer.clone()],
+            current: Current::Peer {
+                peer,
+                response: Box::new(response),
+            },
+            resumes: 0,
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(stream, |mut s| async move {
+            let item = s.next_item().await?;
+            Some((item, s))
+        }))
+    }
+
+    async fn next_item(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if self.next >= self.end {
+                // An empty object or range: nothing to send (its digest was checked up front).
+                self.done = true;
+                self.current = Current::Nothing;
+                return None;
+            }
+            let stall = self.inner.config.stall_timeout;
+            let read = match &mut self.current {
+                Current::Peer { response, .. } => {
+                    match timeout(stall, response.body.frame()).await {
+                        Err(_) => Err(format!("no bytes for {stall:?}")),
+                        Ok(None) => Ok(None),
+                        Ok(Some(Err(e))) => Err(e.to_string()),
+                        // Trailers carry no data: read on.
+                        Ok(Some(Ok(frame))) => Ok(Some(frame.into_data().unwrap_or_default())),
+                    }
+                }
+                Current::Fallback(body) => match timeout(stall, body.next()).await {
+                    Err(_) => Err(format!("no bytes for {stall:?}")),
+                    Ok(None) => Ok(None),
+                    Ok(Some(Err(e))) => Err(e.to_string()),
+                    Ok(Some(Ok(data))) => Ok(Some(data)),
+                },
+                Current::Nothing => Err("no source".to_owned()),
+            };
+            let failure = match read {
+                Ok(Some(data)) => match self.accept(data) {
+                    Some(item) => return Some(item),
+                    None => continue,
+                },
+                Ok(None) => "the source ended early".to_owned(),
+                Err(e) => e,
+            };
+            if let Err(err) = self.resume(failure).await {
+                self.done = true;
+                self.current = Current::Nothing;
+                return Some(Err(err));
+            }
+        }
+    }
+
+    /// Take `data` from the current source. Returns what to hand to the client, if anything.
+    fn accept(&mut self, mut data: Bytes) -> Option<io::Result<Bytes>> {
+        if self.skip > 0 {
+            let n = self.skip.min(data.len() as u64);
+            data = data.slice(n as usize..);
+            self.skip -= n;
+        }
+        if matches!(self.current, Current::Peer { .. }) {
+            bump(&self.inner.metrics.bytes, data.len() as u64);
+        }
+        // Only the bytes asked for count; a source that sends more is cut off at the end.
+        let left = self.end - self.next;
+        if data.len() as u64 > left {
+            data.truncate(left as usize);
+        }
+        if data.is_empty() {
+            return None;
+        }
+        if let Some(verifier) = &mut self.verifier {
+            verifier.update(&data);
+        }
+        self.next += data.len() as u64;
+        if self.next < self.end {
+            return Some(Ok(data));
+        }
+        // This chunk completes the object: it is released only if everything hashes right, so
+        // a client never holds a complete but wrong object.
+        self.done = true;
+        self.current = Current::Nothing;
+        if let Some(verifier) = self.verifier.take()
+            && !verifier.verify()
+        {
+            bump(&self.inner.metrics.verify_failures, 1);
+            for peer in &self.contributors {
+                self.inner.quarantine(peer, self.digest);
+            }
+            return Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("content from peers does not match {}", self.digest),
+            )));
+        }
+        Some(Ok(data))
+    }
+
+    /// Continue the body from `next` after its source failed: another peer first, then the
+    /// fallback source.
+    async fn resume(&mut self, failure: String) -> io::Result<()> {
+        match std::mem::replace(&mut self.current, Current::Nothing) {
+            Current::Peer { peer, response } => {
+                drop(response);
+                tracing::warn!(peer = %peer.id, digest = %self.digest, offset = self.next, %failure, "peer transfer failed mid-stream");
+                self.tried.insert(peer.id.clone());
+                self.inner
+                    .note_failure(&peer, &AttemptError::Unreachable(failure.clone()));
+            }
+            Current::Fallback(_) => {
+                tracing::warn!(digest = %self.digest, offset = self.next, %failure, "fallback transfer failed mid-stream");
+            }
+            Current::Nothing => {}
+        }
+        if self.resumes >= self.inner.config.max_resumes {
+            return Err(io::Error::other(format!(
+                "giving up after {} resumes: {failure}",
+                self.resumes
+            )));
+        }
+        self.resumes += 1;
+        bump(&self.inner.metrics.resumes, 1);
+        let (from, end, total) = (self.next, self.end, self.total);
+        let range = ByteRange::From {
+            start: from,
+            end: Some(end - 1),
+        };
+
+        let inner_arc = Arc::clone(&self.inner);
+        let inner: &Inner = &inner_arc;
+        let request = &self.request;
+        let reference = self.digest.to_string();
+        let reference = reference.as_str();
+        let resumed = inner
+            .race(&self.key, &self.tried, |peer| async move {
+                let response = inner
+                    .send(&peer, Method::GET, request, reference, Some(range))
+                    .await?;
+                let span = response.span;
+                if span.total != total || span.start > from || span.end() < end {
+                    return Err(AttemptError::Failed(format!(
+                        "peer answered bytes {}..{} of {} to a resume from {from}",
+                        span.start,
+                        span.end(),
+                        span.total
+                    )));
+                }
+                Ok(response)
+            })
+            .await;
+        match resumed {
+            Ok((peer, response)) => {
+                tracing::info!(peer = %peer.id, digest = %self.digest, offset = from, "resumed from another peer");
+                self.skip = from - response.span.start;
+                self.contributors.push(peer.clone());
+                self.current = Current::Peer {
+                    peer,
+                    response: Box::new(response),
+                };
+                return Ok(());
+            }
+            Err(err) => {
+                tracing::debug!(digest = %self.digest, %err, "no peer can resume");
+            }
+        }
+
+        if let Some(fallback) = &self.inner.fallback {
+            let mut request = self.request.clone();
+            request.range = Some(range);
+            request.head = false;
+            let fetched = timeout(self.inner.config.fallback_timeout, fallback.fetch(&request));
+            match fetched.await {
+                Ok(Ok(object)) => {
+                    let (start, stop) = object
+                        .range
+                        .as_ref()
+                        .map_or((0, object.size), |r| (*r.start(), *r.end() + 1));
+                    match object.body {
+                        Some(body) if object.size == total && start <= from && stop >= end => {
+                            tracing::info!(digest = %self.digest, offset = from, source = object.source, "resumed from the fallback source");
+                            bump(&self.inner.metrics.resume_fallbacks, 1);
+                            self.skip = from - start;
+                            self.current = Current::Fallback(body);
+                            return Ok(());
+                        }
+                        _ => {
+                            tracing::warn!(digest = %self.digest, size = object.size, range = ?object.range, "fallback answered a resume with other bytes")
+                        }
+                    }
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(digest = %self.digest, %err, "fallback cannot resume");
+                }
+                Err(_) => tracing::warn!(digest = %self.digest, "fallback resume timed out"),
+            }
+        }
+        Err(io::Error::other(format!(
+            "transfer of {} failed at byte {from} of {total} and nothing could resume it: {failure}",
+            self.digest
+        )))
+    }
+}
