@@ -191,7 +191,7 @@ fn windows(size: u64) -> Vec<(u64, u64)> {
         windows.insert((1, w.min(size - 1)));
     }
     if size > 2 {
-        windows.insert((size / 3, (size / 3).min(WINDOW).max(1)));
+        windows.insert((size / 3, (size / 3).clamp(1, WINDOW)));
     }
     windows.into_iter().collect()
 }
@@ -509,7 +509,10 @@ mod tests {
             assert!(windows.contains(&(0, 1)));
             assert!(windows.contains(&(size - 1, 1)));
             for (offset, len) in windows {
-                assert!(len >= 1 && len <= WINDOW && offset + len <= size, "{size}");
+                assert!(
+                    (1..=WINDOW).contains(&len) && offset + len <= size,
+                    "{size}"
+                );
             }
         }
         assert!(windows(0).is_empty());
