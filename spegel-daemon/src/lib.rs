@@ -18,3 +18,4 @@ pub mod routing;
 pub mod source;
 pub mod store;
 pub mod tls;
+pub mod upstream;
