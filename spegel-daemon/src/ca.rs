@@ -697,13 +697,16 @@ pub struct InstallCaArgs {
     /// Where the daemon keeps its state; the CA lives in `<data-dir>/ca/`.
     #[arg(long, env = "SPEGEL_DATA_DIR", default_value = "/var/lib/spegel")]
     pub data_dir: PathBuf,
-    /// Registries the node CA may vouch for (`[https://]host[:port]`, comma-separated). Must
-    /// match the daemon's list, or the daemon mints a different CA.
+    /// Registries the node CA may vouch for (`[https://]host[:port]`, comma-separated): the
+    /// same flag, environment variable and default as `spegel run`, so both mint the same CA.
     #[arg(
         long,
         env = "SPEGEL_MIRRORED_REGISTRIES",
         value_delimiter = ',',
-        required = true
+        default_values_t = crate::intercept::registries::DEFAULT_MIRRORED_REGISTRIES
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
     )]
     pub mirrored_registries: Vec<String>,
     /// Operate on the trust store under this root instead of `/` (the refresh command is then
@@ -920,6 +923,25 @@ mod tests {
             PermittedNames::from_registries(Vec::<String>::new()),
             Err(CaError::NoRegistries)
         ));
+    }
+
+    #[test]
+    fn default_registries_make_a_valid_ca() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: InstallCaArgs,
+        }
+        let cli = Cli::try_parse_from(["install-ca"]).unwrap();
+        let p = PermittedNames::from_registries(&cli.args.mirrored_registries).unwrap();
+        for name in ["registry-1.docker.io", "ghcr.io", "registry.k8s.io"] {
+            assert!(p.permits(&LeafName::parse(name).unwrap()), "{name}");
+        }
+        assert!(!p.permits(&LeafName::parse("example.com").unwrap()));
+        let cli =
+            Cli::try_parse_from(["install-ca", "--mirrored-registries", "a.io,b.io:5000"]).unwrap();
+        assert_eq!(cli.args.mirrored_registries, ["a.io", "b.io:5000"]);
     }
 
     #[test]
