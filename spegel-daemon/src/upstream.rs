@@ -164,6 +164,32 @@ pub enum UpstreamError {
     InvalidRequest(String),
 }
 
+impl UpstreamError {
+    /// The status a client should see for this failure.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// A short text answer of our own (not the upstream's).
+fn plain_response(status: StatusCode, message: String) -> Response<BoxBody> {
+    let mut response = Response::new(
+        http_body_util::Full::new(Bytes::from(message))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 impl From<UpstreamError> for SourceError {
     fn from(err: UpstreamError) -> Self {
         match err {
@@ -588,6 +614,32 @@ impl UpstreamClient {
             parts,
             IdleTimeout::new(body, self.timeouts.idle).boxed_unsync(),
         ))
+    }
+
+    /// [`Self::forward`] for callers that need an answer whatever happens: no origin (mirror
+    /// mode has nowhere to forward to) is a 404, a timeout a 504, any other failure a 502.
+    pub async fn forward_or_respond<B>(
+        &self,
+        origin: Option<&Origin>,
+        request: Request<B>,
+    ) -> Response<BoxBody>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let Some(origin) = origin else {
+            return plain_response(
+                StatusCode::NOT_FOUND,
+                "no upstream for this request".to_owned(),
+            );
+        };
+        match self.forward(origin, request).await {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::warn!(host = %origin.host, %err, "passthrough failed");
+                plain_response(err.status(), err.to_string())
+            }
+        }
     }
 
     async fn send(
@@ -1187,31 +1239,19 @@ impl UpstreamSource {
 /// that path (the parts came from a client).
 fn object_path(request: &ObjectRequest) -> Result<String, String> {
     let repository = &request.repository;
-    let valid_segment = |segment: &str| {
-        !segment.is_empty()
-            && segment != "."
-            && segment != ".."
-            && segment
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    };
-    if repository.len() > 255 || !repository.split('/').all(valid_segment) {
-        return Err(format!("invalid repository name `{repository}`"));
-    }
+    crate::oci::validate_repository(repository)
+        .map_err(|e| format!("invalid repository name `{repository}`: {e}"))?;
     let kind = match request.kind {
         Kind::Manifest => "manifests",
         Kind::Blob => "blobs",
     };
     let reference = match &request.reference {
         Reference::Digest(digest) => digest.to_string(),
+        Reference::Tag(tag) if request.kind == Kind::Blob => {
+            return Err(format!("blobs are addressed by digest, not `{tag}`"));
+        }
         Reference::Tag(tag) => {
-            let valid = (1..=128).contains(&tag.len())
-                && tag.bytes().enumerate().all(|(i, b)| {
-                    b.is_ascii_alphanumeric() || b == b'_' || (i > 0 && matches!(b, b'.' | b'-'))
-                });
-            if !valid || request.kind == Kind::Blob {
-                return Err(format!("invalid reference `{tag}`"));
-            }
+            crate::oci::validate_tag(tag).map_err(|e| format!("invalid tag `{tag}`: {e}"))?;
             tag.clone()
         }
     };
@@ -2029,6 +2069,35 @@ mod tests {
         let seen = registry.seen();
         assert_eq!(seen[1].path_and_query, "/v2/");
         assert_eq!(seen[1].headers[header::HOST], "registry.test");
+    }
+
+    #[tokio::test]
+    async fn forward_failures_become_gateway_errors() {
+        let client = UpstreamClient::with_roots(RootCertStore::empty(), short_timeouts()).unwrap();
+        let request = || Request::new(Empty::<Bytes>::new());
+        let response = client.forward_or_respond(None, request()).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+        // Nothing listens there any more: connection refused.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let refused = Origin {
+            addr,
+            host: "registry.test".into(),
+            tls: false,
+        };
+        let response = client.forward_or_respond(Some(&refused), request()).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hanging = Origin {
+            addr: silent.local_addr().unwrap(),
+            host: "registry.test".into(),
+            tls: false,
+        };
+        let response = client.forward_or_respond(Some(&hanging), request()).await;
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     }
 
     #[test]
