@@ -19,8 +19,10 @@
 //!   upstream still maps the tag to it: hence `--tag-filter` (default `:latest$`) and
 //!   `--resolve-tags=false`.
 //! - A mid-stream failure continues the *same* response with a `Range` request to another peer
-//!   (same hasher), then to the fallback source (upstream in transparent mode). Dead peers are
-//!   skipped for a while, so stale DHT records cost one failed dial, not one per request.
+//!   (same hasher), then to the fallback source (upstream in transparent mode). A peer that
+//!   trickles below `--peer-min-rate` is replaced the same way, but only when something else can
+//!   take over (slow beats failed). Dead peers are skipped for a while, so stale DHT records
+//!   cost one failed dial, not one per request.
 pub(crate) mod wire;
 
 mod blob;
@@ -105,6 +107,11 @@ pub struct FetchArgs {
     /// A transfer from a peer with no byte for this long is resumed elsewhere.
     #[arg(long, env = "SPEGEL_PEER_STALL_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     pub peer_stall_timeout: Duration,
+    /// A peer delivering less than this many bytes per second (measured over the stall timeout,
+    /// counting only time spent waiting for it) is replaced if another peer or the fallback can
+    /// take over; 0 disables the check.
+    #[arg(long, env = "SPEGEL_PEER_MIN_RATE", default_value_t = 512 * 1024)]
+    pub peer_min_rate: u64,
     /// Cap on a whole manifest or HEAD request to peers.
     #[arg(long, env = "SPEGEL_PEER_MANIFEST_TIMEOUT", value_parser = parse_duration, default_value = "3s")]
     pub peer_manifest_timeout: Duration,
@@ -136,6 +143,8 @@ pub struct FetchConfig {
     pub quarantine: Duration,
     pub backoff: Duration,
     pub stall_timeout: Duration,
+    /// See [`FetchArgs::peer_min_rate`].
+    pub min_rate: u64,
     /// Cap on a manifest fetch or a HEAD, all attempts and the body included.
     pub manifest_timeout: Duration,
     /// TCP connect timeout to a peer (races are bounded tighter; this bounds the socket).
@@ -164,6 +173,7 @@ impl Default for FetchConfig {
             quarantine: Duration::from_secs(60),
             backoff: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(5),
+            min_rate: 512 * 1024,
             manifest_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(1),
             hedge_initial: Duration::from_millis(50),
@@ -212,6 +222,7 @@ impl TryFrom<&FetchArgs> for FetchConfig {
             quarantine: args.peer_quarantine,
             backoff: args.peer_backoff,
             stall_timeout: positive(args.peer_stall_timeout, "peer-stall-timeout")?,
+            min_rate: args.peer_min_rate,
             manifest_timeout: positive(args.peer_manifest_timeout, "peer-manifest-timeout")?,
             ..Self::default()
         })

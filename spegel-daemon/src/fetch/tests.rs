@@ -52,6 +52,8 @@ enum Behaviour {
     StallAfter(usize),
     /// Flips the last byte of everything it serves.
     Corrupt,
+    /// Sends 1 KiB every 20 ms (about 50 KiB/s).
+    Trickle,
 }
 
 #[derive(Clone)]
@@ -221,6 +223,17 @@ async fn serve(state: &PeerState, req: Request<hyper::body::Incoming>) -> Respon
         .collect();
     let head = futures::stream::iter(chunks);
     let body: ServerBody = match behaviour {
+        Behaviour::Trickle => {
+            let slices: Vec<Result<Frame<Bytes>, io::Error>> = payload
+                .chunks(1024)
+                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .collect();
+            let slow = futures::stream::iter(slices).then(|slice| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                slice
+            });
+            StreamBody::new(slow).boxed_unsync()
+        }
         Behaviour::DieAfter(_) => {
             // Let the bytes reach the client before the connection goes.
             let die = futures::stream::once(async {
@@ -562,6 +575,53 @@ async fn stalled_transfer_resumes_from_another_peer() {
     assert!(err.is_none(), "{err:?}");
     assert!(got == bytes, "resumed body differs from the blob");
     assert_eq!(good.seen()[0].range.as_deref(), Some("bytes=40000-99999"));
+}
+
+#[tokio::test]
+async fn trickling_peer_is_replaced_by_a_faster_one() {
+    let bytes = blob_bytes(64 * 1024);
+    let slow = FakePeer::start("slow", Behaviour::Trickle).await;
+    let good = FakePeer::start("good", Behaviour::Good).await;
+    let digest = slow.blob(&bytes);
+    good.blob(&bytes);
+    let router = Arc::new(FakeRouter::default());
+    router.provide(digest, &[&slow, &good]);
+    let source = source(&router, config());
+
+    let object = fetch_ok(&source, &blob_request(digest)).await;
+    let (got, err) = drain(object.body.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(got == bytes, "resumed body differs from the blob");
+    let resumed = good.seen();
+    assert_eq!(resumed.len(), 1);
+    let range = resumed[0]
+        .range
+        .as_deref()
+        .expect("the faster peer resumes");
+    assert!(
+        range.starts_with("bytes=") && range.ends_with("-65535"),
+        "{range}"
+    );
+    assert_eq!(source.metrics().snapshot().resumes, 1);
+    // Slow is not dead: no ban.
+    assert!(!source.is_banned("slow"));
+}
+
+#[tokio::test]
+async fn trickling_peer_is_kept_when_nothing_else_can_serve() {
+    let bytes = blob_bytes(32 * 1024);
+    let slow = FakePeer::start("slow", Behaviour::Trickle).await;
+    let digest = slow.blob(&bytes);
+    let router = Arc::new(FakeRouter::default());
+    router.provide(digest, &[&slow]);
+    let source = source(&router, config());
+
+    let object = fetch_ok(&source, &blob_request(digest)).await;
+    let (got, err) = drain(object.body.unwrap()).await;
+    assert!(err.is_none(), "slow must beat failed: {err:?}");
+    assert!(got == bytes);
+    assert_eq!(source.metrics().snapshot().resumes, 0);
+    assert_eq!(slow.seen().len(), 1);
 }
 
 #[tokio::test]
