@@ -50,6 +50,14 @@ pub struct RunArgs {
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "SPEGEL_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
+    /// Transparent mode: answer intercepted manifest requests by tag from upstream first (tags
+    /// move), and from this node or its peers only when upstream fails or times out. `false`
+    /// answers them like digests: local store, then peers, then upstream.
+    #[arg(long, env = "SPEGEL_TAG_UPSTREAM_FIRST", action = clap::ArgAction::Set, default_value_t = true)]
+    pub tag_upstream_first: bool,
+    /// How often the advertised keys are re-read from the store even without a change event.
+    #[arg(long, env = "SPEGEL_ADVERTISE_RESYNC", value_parser = parse_duration, default_value = "60s")]
+    pub advertise_resync: Duration,
     #[command(flatten)]
     pub containerd: crate::store::containerd::ContainerdArgs,
     #[command(flatten)]
@@ -60,6 +68,8 @@ pub struct RunArgs {
     pub fetch: crate::fetch::FetchArgs,
     #[command(flatten)]
     pub intercept: crate::intercept::InterceptArgs,
+    #[command(flatten)]
+    pub upstream: crate::upstream::UpstreamArgs,
     #[command(flatten)]
     pub fault: crate::fault::FaultArgs,
 }

@@ -1,8 +1,28 @@
-//! The `run` subcommand: wires store, registry API, router, fetchers and interception together,
+//! The `run` subcommand: wires store, router, sources, registry API and interception together,
 //! runs them until the shutdown future resolves, then drains within the grace period.
-use std::future::Future;
+use std::{future::Future, sync::Arc, time::Duration};
 
-use crate::config::RunArgs;
+use anyhow::Context as _;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
+
+use crate::{
+    ca::{NodeCa, PermittedNames},
+    config::RunArgs,
+    fault::FaultySource,
+    fetch::{FetchConfig, PeerSource},
+    intercept::{self, InterceptConfig},
+    local::LocalSource,
+    metrics::{Instrumented, Metrics},
+    registry::{self, Registry, StoreReadiness},
+    routing::{Router, p2p::P2pRouter},
+    serve::ServePolicy,
+    source::Source,
+    store::{Store, containerd::ContainerdStore},
+    tls::TlsTerminator,
+    transparent::{RegistryHandler, UpstreamPassthrough},
+    upstream::{UpstreamClient, UpstreamSource},
+};
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -22,7 +42,148 @@ pub async fn shutdown_signal() {
 
 /// Run the daemon until `shutdown` resolves.
 pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    tracing::info!(data_dir = %args.data_dir.display(), "spegel starting");
+    // Validate everything before anything binds or connects.
+    let fetch_config = FetchConfig::try_from(&args.fetch).context("invalid peer fetch flags")?;
+    let intercept_config = match args.intercept.enabled {
+        true => Some(
+            InterceptConfig::from_args(&args.intercept, Some(&args.containerd.containerd_sock))
+                .context("invalid interception flags")?,
+        ),
+        false => None,
+    };
+    std::fs::create_dir_all(&args.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.data_dir.display()
+        )
+    })?;
+    let p2p_config = args
+        .router
+        .to_config(&args.data_dir, args.registry.registry_addr.port())
+        .context("invalid router flags")?;
+    let upstream_client = UpstreamClient::new(&args.upstream).context("invalid upstream flags")?;
+    if args.fault.any() {
+        tracing::warn!(?args.fault, "TEST FAULTS ARE ON: this node misbehaves towards its peers");
+    }
+
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    let store = tokio::select! {
+        store = connect_store(&args) => store,
+        () = &mut shutdown => return Ok(()),
+    };
+    let store: Arc<dyn Store> = Arc::new(store);
+
+    let (router, event_loop) = P2pRouter::new(p2p_config).context("cannot start the router")?;
+    tracing::info!(peer_id = %router.peer_id(), "router started");
+    tasks.spawn(
+        event_loop
+            .run(stop.clone())
+            .instrument(tracing::info_span!("router")),
+    );
+    let dyn_router: Arc<dyn Router> = Arc::new(router.clone());
+    tasks.spawn(
+        crate::routing::sync::run(
+            Arc::clone(&store),
+            Arc::clone(&dyn_router),
+            stop.clone(),
+            args.advertise_resync,
+        )
+        .instrument(tracing::info_span!("advertise")),
+    );
+
+    let transparent = intercept_config.is_some();
+    let upstream: Arc<dyn Source> = Arc::new(UpstreamSource::new(upstream_client.clone()));
+    let peers = PeerSource::new(
+        dyn_router,
+        fetch_config,
+        transparent.then(|| Arc::clone(&upstream)),
+    );
+    let metrics = Arc::new(Metrics::new(Some(peers.metrics()), None, Some(router)));
+    let mut local: Arc<dyn Source> = Arc::new(LocalSource::new(Arc::clone(&store)));
+    if args.fault.any() {
+        local = Arc::new(FaultySource::new(local, args.fault.clone()));
+    }
+    let policy = ServePolicy::new(
+        local,
+        Arc::new(peers),
+        Some(upstream),
+        args.tag_upstream_first,
+    );
+    let source: Arc<dyn Source> =
+        Arc::new(Instrumented::new(Arc::new(policy), Arc::clone(&metrics)));
+
+    let encoder_metrics = Arc::clone(&metrics);
+    let registry = Arc::new(
+        Registry::new(source)
+            .with_readiness(Arc::new(StoreReadiness::new(Arc::clone(&store))))
+            .with_metrics(Arc::new(move || encoder_metrics.encode()))
+            .with_max_connections(args.registry.registry_max_connections),
+    );
+    let listener = tokio::net::TcpListener::bind(args.registry.registry_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.registry.registry_addr))?;
+    tracing::info!(addr = %args.registry.registry_addr, "registry API listening");
+    tasks.spawn(
+        registry::serve(listener, Arc::clone(&registry), stop.clone())
+            .instrument(tracing::info_span!("registry")),
+    );
+
+    if let Some(config) = intercept_config {
+        // The same list `install-ca` reads, so both derive the same CA.
+        let permitted = PermittedNames::from_registries(args.intercept.mirrored_registries.iter())
+            .context("cannot derive the CA's permitted names from the mirrored registries")?;
+        let data_dir = args.data_dir.clone();
+        let ca = tokio::task::spawn_blocking(move || NodeCa::load_or_create(&data_dir, permitted))
+            .await
+            .context("CA task failed")?
+            .context("cannot load or create the node CA")?;
+        let handler = RegistryHandler {
+            registry: Arc::clone(&registry),
+            tls: TlsTerminator::new(Arc::new(ca)).context("cannot build the TLS terminator")?,
+            passthrough: Arc::new(UpstreamPassthrough(upstream_client)),
+            shutdown: stop.clone(),
+        };
+        let stop = stop.clone();
+        let grace = args.shutdown_grace;
+        tasks.spawn(
+            async move {
+                if let Err(error) = intercept::run(config, Arc::new(handler), stop.clone(), grace).await {
+                    // Fail open: without interception containerd talks to registries directly;
+                    // the registry API keeps serving peers.
+                    tracing::error!(%error, "transparent interception stopped; containerd now pulls directly");
+                }
+            }
+            .instrument(tracing::info_span!("intercept")),
+        );
+    }
+
     shutdown.await;
+    tracing::info!(grace = ?args.shutdown_grace, "draining");
+    stop.cancel();
+    tasks.close();
+    match tokio::time::timeout(args.shutdown_grace, tasks.wait()).await {
+        Ok(()) => tracing::info!("shut down gracefully"),
+        Err(_) => {
+            tracing::warn!(grace = ?args.shutdown_grace, "did not drain in time; exiting anyway")
+        }
+    }
     Ok(())
+}
+
+/// Connects to containerd, retrying with backoff: the daemon may start before containerd does.
+async fn connect_store(args: &RunArgs) -> ContainerdStore {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match ContainerdStore::connect(&args.containerd).await {
+            Ok(store) => return store,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "cannot reach containerd");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }

@@ -1,0 +1,202 @@
+//! The order in which sources answer a request: local containerd, then peers, then upstream — except
+//! manifests by tag on an intercepted connection, which ask upstream first (tags move) and fall
+//! back to what this node and its peers know only when upstream fails or times out.
+use std::sync::Arc;
+
+use crate::source::{Chain, Object, ObjectRequest, Reference, Source, SourceError};
+
+/// Tries sources in the order a request needs.
+pub struct ServePolicy {
+    by_digest: Chain,
+    /// For tags on intercepted connections: `None` = same as digests.
+    tags_upstream_first: Option<(Arc<dyn Source>, Chain)>,
+}
+
+impl ServePolicy {
+    /// `local`, then `peers`, then `upstream` (which answers only intercepted requests). With
+    /// `tags_upstream_first`, an intercepted tag request goes to `upstream` first.
+    pub fn new(
+        local: Arc<dyn Source>,
+        peers: Arc<dyn Source>,
+        upstream: Option<Arc<dyn Source>>,
+        tags_upstream_first: bool,
+    ) -> Self {
+        let mut chain = vec![Arc::clone(&local), Arc::clone(&peers)];
+        chain.extend(upstream.clone());
+        let tags_upstream_first = match upstream {
+            Some(upstream) if tags_upstream_first => {
+                Some((upstream, Chain::new(vec![local, peers])))
+            }
+            _ => None,
+        };
+        Self {
+            by_digest: Chain::new(chain),
+            tags_upstream_first,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for ServePolicy {
+    async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
+        if let (Reference::Tag(_), Some(_), Some((upstream, fallback))) = (
+            &request.reference,
+            &request.origin,
+            &self.tags_upstream_first,
+        ) {
+            return match upstream.fetch(request).await {
+                // Upstream is down or slow: what this node or a peer knows beats failing the pull.
+                Err(SourceError::Unavailable(reason)) => {
+                    tracing::info!(%reason, repository = %request.repository, "upstream failed for a tag; asking local store and peers");
+                    fallback.fetch(request).await
+                }
+                other => other,
+            };
+        }
+        self.by_digest.fetch(request).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::HeaderMap;
+
+    use super::*;
+    use crate::{digest::Digest, source::Kind};
+
+    /// Answers with its name, or the configured error; counts calls.
+    struct Named {
+        name: &'static str,
+        fail: Option<fn() -> SourceError>,
+        calls: AtomicUsize,
+    }
+
+    impl Named {
+        fn ok(name: &'static str) -> Arc<Self> {
+            Arc::new(Self {
+                name,
+                fail: None,
+                calls: AtomicUsize::new(0),
+            })
+        }
+        fn failing(name: &'static str, fail: fn() -> SourceError) -> Arc<Self> {
+            Arc::new(Self {
+                name,
+                fail: Some(fail),
+                calls: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Source for Named {
+        async fn fetch(&self, _request: &ObjectRequest) -> Result<Object, SourceError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(fail) = self.fail {
+                return Err(fail());
+            }
+            Ok(Object {
+                digest: Digest::of(self.name.as_bytes()),
+                media_type: "x".into(),
+                size: 0,
+                range: None,
+                body: None,
+                source: self.name,
+            })
+        }
+    }
+
+    fn request(reference: Reference, intercepted: bool) -> ObjectRequest {
+        ObjectRequest {
+            kind: Kind::Manifest,
+            registry: Some("r.test".into()),
+            repository: "a/b".into(),
+            reference,
+            range: None,
+            head: false,
+            headers: HeaderMap::new(),
+            origin: intercepted.then(|| crate::source::Origin {
+                addr: ([10, 0, 0, 1], 443).into(),
+                host: "r.test".into(),
+                tls: true,
+            }),
+            mirrored: false,
+        }
+    }
+
+    fn tag() -> Reference {
+        Reference::Tag("v1".into())
+    }
+
+    #[tokio::test]
+    async fn digests_prefer_local() {
+        let (local, peers, upstream) =
+            (Named::ok("local"), Named::ok("peer"), Named::ok("upstream"));
+        let policy = ServePolicy::new(local.clone(), peers.clone(), Some(upstream.clone()), true);
+        let got = policy
+            .fetch(&request(Reference::Digest(Digest::of(b"d")), true))
+            .await
+            .unwrap();
+        assert_eq!(got.source, "local");
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn intercepted_tags_ask_upstream_first() {
+        let (local, peers, upstream) =
+            (Named::ok("local"), Named::ok("peer"), Named::ok("upstream"));
+        let policy = ServePolicy::new(local.clone(), peers, Some(upstream), true);
+        assert_eq!(
+            policy.fetch(&request(tag(), true)).await.unwrap().source,
+            "upstream"
+        );
+        assert_eq!(local.calls.load(Ordering::SeqCst), 0);
+        // Mirror mode (no origin) keeps Spegel's order.
+        assert_eq!(
+            policy.fetch(&request(tag(), false)).await.unwrap().source,
+            "local"
+        );
+    }
+
+    #[tokio::test]
+    async fn tags_fall_back_when_upstream_is_down_but_not_on_its_answers() {
+        let local = Named::failing("local", || SourceError::NotFound);
+        let peers = Named::ok("peer");
+        let down = Named::failing("upstream", || SourceError::Unavailable("timeout".into()));
+        let policy = ServePolicy::new(local.clone(), peers.clone(), Some(down), true);
+        assert_eq!(
+            policy.fetch(&request(tag(), true)).await.unwrap().source,
+            "peer"
+        );
+
+        let denied = Named::failing("upstream", || SourceError::Upstream {
+            status: http::StatusCode::UNAUTHORIZED,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::new(),
+        });
+        let policy = ServePolicy::new(local, peers.clone(), Some(denied), true);
+        let before = peers.calls.load(Ordering::SeqCst);
+        assert!(matches!(
+            policy.fetch(&request(tag(), true)).await,
+            Err(SourceError::Upstream { .. })
+        ));
+        assert_eq!(
+            peers.calls.load(Ordering::SeqCst),
+            before,
+            "a 401 challenge must reach the client"
+        );
+    }
+
+    #[tokio::test]
+    async fn configurable_peer_first_tags() {
+        let (local, peers, upstream) =
+            (Named::ok("local"), Named::ok("peer"), Named::ok("upstream"));
+        let policy = ServePolicy::new(local, peers, Some(upstream), false);
+        assert_eq!(
+            policy.fetch(&request(tag(), true)).await.unwrap().source,
+            "local"
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! Transparent mode's glue: an intercepted connection to a mirrored registry is TLS-terminated
+//! with a leaf from the node CA (or read as plain HTTP) and served by the registry API, with
+//! everything that is not a pull passed through to the original upstream.
+use std::sync::Arc;
+
+use http::{Request, Response};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    intercept::{MirroredHandler, origin_registry},
+    registry::{HttpBody, Passthrough, Registry, RequestContext},
+    source::Origin,
+    tls::TlsTerminator,
+    upstream::UpstreamClient,
+};
+
+/// The registry name images use for the host an intercepted connection went to. Docker Hub is
+/// reached as `registry-1.docker.io` (or `index.docker.io`) but its images are `docker.io/...`.
+pub fn image_registry(origin: &Origin) -> String {
+    let registry = origin_registry(origin);
+    match registry.as_str() {
+        "registry-1.docker.io" | "index.docker.io" => "docker.io".to_owned(),
+        _ => registry,
+    }
+}
+
+/// Passes non-pull requests through to the upstream the connection was headed for.
+pub struct UpstreamPassthrough(pub UpstreamClient);
+
+#[async_trait::async_trait]
+impl Passthrough for UpstreamPassthrough {
+    async fn forward(
+        &self,
+        request: Request<HttpBody>,
+        origin: Option<&Origin>,
+    ) -> Response<HttpBody> {
+        self.0.forward_or_respond(origin, request).await
+    }
+}
+
+/// Serves intercepted connections to mirrored registries with the registry API.
+pub struct RegistryHandler {
+    pub registry: Arc<Registry>,
+    pub tls: TlsTerminator,
+    pub passthrough: Arc<dyn Passthrough>,
+    pub shutdown: CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl MirroredHandler for RegistryHandler {
+    async fn handle(&self, stream: TcpStream, origin: Origin) {
+        let ctx = RequestContext {
+            registry: Some(image_registry(&origin)),
+            passthrough: Some(Arc::clone(&self.passthrough)),
+            origin: Some(origin.clone()),
+        };
+        let result = if origin.tls {
+            match self.tls.accept(stream, origin.addr).await {
+                Ok(accepted) => {
+                    tracing::debug!(host = %origin.host, alpn = ?accepted.alpn, "TLS terminated");
+                    self.registry
+                        .serve_connection(accepted.stream, ctx, self.shutdown.clone())
+                        .await
+                }
+                Err(error) => {
+                    tracing::warn!(host = %origin.host, %error, "TLS handshake with containerd failed");
+                    return;
+                }
+            }
+        } else {
+            self.registry
+                .serve_connection(stream, ctx, self.shutdown.clone())
+                .await
+        };
+        if let Err(error) = result {
+            tracing::debug!(host = %origin.host, %error, "intercepted connection ended with an error");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(host: &str, port: u16, tls: bool) -> Origin {
+        Origin {
+            addr: ([10, 0, 0, 1], port).into(),
+            host: host.into(),
+            tls,
+        }
+    }
+
+    #[test]
+    fn registry_names() {
+        assert_eq!(
+            image_registry(&origin("registry-1.docker.io", 443, true)),
+            "docker.io"
+        );
+        assert_eq!(
+            image_registry(&origin("index.docker.io", 443, true)),
+            "docker.io"
+        );
+        assert_eq!(image_registry(&origin("ghcr.io", 443, true)), "ghcr.io");
+        assert_eq!(
+            image_registry(&origin("registry.test", 5443, true)),
+            "registry.test:5443"
+        );
+        assert_eq!(
+            image_registry(&origin("registry.test", 80, false)),
+            "registry.test"
+        );
+        assert_eq!(
+            image_registry(&origin("10.0.0.1", 5000, false)),
+            "10.0.0.1:5000"
+        );
+    }
+}
