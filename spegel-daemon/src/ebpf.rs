@@ -276,10 +276,16 @@ impl Redirector {
         match previous {
             Some(previous) if previous != *cgroup => tracing::info!(
                 cgroup = %cgroup.path.display(),
+                ino = cgroup.ino,
                 previous = %previous.path.display(),
-                "eBPF redirect re-attached"
+                previous_ino = previous.ino,
+                "eBPF redirect re-attached (containerd's cgroup changed or was recreated)"
             ),
-            _ => tracing::info!(cgroup = %cgroup.path.display(), "eBPF redirect attached"),
+            _ => tracing::info!(
+                cgroup = %cgroup.path.display(),
+                ino = cgroup.ino,
+                "eBPF redirect attached"
+            ),
         }
         Ok(())
     }

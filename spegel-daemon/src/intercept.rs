@@ -332,6 +332,12 @@ impl Interceptor {
         }
     }
 
+    /// Counts into `stats` (e.g. counters the metrics endpoint already holds).
+    pub fn with_stats(mut self, stats: Arc<InterceptStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
     pub fn stats(&self) -> Arc<InterceptStats> {
         self.stats.clone()
     }
@@ -565,6 +571,17 @@ pub async fn run(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> Result<(), InterceptError> {
+    run_with_stats(config, handler, Arc::default(), shutdown, grace).await
+}
+
+/// [`run`], counting connections into `stats`.
+pub async fn run_with_stats(
+    config: InterceptConfig,
+    handler: Arc<dyn MirroredHandler>,
+    stats: Arc<InterceptStats>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), InterceptError> {
     // Listen before attaching, so a redirected connect never meets a closed port.
     let listener = Listener::bind(config.listener_port).await?;
     let mut redirector = Redirector::load(&RedirectConfig {
@@ -578,11 +595,9 @@ pub async fn run(
     let mut watcher = CgroupWatcher::default();
     watcher.check(&mut finder, &mut redirector)?;
 
-    let interceptor = Arc::new(Interceptor::new(
-        &config,
-        Arc::new(redirector.orig_dst_table()),
-        handler,
-    ));
+    let interceptor = Arc::new(
+        Interceptor::new(&config, Arc::new(redirector.orig_dst_table()), handler).with_stats(stats),
+    );
     tracing::info!(
         port = listener.port(),
         ipv6 = listener.has_ipv6(),
