@@ -63,7 +63,10 @@ fn main() -> ExitCode {
 
 fn workspace_root() -> PathBuf {
     // xtask/ lives directly under the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Where bpf-linker is installed: `$SPEGEL_TOOLS`, else `$HOME/.spegel-tools` (outside the
@@ -72,28 +75,28 @@ fn tools_dir() -> PathBuf {
     if let Some(dir) = env::var_os("SPEGEL_TOOLS") {
         return PathBuf::from(dir);
     }
-    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".spegel-tools")
 }
 
 fn status(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot run {shown}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
     if !status.success() {
         bail!("{shown} failed: {status}");
     }
     Ok(())
 }
 
-fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
 /// Installs whatever is missing; returns the PATH to build with (bpf-linker first).
@@ -102,7 +105,9 @@ fn prereqs() -> anyhow::Result<OsString> {
         .iter()
         .copied()
         .filter(|pkg| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output();
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output();
             !out.is_ok_and(|o| o.stdout.ends_with(b"install ok installed"))
         })
         .collect();
@@ -124,10 +129,20 @@ fn prereqs() -> anyhow::Result<OsString> {
     let has_src = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        });
     if !has_src {
         eprintln!("xtask: adding rust-src to the nightly toolchain");
-        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     let tools = tools_dir();
@@ -137,7 +152,10 @@ fn prereqs() -> anyhow::Result<OsString> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
     if !have_linker {
-        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} (LLVM 22) into {}", tools.display());
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} (LLVM 22) into {}",
+            tools.display()
+        );
         status(
             Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
                 .args(["install", "--locked", "--root"])
@@ -184,8 +202,21 @@ fn run_tool(bin: &str, extra: &[OsString]) -> anyhow::Result<()> {
         bail!("{bin} needs root (network namespaces, cgroups, eBPF)");
     }
     let path = prereqs()?;
-    let profile = if bin == "spegel-bench" { "release" } else { "dev" };
-    status(cargo(&path).args(["build", "--locked", "--profile", profile, "-p", "spegel-daemon", "-p", "spegel-tests"]))?;
+    let profile = if bin == "spegel-bench" {
+        "release"
+    } else {
+        "dev"
+    };
+    status(cargo(&path).args([
+        "build",
+        "--locked",
+        "--profile",
+        profile,
+        "-p",
+        "spegel-daemon",
+        "-p",
+        "spegel-tests",
+    ]))?;
     let dir = if profile == "dev" { "debug" } else { profile };
     let target = workspace_root().join("target").join(dir);
     status(
