@@ -590,6 +590,34 @@ async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
     stop.cancel();
     server.await?;
 
+    // ---- Discovery on the real /proc: a process in the cgroup listening on a unix socket is
+    // found by its socket and by its PID. ----
+    if which("python3") {
+        let socket = scratch.0.join("fake-containerd.sock");
+        let script = format!(
+            "import socket, time\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind({:?})\n\
+             s.listen()\n\
+             time.sleep(60)\n",
+            socket.display().to_string()
+        );
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec python3 -c "$1""#)
+            .arg(&cgroup.path)
+            .arg(&script)
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().context("child pid")?;
+        wait_for(|| async { socket.exists() }).await?;
+        let by_socket = CgroupFinder::new(Locator::Socket(socket.clone()), None)?.find()?;
+        assert_eq!(by_socket.path, cgroup.path);
+        let by_pid = CgroupFinder::new(Locator::Pid(pid), None)?.find()?;
+        assert_eq!(by_pid, by_socket);
+        child.kill().await?;
+    }
+
     // ---- Part 2: `run`, re-attaching when the cgroup is recreated. ----
     let port = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
