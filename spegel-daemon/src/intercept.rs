@@ -45,7 +45,14 @@ pub const PEEK_LIMIT: usize = 16 * 1024;
 pub struct InterceptArgs {
     /// Redirect containerd's registry connections to this daemon with eBPF (transparent mode).
     /// Needs CAP_BPF and CAP_NET_ADMIN, and the daemon in containerd's network namespace.
-    #[arg(long = "intercept", env = "SPEGEL_INTERCEPT", action = ArgAction::Set, default_value_t = true)]
+    #[arg(
+        long = "intercept",
+        env = "SPEGEL_INTERCEPT",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_value_t = true,
+        default_missing_value = "true"
+    )]
     pub enabled: bool,
     /// Port of the interception listener on 127.0.0.1 and [::1].
     #[arg(long, env = "SPEGEL_INTERCEPT_PORT", default_value_t = 15001)]
@@ -740,7 +747,10 @@ mod tests {
         let c =
             InterceptConfig::from_args(&args(&["--containerd-cgroup", "/x"]), Some(sock)).unwrap();
         assert_eq!(c.locator, Locator::Cgroup("/x".into()));
+        assert!(args(&[]).enabled);
+        assert!(args(&["--intercept"]).enabled);
         assert!(!args(&["--intercept", "false"]).enabled);
+        assert!(!args(&["--intercept=false"]).enabled);
         let bad = |extra: &[&str]| InterceptConfig::from_args(&args(extra), None).is_err();
         assert!(bad(&["--intercept-port", "0"]));
         assert!(bad(&["--intercept-port", "443"]));
