@@ -600,7 +600,15 @@ pub async fn run_with_stats(
     })?;
     let mut finder = CgroupFinder::new(config.locator.clone(), config.cgroup2_mount.clone())?;
     let mut watcher = CgroupWatcher::default();
-    watcher.check(&mut finder, &mut redirector)?;
+    // A first attach that fails for lack of privileges or a verifier error will not get better:
+    // report it. A cgroup that vanished between finding and attaching is retried like any other.
+    match watcher.check(&mut finder, &mut redirector) {
+        Ok(()) => {}
+        Err(error @ EbpfError::Cgroup { .. }) => {
+            tracing::warn!(%error, "cannot attach the eBPF redirect yet; retrying");
+        }
+        Err(error) => return Err(error.into()),
+    }
 
     let interceptor = Arc::new(
         Interceptor::new(&config, Arc::new(redirector.orig_dst_table()), handler).with_stats(stats),
