@@ -258,6 +258,10 @@ pub struct SampleImage {
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub blobs: Vec<Bytes>,
+    /// Content the images reference but the sample leaves out (in [`Fixture::absent`] order):
+    /// the arm64 manifest, config and layer of the index, and a Docker manifest of the list.
+    /// Adding them later exercises a store's resync.
+    pub unstored: Vec<Bytes>,
     pub images: Vec<SampleImage>,
     pub fixture: Fixture,
 }
@@ -396,7 +400,11 @@ impl Sample {
                 advertised: *advertised,
             })
             .collect();
-        let absent = [&arm64, &arm64_config, &arm64_layer, &absent_docker]
+        let unstored: Vec<Bytes> = [&arm64, &arm64_config, &arm64_layer, &absent_docker]
+            .into_iter()
+            .cloned()
+            .collect();
+        let absent = unstored
             .iter()
             .map(|b| Digest::of(b))
             .chain([Digest::of(b"conformance: never stored")])
@@ -404,6 +412,7 @@ impl Sample {
         let blobs = present.iter().map(|(b, _, _)| (*b).clone()).collect();
         Self {
             blobs,
+            unstored,
             images,
             fixture: Fixture {
                 tags,

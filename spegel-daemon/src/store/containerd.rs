@@ -646,12 +646,16 @@ async fn follow_events(inner: &Inner) -> ContainerdError {
     let request = Request::new(SubscribeRequest {
         filters: vec![IMAGE_EVENTS_FILTER.to_owned()],
     });
-    let mut stream = match call("events.subscribe", client.subscribe(request)).await {
-        Ok(stream) => stream,
-        Err(err) => return err,
-    };
-    tracing::debug!("following containerd image events");
+    // Whatever happened while we were not subscribed needs a walk. Asked for before
+    // subscribing: containerd sends the response headers only with the first event, so the
+    // subscription cannot be awaited first (nor with a deadline). The walk is debounced, by
+    // which time the subscription is in place.
     inner.refresh.notify_one();
+    tracing::debug!("subscribing to containerd image events");
+    let mut stream = match client.subscribe(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return status_error("events.subscribe", status),
+    };
     loop {
         match stream.message().await {
             Ok(Some(envelope)) => {
