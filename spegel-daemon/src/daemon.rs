@@ -101,7 +101,12 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         fetch_config,
         transparent.then(|| Arc::clone(&upstream)),
     );
-    let metrics = Arc::new(Metrics::new(Some(peers.metrics()), None, Some(router)));
+    let intercept_stats = Arc::new(intercept::InterceptStats::default());
+    let metrics = Arc::new(Metrics::new(
+        Some(peers.metrics()),
+        transparent.then(|| Arc::clone(&intercept_stats)),
+        Some(router),
+    ));
     let mut local: Arc<dyn Source> = Arc::new(LocalSource::new(Arc::clone(&store)));
     if args.fault.any() {
         local = Arc::new(FaultySource::new(local, args.fault.clone()));
@@ -150,7 +155,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         let grace = args.shutdown_grace;
         tasks.spawn(
             async move {
-                if let Err(error) = intercept::run(config, Arc::new(handler), stop.clone(), grace).await {
+                let handler = Arc::new(handler);
+                if let Err(error) = intercept::run_with_stats(config, handler, intercept_stats, stop.clone(), grace).await {
                     // Fail open: without interception containerd talks to registries directly;
                     // the registry API keeps serving peers.
                     tracing::error!(%error, "transparent interception stopped; containerd now pulls directly");
