@@ -1,11 +1,12 @@
-//! Brings a rig up and keeps it running until Enter is pressed (or stdin closes), printing where
-//! everything is: handy for poking at nodes by hand (`ip netns exec <prefix>-n1 ...`).
+//! Brings a rig up and keeps it running until Enter or Ctrl-C, printing where everything is:
+//! handy for poking at nodes by hand (`ip netns exec <prefix>-n1 ...`).
 //!
-//! `cargo run -p spegel-tests --example rig_up -- [NODES]` (as root).
+//! `cargo run -p spegel-tests --example rig_up -- [NODES]` (as root). Rigs left behind by killed
+//! runs are cleaned up first.
 
 use std::io::BufRead;
 
-use spegel_tests::rig::{Endpoint, Rig};
+use spegel_tests::rig::{Endpoint, Rig, cleanup_stale};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -13,18 +14,22 @@ async fn main() -> anyhow::Result<()> {
         Some(count) => count.parse()?,
         None => 3,
     };
+    for prefix in cleanup_stale()? {
+        println!("cleaned up stale rig {prefix}");
+    }
     let rig = Rig::builder().nodes(nodes).start().await?;
     println!("prefix   {}", rig.prefix());
     println!("subnet   {}", rig.subnet());
     println!("scratch  {}", rig.scratch_dir().display());
     println!(
-        "registry {} / {}",
+        "registry {} / {} ({})",
         rig.registry().url(Endpoint::Plain),
-        rig.registry().url(Endpoint::Tls)
+        rig.registry().url(Endpoint::Tls),
+        rig.registry().ip()
     );
     for node in rig.nodes() {
         println!(
-            "{}       {} {} {}",
+            "{:<8} {} {} {}",
             node.name(),
             node.netns(),
             node.ip(),
@@ -38,8 +43,11 @@ async fn main() -> anyhow::Result<()> {
             image.digest()
         );
     }
-    println!("press Enter to tear down");
-    let stdin = std::io::stdin();
-    let _ = tokio::task::spawn_blocking(move || stdin.lock().lines().next()).await;
+    println!("press Enter or Ctrl-C to tear down");
+    let enter = tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().next());
+    tokio::select! {
+        _ = enter => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
     rig.shutdown().await
 }

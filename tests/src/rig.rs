@@ -25,6 +25,7 @@ mod node;
 mod pki;
 mod process;
 mod registry;
+pub mod spegel;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 pub use accesslog::{AccessEntry, RegistryLog};
 pub use cgroup::cgroup2_mount;
-pub use cleanup::{cleanup, leftovers};
+pub use cleanup::{cleanup, cleanup_stale, leftovers};
 pub use cri::{ContentInfo, CriImage, ImageRecord, K8S_NAMESPACE};
 pub use images::{
     Blob, ImageManifest, ImageSpec, KIB, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER,
@@ -60,7 +61,8 @@ pub struct RigBuilder {
     nodes: usize,
     prefix: Option<String>,
     subnet: Option<Ipv4Addr>,
-    containerd_env: Vec<(String, String)>,
+    /// `(node index or None for all, key, value)`.
+    containerd_env: Vec<(Option<usize>, String, String)>,
     extra_images: Vec<ImageSpec>,
 }
 
@@ -100,8 +102,36 @@ impl RigBuilder {
     /// otherwise gets only `PATH`. Per node it can be changed later with
     /// [`Node::restart_containerd_with_env`].
     pub fn containerd_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.containerd_env.push((key.into(), value.into()));
+        self.containerd_env.push((None, key.into(), value.into()));
         self
+    }
+
+    /// Like [`containerd_env`](Self::containerd_env), for node `index` (0-based) only; applied
+    /// after the all-node variables, so it can override them.
+    pub fn node_containerd_env(
+        mut self,
+        index: usize,
+        key: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Self {
+        self.containerd_env
+            .push((Some(index), key.into(), value.into()));
+        self
+    }
+
+    /// The containerd environment for node `index`: all-node variables, then its own.
+    fn env_for(&self, index: usize) -> Vec<(String, String)> {
+        let all = self
+            .containerd_env
+            .iter()
+            .filter(|(node, _, _)| node.is_none());
+        let own = self
+            .containerd_env
+            .iter()
+            .filter(|(node, _, _)| *node == Some(index));
+        all.chain(own)
+            .map(|(_, key, value)| (key.clone(), value.clone()))
+            .collect()
     }
 
     /// Builds and pushes another image during start-up (in parallel with the rest), in addition
@@ -131,8 +161,6 @@ impl RigBuilder {
         }
         let scratch = names.scratch_dir();
         let logs_dir = scratch.join("logs");
-        std::fs::create_dir_all(&logs_dir)
-            .with_context(|| format!("creating {}", logs_dir.display()))?;
         let cgroup_dir = cgroup2_mount()?.join(&prefix);
         let processes = Arc::new(ProcessTable::new(logs_dir.clone(), cgroup_dir.clone()));
         // From here on, an early return drops the guard, which removes everything again.
@@ -142,6 +170,12 @@ impl RigBuilder {
             cgroup_dir: cgroup_dir.clone(),
             armed: true,
         };
+        std::fs::create_dir_all(&logs_dir)
+            .with_context(|| format!("creating {}", logs_dir.display()))?;
+        // Lets `cleanup_stale` tell a crashed run's remains from a live rig.
+        let owner = scratch.join(cleanup::OWNER_FILE);
+        std::fs::write(&owner, std::process::id().to_string())
+            .with_context(|| format!("writing {}", owner.display()))?;
         cgroup::create(&cgroup_dir)?;
         let rig = self
             .bring_up(names, scratch, logs_dir, cgroup_dir, processes, guard)
@@ -252,7 +286,7 @@ impl RigBuilder {
                     cgroup_dir: cgroup_dir.join(&name),
                     processes: Arc::clone(&processes),
                     upstream: upstream.clone(),
-                    env: self.containerd_env.clone(),
+                    env: self.env_for(index),
                 })
             }));
         let (registry, nodes, built) = tokio::try_join!(registry_launch, node_launches, builds)?;
@@ -416,9 +450,11 @@ impl Rig {
     /// `ImageSpec::new("big").layers([256 * MIB]).seed(7)`.
     pub async fn push_image(&self, spec: ImageSpec) -> Result<TestImage> {
         let layout = Arc::clone(&self.layout);
+        let started = Instant::now();
         let built = tokio::task::spawn_blocking(move || layout.build(&spec))
             .await
             .context("image build task failed")??;
+        tracing::debug!(image = %built.spec.name, elapsed = ?started.elapsed(), "image built");
         images::push(
             self.layout.dir(),
             &built.spec.name,

@@ -11,6 +11,9 @@ use super::cmd;
 use super::net::{self, Names};
 use super::process::{self, ProcessTable, Signal};
 
+/// File in the scratch folder holding the PID of the process that started the rig.
+pub(crate) const OWNER_FILE: &str = "owner.pid";
+
 /// How long teardown waits after SIGTERM before SIGKILL (containerd needs ~1.5-2 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -55,6 +58,32 @@ pub fn cleanup(prefix: &str) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("cleanup of {prefix} incomplete: {}", problems.join("; "))
     }
+}
+
+/// Cleans up every rig whose starting process has died without tearing it down (killed test
+/// binary, Ctrl-C'ed demo): scratch folders `/tmp/spegel-<prefix>` whose `owner.pid` names a
+/// process that no longer exists. Live rigs, and folders without an owner file, are left alone.
+/// Returns the prefixes cleaned.
+pub fn cleanup_stale() -> anyhow::Result<Vec<String>> {
+    let stale = stale_prefixes(Path::new("/tmp"));
+    for prefix in &stale {
+        cleanup(prefix)?;
+    }
+    Ok(stale)
+}
+
+/// Prefixes of `<tmp>/spegel-<prefix>` folders whose owner process is gone.
+fn stale_prefixes(tmp: &Path) -> Vec<String> {
+    net::list_dir_names(tmp)
+        .into_iter()
+        .filter_map(|entry| {
+            let prefix = entry.strip_prefix("spegel-")?;
+            net::validate_prefix(prefix).ok()?;
+            let owner = std::fs::read_to_string(tmp.join(&entry).join(OWNER_FILE)).ok()?;
+            let pid: u32 = owner.trim().parse().ok()?;
+            (!is_alive(pid)).then(|| prefix.to_owned())
+        })
+        .collect()
 }
 
 /// Everything that still exists for `prefix`, one human-readable line each; empty after a
@@ -291,6 +320,26 @@ mod tests {
     fn unknown_prefix_has_no_leftovers() {
         assert_eq!(leftovers("zzunused"), Vec::<String>::new());
         assert!(!leftovers("Bad Prefix").is_empty());
+    }
+
+    #[test]
+    fn stale_rigs_are_those_with_a_dead_owner() {
+        let tmp = std::env::temp_dir().join(format!("spegel-stale-test-{}", std::process::id()));
+        let rig = |name: &str, owner: Option<String>| {
+            let dir = tmp.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            if let Some(owner) = owner {
+                std::fs::write(dir.join(OWNER_FILE), owner).unwrap();
+            }
+        };
+        // A pid above the kernel's maximum (4194304) can never be alive.
+        rig("spegel-spdead", Some("4194305\n".to_owned()));
+        rig("spegel-splive", Some(std::process::id().to_string()));
+        rig("spegel-spnoown", None);
+        rig("spegel-Not-A-Prefix", Some("4194305".to_owned()));
+        rig("unrelated", Some("4194305".to_owned()));
+        assert_eq!(stale_prefixes(&tmp), ["spdead"]);
+        std::fs::remove_dir_all(tmp).unwrap();
     }
 
     #[test]

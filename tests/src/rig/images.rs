@@ -13,8 +13,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail, ensure};
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -77,8 +75,8 @@ impl std::fmt::Display for Platform {
 /// What to build: name, layer sizes, seed, and either one manifest or an index of platforms.
 ///
 /// Layer sizes are the amount of random payload per layer; the gzip blob is a little larger
-/// (tar headers and stored-block framing: random data does not compress, so layers are written
-/// with compression level 0, which keeps image generation fast).
+/// (tar headers and stored-block framing: random data does not compress, so layers are gzip
+/// streams of stored deflate blocks, which keeps image generation fast).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageSpec {
     pub(crate) name: String,
@@ -493,7 +491,7 @@ impl Layout {
         let file =
             std::fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
         let compressed = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-        let gzip = GzEncoder::new(compressed, Compression::none());
+        let gzip = StoredGzipWriter::new(compressed)?;
         let mut tar = tar::Builder::new(HashingWriter::new(gzip));
         let dir = format!("rig/{}", spec.name);
         for path in ["rig/", &format!("{dir}/")] {
@@ -661,51 +659,152 @@ impl SplitMix64 {
     }
 }
 
-/// `size` bytes of splitmix64 output (little-endian words), independent of read sizes.
+/// Bytes per data block: the splitmix64 pool size.
+const POOL_SIZE: u64 = 1 << 20;
+
+/// `size` bytes of seeded pseudo-random data, independent of read sizes.
+///
+/// The first MiB is splitmix64 output (the pool). Every further MiB is the pool rotated by a
+/// seeded offset with its block index XORed into the first 8 bytes. Test builds compile this crate
+/// without optimisation, where a word-by-word generator manages only ~100 MB/s; rotations are
+/// two `memcpy`s, so a 256 MiB layer costs milliseconds. Data still looks random to gzip (its
+/// 32 KiB window never sees a repeat), and since every MiB differs, a server returning the wrong
+/// range still breaks the digest.
 struct RandomReader {
-    rng: SplitMix64,
-    remaining: u64,
-    pending: [u8; 8],
-    pending_pos: usize,
+    seed: u64,
+    size: u64,
+    position: u64,
+    pool: Vec<u8>,
+    block: Vec<u8>,
+    block_index: Option<u64>,
 }
 
 impl RandomReader {
     fn new(seed: u64, size: u64) -> Self {
-        Self {
-            rng: SplitMix64(seed),
-            remaining: size,
-            pending: [0; 8],
-            pending_pos: 8,
+        let pool_len = usize::try_from(size.min(POOL_SIZE))
+            .unwrap_or(0)
+            .next_multiple_of(8);
+        let mut pool = vec![0u8; pool_len];
+        let mut rng = SplitMix64(seed);
+        for word in pool.chunks_exact_mut(8) {
+            word.copy_from_slice(&rng.next().to_le_bytes());
         }
+        Self {
+            seed,
+            size,
+            position: 0,
+            pool,
+            block: Vec::new(),
+            block_index: None,
+        }
+    }
+
+    /// Makes `self.block` hold block `index`.
+    fn load_block(&mut self, index: u64) {
+        if self.block_index == Some(index) {
+            return;
+        }
+        self.block.clear();
+        if index == 0 {
+            self.block.extend_from_slice(&self.pool);
+        } else {
+            let mut rng = SplitMix64(self.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+            let len = self.pool.len() as u64;
+            let offset = usize::try_from(rng.next() % len).unwrap_or(0);
+            self.block.extend_from_slice(&self.pool[offset..]);
+            self.block.extend_from_slice(&self.pool[..offset]);
+            for (byte, stamp) in self.block.iter_mut().zip(index.to_le_bytes()) {
+                *byte ^= stamp;
+            }
+        }
+        self.block_index = Some(index);
     }
 }
 
 impl Read for RandomReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = usize::try_from(self.remaining)
+        let remaining = self.size - self.position;
+        let want = usize::try_from(remaining)
             .unwrap_or(usize::MAX)
             .min(buf.len());
-        let buf = &mut buf[..want];
         let mut filled = 0;
-        // Drain bytes left over from a word split by the previous read.
-        while filled < want && self.pending_pos < 8 {
-            buf[filled] = self.pending[self.pending_pos];
-            self.pending_pos += 1;
-            filled += 1;
+        while filled < want {
+            let index = self.position / POOL_SIZE;
+            let offset = usize::try_from(self.position % POOL_SIZE).unwrap_or(0);
+            self.load_block(index);
+            let take = (self.block.len() - offset).min(want - filled);
+            buf[filled..filled + take].copy_from_slice(&self.block[offset..offset + take]);
+            filled += take;
+            self.position += take as u64;
         }
-        let mut words = buf[filled..].chunks_exact_mut(8);
-        for word in &mut words {
-            word.copy_from_slice(&self.rng.next().to_le_bytes());
-        }
-        let tail = words.into_remainder();
-        if !tail.is_empty() {
-            self.pending = self.rng.next().to_le_bytes();
-            let len = tail.len();
-            tail.copy_from_slice(&self.pending[..len]);
-            self.pending_pos = len;
-        }
-        self.remaining -= want as u64;
         Ok(want)
+    }
+}
+
+/// A gzip writer (RFC 1952) whose deflate stream consists only of stored blocks (RFC 1951
+/// §3.2.4). Random layer data does not compress anyway, and miniz_oxide's level 0 still runs
+/// its compressor (about 100 MB/s in test builds), whereas this is a copy plus a CRC.
+/// The header has mtime 0 and OS "unknown", so output is deterministic.
+struct StoredGzipWriter<W: Write> {
+    inner: W,
+    crc: flate2::Crc,
+    block: Vec<u8>,
+}
+
+/// Largest stored block: LEN is a 16-bit field.
+const STORED_BLOCK_MAX: usize = 0xFFFF;
+
+impl<W: Write> StoredGzipWriter<W> {
+    fn new(mut inner: W) -> io::Result<Self> {
+        // ID1 ID2, CM=8 (deflate), FLG=0, MTIME=0 (4 bytes), XFL=0, OS=255 (unknown).
+        inner.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+        Ok(Self {
+            inner,
+            crc: flate2::Crc::new(),
+            block: Vec::with_capacity(STORED_BLOCK_MAX),
+        })
+    }
+
+    /// Emits the buffered bytes as one stored block. Blocks always start byte-aligned (the
+    /// previous one ended on a byte), so the 3 header bits plus padding make one byte.
+    fn emit_block(&mut self, last: bool) -> io::Result<()> {
+        let len = u16::try_from(self.block.len()).map_err(io::Error::other)?;
+        let mut header = [0u8; 5];
+        header[0] = u8::from(last); // BFINAL, BTYPE=00 (stored)
+        header[1..3].copy_from_slice(&len.to_le_bytes());
+        header[3..5].copy_from_slice(&(!len).to_le_bytes());
+        self.inner.write_all(&header)?;
+        self.inner.write_all(&self.block)?;
+        self.block.clear();
+        Ok(())
+    }
+
+    /// Writes the final block and the trailer (CRC-32 and length mod 2^32), returning the inner writer.
+    fn finish(mut self) -> io::Result<W> {
+        self.emit_block(true)?;
+        self.inner.write_all(&self.crc.sum().to_le_bytes())?;
+        self.inner.write_all(&self.crc.amount().to_le_bytes())?;
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for StoredGzipWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = STORED_BLOCK_MAX - self.block.len();
+        let taken = &buf[..buf.len().min(room)];
+        self.block.extend_from_slice(taken);
+        self.crc.update(taken);
+        if self.block.len() == STORED_BLOCK_MAX {
+            self.emit_block(false)?;
+        }
+        Ok(taken.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Blocks are emitted when full or at finish; flushing the inner writer is all we can do
+        // without producing tiny blocks.
+        self.inner.flush()
     }
 }
 
@@ -776,6 +875,61 @@ mod tests {
         let mut other = Vec::new();
         RandomReader::new(8, 1000).read_to_end(&mut other).unwrap();
         assert_ne!(whole, other);
+    }
+
+    #[test]
+    fn random_blocks_all_differ() {
+        let size = 4 * POOL_SIZE + 100;
+        let mut data = Vec::new();
+        RandomReader::new(3, size).read_to_end(&mut data).unwrap();
+        assert_eq!(data.len() as u64, size);
+        let blocks: Vec<&[u8]> = data.chunks(POOL_SIZE as usize).collect();
+        for (i, a) in blocks.iter().enumerate() {
+            for b in &blocks[i + 1..] {
+                assert_ne!(a[..b.len().min(a.len())], b[..b.len().min(a.len())]);
+            }
+        }
+        // Reading across block boundaries in odd pieces gives the same bytes.
+        let mut pieces = Vec::new();
+        let mut reader = RandomReader::new(3, size);
+        let mut buf = vec![0u8; 300_007];
+        loop {
+            let n = reader.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            pieces.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(pieces, data);
+    }
+
+    #[test]
+    fn stored_gzip_round_trips_through_flate2() {
+        for size in [
+            0usize,
+            1,
+            STORED_BLOCK_MAX - 1,
+            STORED_BLOCK_MAX,
+            3 * STORED_BLOCK_MAX + 17,
+        ] {
+            let mut data = vec![0u8; size];
+            RandomReader::new(size as u64, size as u64)
+                .read_exact(&mut data)
+                .unwrap();
+            let mut writer = StoredGzipWriter::new(Vec::new()).unwrap();
+            // Odd write sizes exercise blocks filled across writes.
+            for piece in data.chunks(4099) {
+                writer.write_all(piece).unwrap();
+            }
+            let gz = writer.finish().unwrap();
+            let mut decoded = Vec::new();
+            flate2::read::GzDecoder::new(&gz[..])
+                .read_to_end(&mut decoded)
+                .unwrap();
+            assert_eq!(decoded, data, "size {size}");
+            let blocks = size / STORED_BLOCK_MAX + 1;
+            assert_eq!(gz.len(), 10 + 5 * blocks + size + 8, "size {size}");
+        }
     }
 
     #[test]
