@@ -194,14 +194,10 @@ impl ContainerdStore {
 
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("containerd_store", namespace = %inner.namespace);
-        tokio::spawn(
-            watch_events(inner.clone(), cancel.clone())
-                .instrument(span.clone())
-                .in_current_span(),
-        );
-        tokio::spawn(
-            refresh_loop(inner.clone(), cancel.clone(), args.store_resync).instrument(span),
-        );
+        tokio::spawn(watch_events(inner.clone(), cancel.clone()).instrument(span.clone()));
+        // The flag parser enforces this too; a zero period would make the interval panic.
+        let resync = args.store_resync.max(Duration::from_secs(1));
+        tokio::spawn(refresh_loop(inner.clone(), cancel.clone(), resync).instrument(span));
         Ok(Self {
             inner,
             _background: Arc::new(cancel.drop_guard()),
