@@ -18,7 +18,11 @@ const NODES: usize = 3;
 async fn main() -> Result<()> {
     println!("spegel demo: {NODES} nodes, each with its own containerd, and one registry (TLS).");
     println!("Setting up network namespaces, containerd, the registry and test images…");
-    let rig = Rig::builder().nodes(NODES).start().await.context("cannot bring up the demo cluster")?;
+    let rig = Rig::builder()
+        .nodes(NODES)
+        .start()
+        .await
+        .context("cannot bring up the demo cluster")?;
     let result = demo(&rig).await;
     println!("\nTearing the cluster down…");
     rig.shutdown().await.context("teardown")?;
@@ -27,9 +31,18 @@ async fn main() -> Result<()> {
 
 async fn demo(rig: &Rig) -> Result<()> {
     let registry = rig.registry();
-    println!("  registry:   https://{} ({})", registry.host(Endpoint::Tls), registry.ip());
+    println!(
+        "  registry:   https://{} ({})",
+        registry.host(Endpoint::Tls),
+        registry.ip()
+    );
     for node in rig.nodes() {
-        println!("  {}:  {}  containerd cgroup {}", node.name(), node.ip(), node.cgroup_dir().display());
+        println!(
+            "  {}:  {}  containerd cgroup {}",
+            node.name(),
+            node.ip(),
+            node.cgroup_dir().display()
+        );
     }
 
     // Transparent mode needs no containerd mirror config: remove the rig's default hosts.toml files.
@@ -39,8 +52,12 @@ async fn demo(rig: &Rig) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
 
-    println!("\nStarting spegel on every node (eBPF redirect on containerd's cgroup, peers found over libp2p)…");
-    let daemons = rig.start_spegel_everywhere(SpegelOptions::transparent()).await?;
+    println!(
+        "\nStarting spegel on every node (eBPF redirect on containerd's cgroup, peers found over libp2p)…"
+    );
+    let daemons = rig
+        .start_spegel_everywhere(SpegelOptions::transparent())
+        .await?;
     // containerd must trust each node's spegel CA (name-constrained to the mirrored registries)
     // and the registry's own CA: one bundle per node, then restart containerd once.
     let registries = rig_registry_hosts(rig);
@@ -48,25 +65,43 @@ async fn demo(rig: &Rig) -> Result<()> {
         let bundle = node.dir().join("ca-bundle.pem");
         daemon.write_ca_bundle(&registries, &bundle).await?;
         append(&bundle, rig.ca().cert_path())?;
-        node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)]).await?;
+        node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)])
+            .await?;
     }
-    println!("  spegel is running; containerd trusts each node's spegel CA. No hosts.toml anywhere.");
+    println!(
+        "  spegel is running; containerd trusts each node's spegel CA. No hosts.toml anywhere."
+    );
 
     let image = rig.images().four.clone();
     let reference = image.reference(Endpoint::Tls);
     let blobs: Vec<_> = image.pulled_blobs().into_iter().cloned().collect();
     let total: u64 = blobs.iter().map(|b| b.size).sum();
-    println!("\nImage {reference}: {} blobs, {:.1} MiB.", blobs.len(), total as f64 / 1048576.0);
+    println!(
+        "\nImage {reference}: {} blobs, {:.1} MiB.",
+        blobs.len(),
+        total as f64 / 1048576.0
+    );
 
     let before = rig.registry_log().await?;
     let marks: Vec<_> = daemons.iter().map(Spegel::log_mark).collect();
     for (i, node) in rig.nodes().iter().enumerate() {
         if i > 0 {
-            wait_until_findable(&daemons[i], &image.repository, &blobs[blobs.len() - 1].digest).await?;
+            wait_until_findable(
+                &daemons[i],
+                &image.repository,
+                &blobs[blobs.len() - 1].digest,
+            )
+            .await?;
         }
         let started = std::time::Instant::now();
-        node.cri_pull(&reference).await.with_context(|| format!("pull on {}", node.name()))?;
-        println!("  {} pulled it (CRI, as kubelet does) in {:.2} s", node.name(), started.elapsed().as_secs_f64());
+        node.cri_pull(&reference)
+            .await
+            .with_context(|| format!("pull on {}", node.name()))?;
+        println!(
+            "  {} pulled it (CRI, as kubelet does) in {:.2} s",
+            node.name(),
+            started.elapsed().as_secs_f64()
+        );
     }
 
     println!("\nWhere each blob came from, per node:");
@@ -102,7 +137,10 @@ async fn demo(rig: &Rig) -> Result<()> {
 
     let log = rig.registry_log().await?.since(&before);
     let gets = log.blob_get_counts();
-    let downloads: usize = blobs.iter().map(|b| gets.get(&b.digest).copied().unwrap_or(0)).sum();
+    let downloads: usize = blobs
+        .iter()
+        .map(|b| gets.get(&b.digest).copied().unwrap_or(0))
+        .sum();
     println!(
         "\nThe registry served {downloads} blob download(s) for {} blobs pulled by {NODES} nodes \
          (without spegel: {}).",
@@ -110,8 +148,15 @@ async fn demo(rig: &Rig) -> Result<()> {
         blobs.len() * NODES
     );
     for (ip, per) in log.blob_gets_per_client() {
-        let name = rig.nodes().iter().find(|n| n.ip() == ip).map_or("?", |n| n.name());
-        println!("  {} blob GET(s) came from {name} ({ip})", per.values().sum::<usize>());
+        let name = rig
+            .nodes()
+            .iter()
+            .find(|n| n.ip() == ip)
+            .map_or("?", |n| n.name());
+        println!(
+            "  {} blob GET(s) came from {name} ({ip})",
+            per.values().sum::<usize>()
+        );
     }
     if downloads != blobs.len() {
         bail!("expected every blob to leave the registry exactly once, got {downloads}");
@@ -132,7 +177,10 @@ async fn wait_until_findable(daemon: &Spegel, repository: &str, digest: &str) ->
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            bail!("{} never found {digest} among its peers", daemon.node_name());
+            bail!(
+                "{} never found {digest} among its peers",
+                daemon.node_name()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
