@@ -138,8 +138,8 @@ async fn containerd_store_conforms_after_real_cri_pulls() {
     assert_eq!(fixture.tags.len(), 3);
     assert_eq!(
         fixture.objects.len(),
-        2 + 5 + 4,
-        "small, four, multi's index + amd64"
+        3 + 6 + 4,
+        "manifest, config and layers of small and four; multi's index and amd64 manifest, config, layer"
     );
     assert_eq!(
         fixture.absent.len(),
