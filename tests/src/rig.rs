@@ -26,7 +26,6 @@ mod pki;
 mod process;
 mod registry;
 pub mod spegel;
-pub mod spegel;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
