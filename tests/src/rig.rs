@@ -595,6 +595,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rig_can_be_shared_across_tasks() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Rig>();
+        assert_send_sync::<Node>();
+        assert_send_sync::<Process>();
+    }
+
+    #[test]
     fn node_ips_follow_the_registry() {
         let subnet = Subnet::new(Ipv4Addr::new(10, 70, 1, 0)).unwrap();
         assert_eq!(node_ip(subnet, 0).unwrap(), Ipv4Addr::new(10, 70, 1, 11));

@@ -314,6 +314,10 @@ impl TestImage {
     }
 
     /// The manifest a pull on this machine resolves to: the host platform's, or the only one.
+    ///
+    /// # Panics
+    ///
+    /// If [`manifests`](Self::manifests) was emptied by hand (the rig never builds such images).
     pub fn host_manifest(&self) -> &ImageManifest {
         self.manifest_for(&Platform::host())
             .or(self.manifests.first())
@@ -351,6 +355,9 @@ pub(crate) struct Layout {
     dir: PathBuf,
     blobs: PathBuf,
     refs: Mutex<Vec<Value>>,
+    /// Names of images built or being built: reserved before building so that two concurrent
+    /// builds of one name cannot both succeed.
+    names: Mutex<std::collections::BTreeSet<String>>,
     temp_counter: AtomicU64,
 }
 
@@ -367,6 +374,7 @@ impl Layout {
             dir: dir.to_path_buf(),
             blobs,
             refs: Mutex::new(Vec::new()),
+            names: Mutex::new(std::collections::BTreeSet::new()),
             temp_counter: AtomicU64::new(0),
         };
         layout.write_index(&[])?;
@@ -380,7 +388,12 @@ impl Layout {
     /// Builds an image into the layout and tags it with its name. Blocking (CPU and disk bound).
     pub(crate) fn build(&self, spec: &ImageSpec) -> Result<BuiltImage> {
         spec.validate()?;
-        if self.ref_names().iter().any(|name| name == &spec.name) {
+        let reserved = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(spec.name.clone());
+        if !reserved {
             bail!(
                 "an image called {:?} was already built in this rig",
                 spec.name
@@ -560,17 +573,6 @@ impl Layout {
     fn temp_path(&self) -> PathBuf {
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
         self.blobs.join(format!(".tmp-{n}"))
-    }
-
-    fn ref_names(&self) -> Vec<String> {
-        self.lock_refs()
-            .iter()
-            .filter_map(|entry| {
-                entry["annotations"][REF_NAME_ANNOTATION]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect()
     }
 
     fn lock_refs(&self) -> std::sync::MutexGuard<'_, Vec<Value>> {

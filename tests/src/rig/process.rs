@@ -481,12 +481,17 @@ fn open_append(path: &Path) -> Result<File> {
         .with_context(|| format!("opening {}", path.display()))
 }
 
-/// Sends `signal` to `pid`.
+/// Sends `signal` to `pid`. Callers make sure the PID is theirs: rig children are signalled only
+/// before they are reaped (so the PID cannot have been recycled), and `cleanup` signals only
+/// processes whose command line or cgroup names the rig.
 pub(crate) fn send_signal(pid: u32, signal: Signal) -> Result<()> {
     let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
-    // SAFETY: kill(2) takes two plain integers and touches no memory of ours. The pid is always a
-    // child we have not reaped yet (callers check `try_wait` first), so it cannot have been
-    // recycled for an unrelated process.
+    // kill(2) treats 0 and negative numbers as process groups; never signal one by accident.
+    if pid <= 0 {
+        bail!("refusing to signal pid {pid}");
+    }
+    // SAFETY: kill(2) takes two plain integers and touches no memory of ours; it cannot violate
+    // memory safety whatever the arguments are.
     let result = unsafe { libc::kill(pid, signal.number()) };
     if result == 0 {
         Ok(())
@@ -639,6 +644,12 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("{needle:?} never appeared in {}", process.read_log());
+    }
+
+    #[test]
+    fn refuses_to_signal_process_groups() {
+        assert!(send_signal(0, Signal::Cont).is_err());
+        assert!(send_signal(u32::MAX, Signal::Cont).is_err());
     }
 
     #[test]
