@@ -4,12 +4,12 @@
 //! Each node is a network namespace with its own containerd (in its own cgroup), next to a real
 //! registry served over TLS. No node has any containerd mirror configuration: spegel's eBPF
 //! programs redirect containerd's registry connections to the node's daemon.
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use spegel_tests::rig::{
     Endpoint, Rig,
-    spegel::{Spegel, SpegelOptions, rig_registry_hosts},
+    spegel::{Spegel, SpegelOptions},
 };
 
 const NODES: usize = 3;
@@ -45,29 +45,10 @@ async fn demo(rig: &Rig) -> Result<()> {
         );
     }
 
-    // Transparent mode needs no containerd mirror config: remove the rig's default hosts.toml files.
-    for node in rig.nodes() {
-        let dir = node.certs_dir();
-        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-        std::fs::create_dir_all(dir)?;
-    }
-
     println!(
         "\nStarting spegel on every node (eBPF redirect on containerd's cgroup, peers found over libp2p)…"
     );
-    let daemons = rig
-        .start_spegel_everywhere(SpegelOptions::transparent())
-        .await?;
-    // containerd must trust each node's spegel CA (name-constrained to the mirrored registries)
-    // and the registry's own CA: one bundle per node, then restart containerd once.
-    let registries = rig_registry_hosts(rig);
-    for (node, daemon) in rig.nodes().iter().zip(&daemons) {
-        let bundle = node.dir().join("ca-bundle.pem");
-        daemon.write_ca_bundle(&registries, &bundle).await?;
-        append(&bundle, rig.ca().cert_path())?;
-        node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)])
-            .await?;
-    }
+    let daemons = spegel_tests::cluster::transparent(rig, SpegelOptions::transparent()).await?;
     println!(
         "  spegel is running; containerd trusts each node's spegel CA. No hosts.toml anywhere."
     );
@@ -86,7 +67,7 @@ async fn demo(rig: &Rig) -> Result<()> {
     let marks: Vec<_> = daemons.iter().map(Spegel::log_mark).collect();
     for (i, node) in rig.nodes().iter().enumerate() {
         if i > 0 {
-            wait_until_findable(
+            spegel_tests::cluster::wait_until_findable(
                 &daemons[i],
                 &image.repository,
                 &blobs[blobs.len() - 1].digest,
@@ -162,35 +143,5 @@ async fn demo(rig: &Rig) -> Result<()> {
         bail!("expected every blob to leave the registry exactly once, got {downloads}");
     }
     println!("Every blob left the registry once; the other nodes got it from their peers.");
-    Ok(())
-}
-
-/// Waits until `daemon` finds `digest` among its peers (the first node's content is advertised
-/// a moment after its pull).
-async fn wait_until_findable(daemon: &Spegel, repository: &str, digest: &str) -> Result<()> {
-    let path = format!("/v2/{repository}/blobs/{digest}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(response) = daemon.request("HEAD", &path, &[]).await
-            && response.status == 200
-        {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "{} never found {digest} among its peers",
-                daemon.node_name()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn append(bundle: &Path, pem: &Path) -> Result<()> {
-    use std::io::Write as _;
-    let extra = std::fs::read(pem).with_context(|| format!("reading {}", pem.display()))?;
-    let mut file = std::fs::OpenOptions::new().append(true).open(bundle)?;
-    file.write_all(b"\n")?;
-    file.write_all(&extra)?;
     Ok(())
 }
