@@ -24,6 +24,7 @@
 //! # }
 //! ```
 
+pub mod cluster;
 pub mod rig;
 
 use std::path::Path;
