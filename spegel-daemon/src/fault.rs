@@ -69,9 +69,10 @@ impl Source for FaultySource {
             body = Box::pin(
                 body.flat_map(|chunk| {
                     let slices: Vec<std::io::Result<Bytes>> = match chunk {
-                        Ok(bytes) => {
-                            (0..bytes.len()).step_by(THROTTLE_SLICE).map(|i| Ok(bytes.slice(i..(i + THROTTLE_SLICE).min(bytes.len())))).collect()
-                        }
+                        Ok(bytes) => (0..bytes.len())
+                            .step_by(THROTTLE_SLICE)
+                            .map(|i| Ok(bytes.slice(i..(i + THROTTLE_SLICE).min(bytes.len()))))
+                            .collect(),
                         Err(err) => vec![Err(err)],
                     };
                     futures::stream::iter(slices)
@@ -138,7 +139,10 @@ mod tests {
     #[tokio::test]
     async fn corrupts_only_peer_requests() {
         let data = Bytes::from(vec![7u8; 100_000]);
-        let args = FaultArgs { test_corrupt_peer_blobs: true, ..Default::default() };
+        let args = FaultArgs {
+            test_corrupt_peer_blobs: true,
+            ..Default::default()
+        };
         let source = FaultySource::new(Arc::new(Fixed(data.clone())), args);
         assert_eq!(body_of(&source, false).await, data);
         let corrupted = body_of(&source, true).await;
@@ -149,11 +153,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn throttles_peer_requests_without_changing_bytes() {
         let data = Bytes::from((0..200_000u32).map(|i| i as u8).collect::<Vec<_>>());
-        let args = FaultArgs { test_throttle_peer_bytes: Some(100_000), ..Default::default() };
+        let args = FaultArgs {
+            test_throttle_peer_bytes: Some(100_000),
+            ..Default::default()
+        };
         let source = FaultySource::new(Arc::new(Fixed(data.clone())), args);
         let start = tokio::time::Instant::now();
         assert_eq!(body_of(&source, true).await, data);
         // 200 000 bytes at 100 000 B/s, in 16 KiB slices: at least ~1.9 s of (paused) time.
-        assert!(start.elapsed() >= Duration::from_millis(1900), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(1900),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
