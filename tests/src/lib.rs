@@ -18,7 +18,7 @@
 //! let four = rig.images().four.clone();
 //! rig.node(0).cri_pull(&four.reference(Endpoint::Plain)).await?;
 //! let log = rig.registry_log().await?;
-//! assert_eq!(log.blob_gets_by(rig.node(0).ip().into()).len(), 5);
+//! assert_eq!(log.blob_gets_by(rig.node(0).ip()).len(), 5);
 //! rig.shutdown().await?;
 //! # Ok(())
 //! # }
