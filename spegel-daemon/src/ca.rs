@@ -541,7 +541,11 @@ impl NodeCa {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name.to_string());
+        // An IP leaf gets an empty subject (rcgen then marks the SAN critical): OpenSSL checks
+        // a hostname-like CN such as `10.0.0.1` against the CA's DNS constraints and rejects it.
+        if let LeafName::Dns(dns) = name {
+            dn.push(DnType::CommonName, dns.clone());
+        }
         params.distinguished_name = dn;
         params.subject_alt_names = vec![match name {
             LeafName::Dns(dns) => SanType::DnsName(dns.as_str().try_into()?),
@@ -1077,6 +1081,22 @@ mod tests {
         let lifetime =
             cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert!(lifetime <= (DEFAULT_LEAF_VALIDITY + CLOCK_SKEW).as_secs() as i64);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn ip_leaves_have_no_common_name_and_a_critical_san() {
+        let dir = tempdir();
+        let ca = NodeCa::load_or_create(&dir, permitted(&["docker.io", "10.1.2.3:5443"])).unwrap();
+        let leaf = ca.leaf_for("10.1.2.3").unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf.cert[0]).unwrap();
+        assert_eq!(cert.subject().iter_common_name().count(), 0);
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(san.critical);
+        let leaf = ca.leaf_for("docker.io").unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf.cert[0]).unwrap();
+        let cn = cert.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "docker.io");
         fs::remove_dir_all(dir).unwrap();
     }
 
