@@ -1,5 +1,620 @@
-//! (stub, being written)
+//! The pull-only OCI distribution API (Spegel-compatible): routing, the answer to every request,
+//! and the HTTP/1.1 + h2c server that carries it.
+//!
+//! One [`Registry`] serves two kinds of client. In mirror mode containerd (via `hosts.toml`) and
+//! other spegel nodes talk to the registry port, naming the upstream with `?ns=`; a miss is a 404
+//! so containerd falls back to the next host. In transparent mode the interception layer hands
+//! over connections containerd meant for the upstream itself, with a [`RequestContext`] saying
+//! where they were going; pulls are answered from the [`Source`] chain and everything else goes to
+//! a [`Passthrough`].
+use std::{net::SocketAddr, num::NonZeroUsize, sync::Arc, time::Duration};
 
-/// Flags of this subsystem.
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Empty, Full, combinators::UnsyncBoxBody};
+
+use crate::{
+    oci::{self, ErrorBody, ErrorCode, ParseError},
+    source::{Kind, Object, ObjectRequest, Origin, Reference, Source, SourceError},
+    store::{Store, StoreError},
+};
+
+mod body;
+mod server;
+#[cfg(test)]
+mod tests;
+
+pub use server::serve;
+
+/// A boxed error, as hyper bodies carry them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every request handed to a [`Passthrough`] and of every response.
+pub type HttpBody = UnsyncBoxBody<Bytes, BoxError>;
+/// Renders the metrics registry in the OpenMetrics text format, for `/metrics`.
+pub type MetricsEncoder = Arc<dyn Fn() -> Result<String, std::fmt::Error> + Send + Sync>;
+
+/// Set by spegel nodes on requests to their peers: the receiver must never forward them again.
+pub const MIRRORED_HEADER: HeaderName = HeaderName::from_static("x-spegel-mirrored");
+/// The API version header of the distribution spec's `/v2/` check.
+pub const API_VERSION_HEADER: HeaderName =
+    HeaderName::from_static("docker-distribution-api-version");
+/// The digest of the object a response carries.
+pub const CONTENT_DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-digest");
+
+/// How long `/readyz` waits for the readiness check before saying no.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Flags of the registry API.
 #[derive(Debug, Clone, clap::Args)]
-pub struct RegistryArgs {}
+pub struct RegistryArgs {
+    /// Address of the registry API: containerd's mirror endpoint, peers, probes and metrics.
+    #[arg(long, env = "SPEGEL_REGISTRY_ADDR", default_value = "0.0.0.0:5000")]
+    pub registry_addr: SocketAddr,
+    /// Most client connections served at once; further ones wait in the listen backlog.
+    #[arg(long, env = "SPEGEL_REGISTRY_MAX_CONNECTIONS", default_value = "1024")]
+    pub registry_max_connections: NonZeroUsize,
+}
+
+/// Whether this node can serve. `/readyz` answers 200 when [`Readiness::check`] is `Ok`.
+#[async_trait::async_trait]
+pub trait Readiness: Send + Sync + 'static {
+    /// `Ok` when ready, else why not.
+    async fn check(&self) -> Result<(), String>;
+}
+
+/// Ready when the content store answers. A node without peers is still ready: it serves what it
+/// has, and mirror-mode clients fall back on a miss.
+pub struct StoreReadiness {
+    store: Arc<dyn Store>,
+}
+
+impl StoreReadiness {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait::async_trait]
+impl Readiness for StoreReadiness {
+    async fn check(&self) -> Result<(), String> {
+        // A tag no image can have: a cheap round trip through the store that must say NotFound.
+        match self.store.resolve("readyz.spegel.invalid/probe:none").await {
+            Ok(_) | Err(StoreError::NotFound) => Ok(()),
+            Err(StoreError::Unavailable(reason)) => Err(reason),
+        }
+    }
+}
+
+/// Where requests that are not pulls go in transparent mode: the upstream the connection was
+/// meant for (token flows, `/v2/` probes, pushes, unknown paths). Implemented by the upstream
+/// client.
+#[async_trait::async_trait]
+pub trait Passthrough: Send + Sync + 'static {
+    /// Forward `request` unchanged and return the upstream's answer. Failures are answered by
+    /// the implementation (typically 502).
+    async fn forward(
+        &self,
+        request: Request<HttpBody>,
+        origin: Option<&Origin>,
+    ) -> Response<HttpBody>;
+}
+
+/// What the connection a request arrived on says about it.
+#[derive(Clone, Default)]
+pub struct RequestContext {
+    /// Set for transparently intercepted connections: where containerd was going.
+    pub origin: Option<Origin>,
+    /// The registry the request is for, from the intercepted host; overrides `?ns=`.
+    pub registry: Option<String>,
+    /// Transparent mode: where everything but pulls goes.
+    pub passthrough: Option<Arc<dyn Passthrough>>,
+}
+
+impl std::fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestContext")
+            .field("origin", &self.origin)
+            .field("registry", &self.registry)
+            .field("passthrough", &self.passthrough.is_some())
+            .finish()
+    }
+}
+
+/// The registry API: routes requests to the source, probes and metrics.
+pub struct Registry {
+    source: Arc<dyn Source>,
+    readiness: Option<Arc<dyn Readiness>>,
+    metrics: Option<MetricsEncoder>,
+    max_connections: NonZeroUsize,
+    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+}
+
+/// What a request asks for, before anything is fetched.
+enum Route {
+    Livez,
+    Readyz,
+    Metrics,
+    /// `GET /v2/`: the API version check.
+    ApiVersion,
+    Pull(Box<ObjectRequest>),
+    /// Answered without asking anyone: a bad or unsupported request.
+    Reject(Rejection),
+}
+
+/// An error answer decided while routing.
+struct Rejection {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl Registry {
+    /// A registry answering pulls from `source`, ready unless told otherwise, without metrics.
+    pub fn new(source: Arc<dyn Source>) -> Self {
+        Self {
+            source,
+            readiness: None,
+            metrics: None,
+            max_connections: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+            builder: server::builder(),
+        }
+    }
+
+    /// Answer `/readyz` with `readiness`.
+    pub fn with_readiness(mut self, readiness: Arc<dyn Readiness>) -> Self {
+        self.readiness = Some(readiness);
+        self
+    }
+
+    /// Serve `/metrics` with `encoder`.
+    pub fn with_metrics(mut self, encoder: MetricsEncoder) -> Self {
+        self.metrics = Some(encoder);
+        self
+    }
+
+    /// Serve at most `max` connections at once in [`serve`].
+    pub fn with_max_connections(mut self, max: NonZeroUsize) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// Answer one request. Never fails: every problem is an HTTP answer. A response body may
+    /// still fail mid-stream (a source dying), which aborts the response instead of ending it.
+    pub async fn handle<B>(&self, request: Request<B>, ctx: RequestContext) -> Response<HttpBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let mut log = body::AccessLog::new(request.method(), request.uri().path());
+        let head = request.method() == Method::HEAD;
+        let route = route(&request, &ctx);
+        let mut response = match (route, &ctx.passthrough) {
+            (Route::Pull(object_request), _) => self.pull(*object_request, &ctx, &mut log).await,
+            // Transparent mode: the upstream answers everything that is not a pull we can serve,
+            // including requests we would reject: it is the authority on its own API.
+            (_, Some(passthrough)) => {
+                log.set_source("passthrough");
+                let request = request.map(|body| body.map_err(Into::into).boxed_unsync());
+                let response = passthrough.forward(request, ctx.origin.as_ref()).await;
+                return log.finish(response);
+            }
+            (Route::Livez, None) => text_response(StatusCode::OK, "ok"),
+            (Route::Readyz, None) => self.readyz().await,
+            (Route::Metrics, None) => self.metrics(),
+            (Route::ApiVersion, None) => api_version_response(),
+            (Route::Reject(rejection), None) => rejection.into_response(),
+        };
+        if head {
+            // Headers only, `Content-Length` included: what a GET would have sent.
+            *response.body_mut() = empty_body();
+        }
+        log.finish(response)
+    }
+
+    async fn pull(
+        &self,
+        request: ObjectRequest,
+        ctx: &RequestContext,
+        log: &mut body::AccessLog,
+    ) -> Response<HttpBody> {
+        let intercepted = ctx.origin.is_some();
+        let result = match self.source.fetch(&request).await {
+            Ok(object) => check_object(&request, object),
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(object) => {
+                log.set_source(object.source);
+                object_response(&request, object)
+            }
+            Err(err) => source_error_response(err, &request, intercepted),
+        }
+    }
+
+    async fn readyz(&self) -> Response<HttpBody> {
+        let Some(readiness) = &self.readiness else {
+            return text_response(StatusCode::OK, "ok");
+        };
+        match tokio::time::timeout(READINESS_TIMEOUT, readiness.check()).await {
+            Ok(Ok(())) => text_response(StatusCode::OK, "ok"),
+            Ok(Err(reason)) => {
+                tracing::warn!(%reason, "not ready");
+                text_response(StatusCode::SERVICE_UNAVAILABLE, reason)
+            }
+            Err(_) => {
+                tracing::warn!("readiness check timed out");
+                text_response(StatusCode::SERVICE_UNAVAILABLE, "readiness check timed out")
+            }
+        }
+    }
+
+    fn metrics(&self) -> Response<HttpBody> {
+        let Some(encoder) = &self.metrics else {
+            return Rejection::not_found("metrics are not enabled").into_response();
+        };
+        match encoder() {
+            Ok(text) => {
+                let mut response = full_response(StatusCode::OK, Bytes::from(text));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot encode metrics");
+                text_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics")
+            }
+        }
+    }
+}
+
+/// Decide what a request asks for. Pure: no I/O, no allocation proportional to hostile input.
+fn route<B>(request: &Request<B>, ctx: &RequestContext) -> Route {
+    let method = request.method();
+    let path = request.uri().path();
+    let readable = *method == Method::GET || *method == Method::HEAD;
+    let fixed = match path {
+        "/livez" => Some(Route::Livez),
+        "/readyz" => Some(Route::Readyz),
+        "/metrics" => Some(Route::Metrics),
+        "/v2" | "/v2/" => Some(Route::ApiVersion),
+        _ => None,
+    };
+    if let Some(fixed) = fixed {
+        return if readable {
+            fixed
+        } else {
+            Route::Reject(Rejection::method_not_allowed())
+        };
+    }
+    let object = match oci::parse_object_path(path) {
+        Ok(object) => object,
+        Err(ParseError::Unsupported) if !path.starts_with("/v2/") => {
+            return Route::Reject(Rejection::not_found("unknown path"));
+        }
+        Err(err) => return Route::Reject(Rejection::from(err)),
+    };
+    if !readable {
+        return Route::Reject(Rejection::method_not_allowed());
+    }
+    let registry = match &ctx.registry {
+        Some(registry) => Some(registry.clone()),
+        None => match oci::parse_ns_query(request.uri().query()) {
+            Ok(registry) => registry,
+            Err(err) => return Route::Reject(Rejection::from(err)),
+        },
+    };
+    if registry.is_none() && matches!(object.reference, Reference::Tag(_)) {
+        // As Spegel: tags are per registry, so without one there is nothing to look up.
+        return Route::Reject(Rejection {
+            status: StatusCode::NOT_FOUND,
+            code: ErrorCode::ManifestUnknown,
+            message: "registry parameter needs to be set for tag references".into(),
+        });
+    }
+    let mut ranges = request.headers().get_all(header::RANGE).iter();
+    let range = match (ranges.next(), ranges.next()) {
+        (None, _) => None,
+        (Some(value), None) if object.kind == Kind::Blob => {
+            match oci::parse_range(value.as_bytes()) {
+                Ok(range) => Some(range),
+                Err(err) => return Route::Reject(Rejection::from(err)),
+            }
+        }
+        (Some(_), None) => {
+            return Route::Reject(Rejection::from(ParseError::Range(
+                "ranges are only served for blobs",
+            )));
+        }
+        _ => {
+            return Route::Reject(Rejection::from(ParseError::Range("multiple Range headers")));
+        }
+    };
+    let mirrored = request
+        .headers()
+        .get(&MIRRORED_HEADER)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"));
+    Route::Pull(Box::new(ObjectRequest {
+        kind: object.kind,
+        registry,
+        repository: object.repository,
+        reference: object.reference,
+        range,
+        head: *method == Method::HEAD,
+        headers: forwardable_headers(request.headers()),
+        origin: ctx.origin.clone(),
+        mirrored,
+    }))
+}
+
+/// Headers that describe one hop, or that this layer represents otherwise (the range is parsed,
+/// the mirrored flag must never travel further).
+const LOCAL_HEADERS: [HeaderName; 12] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::RANGE,
+    MIRRORED_HEADER,
+];
+
+/// The client's headers a source may forward: everything but [`LOCAL_HEADERS`].
+fn forwardable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    for name in &LOCAL_HEADERS {
+        out.remove(name);
+    }
+    out
+}
+
+/// Reject objects a correct source cannot produce, so a buggy or lying source never reaches the
+/// client with wrong headers: a different digest than asked for, a range outside the object, or
+/// no body for a GET.
+fn check_object(request: &ObjectRequest, object: Object) -> Result<Object, SourceError> {
+    if let Reference::Digest(digest) = &request.reference
+        && object.digest != *digest
+    {
+        return Err(SourceError::Unavailable(format!(
+            "{} answered {} for {digest}",
+            object.source, object.digest
+        )));
+    }
+    if let Some(range) = &object.range
+        && (range.start() > range.end() || *range.end() >= object.size)
+    {
+        return Err(SourceError::Unavailable(format!(
+            "{} answered range {range:?} for an object of {} bytes",
+            object.source, object.size
+        )));
+    }
+    if !request.head && object.body.is_none() && content_length(&object) > 0 {
+        return Err(SourceError::Unavailable(format!(
+            "{} answered without a body",
+            object.source
+        )));
+    }
+    Ok(object)
+}
+
+fn content_length(object: &Object) -> u64 {
+    match &object.range {
+        Some(range) => range.end() - range.start() + 1,
+        None => object.size,
+    }
+}
+
+/// 200 or 206 with the object's headers; the body is checked to be exactly as long as announced.
+fn object_response(request: &ObjectRequest, object: Object) -> Response<HttpBody> {
+    let length = content_length(&object);
+    let content_type = match object.range {
+        Some(_) => HeaderValue::from_static(oci::OCTET_STREAM),
+        None => HeaderValue::from_str(&object.media_type)
+            .unwrap_or(HeaderValue::from_static(oci::OCTET_STREAM)),
+    };
+    let status = match object.range {
+        Some(_) => StatusCode::PARTIAL_CONTENT,
+        None => StatusCode::OK,
+    };
+    let body = match object.body {
+        Some(stream) if !request.head => body::ObjectBody::new(stream, length).boxed_unsync(),
+        _ => empty_body(),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(CONTENT_DIGEST_HEADER, digest_value(&object.digest));
+    if request.kind == Kind::Blob {
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    if let Some(range) = &object.range {
+        let value = format!("bytes {}-{}/{}", range.start(), range.end(), object.size);
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(header::CONTENT_RANGE, value);
+        }
+    }
+    response
+}
+
+fn digest_value(digest: &crate::digest::Digest) -> HeaderValue {
+    // `sha256:` and hex digits are always a valid header value.
+    HeaderValue::from_str(&digest.to_string()).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// The one place a source's failure becomes an HTTP answer.
+///
+/// A miss is a 404 in both modes. A failed source is a 404 in mirror mode too, so containerd
+/// falls back to the next host, but a 502 for intercepted requests, where nobody else will try.
+fn source_error_response(
+    err: SourceError,
+    request: &ObjectRequest,
+    intercepted: bool,
+) -> Response<HttpBody> {
+    let unknown = match request.kind {
+        Kind::Manifest => ErrorCode::ManifestUnknown,
+        Kind::Blob => ErrorCode::BlobUnknown,
+    };
+    let reference = reference_text(request);
+    match err {
+        SourceError::NotFound => Rejection {
+            status: StatusCode::NOT_FOUND,
+            code: unknown,
+            message: format!("{reference} not found"),
+        }
+        .into_response(),
+        SourceError::RangeNotSatisfiable { size } => {
+            let mut response = Rejection {
+                status: StatusCode::RANGE_NOT_SATISFIABLE,
+                code: ErrorCode::RangeInvalid,
+                message: format!("range not satisfiable for {reference} of {size} bytes"),
+            }
+            .into_response();
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+            response
+        }
+        SourceError::Invalid(message) => Rejection {
+            status: StatusCode::BAD_REQUEST,
+            code: ErrorCode::Unsupported,
+            message,
+        }
+        .into_response(),
+        SourceError::Upstream {
+            status,
+            headers,
+            body,
+        } => {
+            let mut response = full_response(status, body);
+            let response_headers = response.headers_mut();
+            for (name, value) in &headers {
+                if !LOCAL_HEADERS.contains(name) {
+                    response_headers.append(name, value.clone());
+                }
+            }
+            response
+        }
+        SourceError::Unavailable(reason) => {
+            tracing::warn!(%reason, %reference, intercepted, "no source could serve the object");
+            if intercepted {
+                Rejection {
+                    status: StatusCode::BAD_GATEWAY,
+                    code: ErrorCode::Unavailable,
+                    message: format!("{reference}: {reason}"),
+                }
+                .into_response()
+            } else {
+                Rejection {
+                    status: StatusCode::NOT_FOUND,
+                    code: unknown,
+                    message: format!("{reference} not available: {reason}"),
+                }
+                .into_response()
+            }
+        }
+    }
+}
+
+/// `registry/repository:tag` or `…@digest`, for messages.
+fn reference_text(request: &ObjectRequest) -> String {
+    let registry = request
+        .registry
+        .as_deref()
+        .map(|registry| format!("{registry}/"))
+        .unwrap_or_default();
+    match &request.reference {
+        Reference::Tag(tag) => format!("{registry}{}:{tag}", request.repository),
+        Reference::Digest(digest) => format!("{registry}{}@{digest}", request.repository),
+    }
+}
+
+impl Rejection {
+    fn not_found(message: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: ErrorCode::Unsupported,
+            message: message.into(),
+        }
+    }
+
+    fn method_not_allowed() -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: ErrorCode::Unsupported,
+            message: "only GET and HEAD are supported".into(),
+        }
+    }
+
+    fn into_response(self) -> Response<HttpBody> {
+        let body = ErrorBody::new(self.code, self.message, None).to_bytes();
+        let mut response = full_response(self.status, body);
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        response
+    }
+}
+
+impl From<ParseError> for Rejection {
+    fn from(err: ParseError) -> Self {
+        Self {
+            status: err.status(),
+            code: err.code(),
+            message: err.to_string(),
+        }
+    }
+}
+
+fn api_version_response() -> Response<HttpBody> {
+    let mut response = full_response(StatusCode::OK, Bytes::from_static(b"{}"));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+    response
+}
+
+fn text_response(status: StatusCode, text: impl Into<String>) -> Response<HttpBody> {
+    let mut response = full_response(status, Bytes::from(text.into()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// A response with a complete body and its `Content-Length`.
+fn full_response(status: StatusCode, body: Bytes) -> Response<HttpBody> {
+    let length = HeaderValue::from(body.len());
+    let mut response = Response::new(
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, length);
+    response
+}
+
+fn empty_body() -> HttpBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
