@@ -41,6 +41,8 @@ pub const API_VERSION_HEADER: HeaderName =
 /// The digest of the object a response carries.
 pub const CONTENT_DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-digest");
 
+/// Connections served at once unless told otherwise (the flag's default too).
+const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 /// How long `/readyz` waits for the readiness check before saying no.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -155,7 +157,7 @@ impl Registry {
             source,
             readiness: None,
             metrics: None,
-            max_connections: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             builder: server::builder(),
         }
     }

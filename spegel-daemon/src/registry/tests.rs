@@ -1531,6 +1531,78 @@ async fn serve_connection_uses_the_context_of_the_connection() {
         .unwrap_err();
 }
 
+/// A log sink for one test: everything `tracing` writes on this thread while `f` runs.
+async fn logs_of<F: Future<Output = ()>>(f: F) -> String {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    f.await;
+    drop(guard);
+    String::from_utf8(sink.0.lock().unwrap().clone()).unwrap()
+}
+
+#[tokio::test]
+async fn access_log() {
+    let f = fixture();
+    let registry = local_registry(&f);
+    let uri = format!("/v2/library/nginx/blobs/{}", f.layer);
+    let logs = logs_of(async {
+        let response = registry
+            .handle(request(GET, &uri, &[]), RequestContext::default())
+            .await;
+        response.into_body().collect().await.unwrap();
+    })
+    .await;
+    for field in [
+        " DEBUG ",
+        "method=GET",
+        &format!("path={uri}"),
+        "status=200",
+        "bytes=20",
+        "source=\"local\"",
+        "duration_ms=",
+        "complete=true",
+    ] {
+        assert!(logs.contains(field), "{field:?} missing from {logs}");
+    }
+
+    let digest = Digest::of(b"x");
+    let failing = Registry::new(FakeSource::new(move |_| {
+        Ok(streamed(
+            digest,
+            10,
+            vec![Err(io::Error::other("disk on fire"))],
+        ))
+    }));
+    let logs = logs_of(async {
+        let uri = format!("/v2/a/blobs/{digest}");
+        let response = failing
+            .handle(request(GET, &uri, &[]), RequestContext::default())
+            .await;
+        assert!(response.into_body().collect().await.is_err());
+    })
+    .await;
+    assert!(logs.contains(" WARN "), "{logs}");
+    assert!(logs.contains("error=disk on fire"), "{logs}");
+    assert!(logs.contains("source=\"fake\""), "{logs}");
+}
+
 #[test]
 fn flags() {
     #[derive(clap::Parser)]
