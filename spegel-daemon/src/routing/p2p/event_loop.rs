@@ -59,6 +59,9 @@ const LOOKUP_CACHE_CAPACITY: usize = 8192;
 const REGISTRY_CACHE_CAPACITY: usize = 16_384;
 /// How often expired provider records and cache entries are dropped.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// A provider that has not answered (dial + Identify) within this long no longer holds up the
+/// lookup: the next candidate is tried too (the slow one may still answer).
+const RESOLVE_PATIENCE: Duration = Duration::from_secs(1);
 /// Callers waiting for the first listen address, at most.
 const MAX_LISTEN_WAITERS: usize = 64;
 
@@ -86,6 +89,8 @@ pub struct EventLoop {
     dns_seed: Option<DnsSeed>,
     dns_seed_port: u16,
     dns_lookup: Option<DnsLookup>,
+    /// Dials to seeds of unknown peer id still under way, by address.
+    seed_dials: HashMap<Multiaddr, ConnectionId>,
     bootstrap_at: Instant,
     bootstrap_backoff: Duration,
     routing_table_size: usize,
@@ -126,8 +131,8 @@ struct Lookup {
     seen: HashSet<PeerId>,
     /// Named providers not yet resolved.
     candidates: VecDeque<PeerId>,
-    /// Providers dialed or awaiting Identify.
-    resolving: HashSet<PeerId>,
+    /// Providers dialed or awaiting Identify, with when that started.
+    resolving: HashMap<PeerId, Instant>,
     /// The Kademlia query, while it runs.
     query: Option<kad::QueryId>,
     started: Instant,
@@ -241,6 +246,7 @@ impl EventLoop {
             dns_seed: config.bootstrap_dns.clone(),
             dns_seed_port: config.default_seed_port(),
             dns_lookup: None,
+            seed_dials: HashMap::new(),
             bootstrap_at: now,
             bootstrap_backoff: tunables.bootstrap_backoff_min,
             routing_table_size: 0,
@@ -282,17 +288,17 @@ impl EventLoop {
                     None => break,
                 },
                 event = self.swarm.select_next_some() => {
-                    // Counting the table walks every bucket: only after events that may change it
-                    // (and on every tick, as a safety net).
-                    let table_may_change = matches!(
-                        event,
-                        SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { .. }))
-                            | SwarmEvent::ConnectionEstablished { .. }
-                            | SwarmEvent::ConnectionClosed { .. }
-                            | SwarmEvent::OutgoingConnectionError { .. }
-                    );
+                    // Counting the table walks every bucket, so it is counted on each tick;
+                    // only the first peer is noticed at once, to leave bootstrap backoff early.
+                    let first_peer = self.routing_table_size == 0
+                        && matches!(
+                            event,
+                            SwarmEvent::Behaviour(BehaviourEvent::Kad(
+                                kad::Event::RoutingUpdated { .. }
+                            ))
+                        );
                     self.on_swarm_event(event);
-                    if table_may_change {
+                    if first_peer {
                         self.refresh_routing_table_size();
                     }
                 }
@@ -436,7 +442,7 @@ impl EventLoop {
                 found: Vec::new(),
                 seen: HashSet::new(),
                 candidates: VecDeque::new(),
-                resolving: HashSet::new(),
+                resolving: HashMap::new(),
                 query: Some(query),
                 started: now,
                 deadline: now + self.tunables.lookup_timeout,
@@ -483,7 +489,7 @@ impl EventLoop {
             return;
         };
         lookup.prune_subscribers();
-        while lookup.need() > lookup.resolving.len() {
+        while lookup.need() > lookup.active_resolves(now) {
             let Some(peer) = lookup.candidates.pop_front() else {
                 break;
             };
@@ -492,7 +498,7 @@ impl EventLoop {
                 continue;
             }
             if start_resolve(&mut self.swarm, &self.connections, content_key, peer) {
-                lookup.resolving.insert(peer);
+                lookup.resolving.insert(peer, now);
                 self.waiting.entry(peer).or_default().push(content_key);
             }
         }
@@ -513,7 +519,7 @@ impl EventLoop {
         let addr = self.registry.get(&peer, Instant::now());
         for content_key in keys {
             if let Some(lookup) = self.lookups.get_mut(&content_key)
-                && lookup.resolving.remove(&peer)
+                && lookup.resolving.remove(&peer).is_some()
                 && let Some(addr) = addr
             {
                 lookup.deliver(peer, addr, &self.shared.stats);
@@ -533,7 +539,7 @@ impl EventLoop {
                 query.finish();
             }
         }
-        for peer in &lookup.resolving {
+        for peer in lookup.resolving.keys() {
             if let hash_map::Entry::Occupied(mut entry) = self.waiting.entry(*peer) {
                 entry.get_mut().retain(|k| *k != content_key);
                 if entry.get().is_empty() {
@@ -620,18 +626,26 @@ impl EventLoop {
     }
 
     fn dial_seeds(&mut self) {
+        let mut unknown = Vec::new();
         for seed in &self.seeds {
-            let opts = match seed.peer {
-                Some(peer) if peer == self.local => continue,
-                Some(peer) => DialOpts::peer_id(peer)
-                    .addresses(vec![seed.addr.clone()])
-                    .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .build(),
-                None => DialOpts::unknown_peer_id()
-                    .address(seed.addr.clone())
-                    .build(),
-            };
-            dial(&mut self.swarm, opts, &seed.addr);
+            match seed.peer {
+                Some(peer) if peer == self.local => {}
+                Some(peer) => {
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(vec![seed.addr.clone()])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(error) = self.swarm.dial(opts)
+                        && !matches!(error, DialError::DialPeerConditionFalse(_))
+                    {
+                        tracing::debug!(addr = %seed.addr, %error, "cannot dial seed");
+                    }
+                }
+                None => unknown.push(seed.addr.clone()),
+            }
+        }
+        for addr in unknown {
+            self.dial_unknown(addr);
         }
         if let Some(seed) = &self.dns_seed
             && self.dns_lookup.is_none()
@@ -642,6 +656,23 @@ impl EventLoop {
             self.dns_lookup = Some(Box::pin(
                 async move { seed.resolve(port, per_family).await },
             ));
+        }
+    }
+
+    /// Dials a seed whose peer id is unknown (Kademlia adds it once connected), unless a dial
+    /// to that address is still under way: an unreachable seed must not pile up dials while
+    /// bootstrap retries.
+    fn dial_unknown(&mut self, addr: Multiaddr) {
+        if self.seed_dials.contains_key(&addr) {
+            return;
+        }
+        let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+        let connection = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.seed_dials.insert(addr, connection);
+            }
+            Err(error) => tracing::debug!(%addr, %error, "cannot dial seed"),
         }
     }
 
@@ -657,11 +688,9 @@ impl EventLoop {
         tracing::debug!(count = seeds.len(), "dialing DNS seeds");
         for addr in seeds {
             // The answer usually includes this node; dialing it would only fail.
-            if self.listen_addrs.contains(&addr) {
-                continue;
+            if !self.listen_addrs.contains(&addr) {
+                self.dial_unknown(addr);
             }
-            let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
-            dial(&mut self.swarm, opts, &addr);
         }
     }
 
@@ -702,6 +731,16 @@ impl EventLoop {
             .collect();
         for content_key in expired {
             self.finish_lookup(content_key, false);
+        }
+        // Slow providers may have run out of patience: try further candidates.
+        let slow: Vec<ContentKey> = self
+            .lookups
+            .iter()
+            .filter(|(_, lookup)| !lookup.candidates.is_empty() && !lookup.resolving.is_empty())
+            .map(|(key, _)| *key)
+            .collect();
+        for content_key in slow {
+            self.drive_lookup(content_key);
         }
         // Providing into an empty routing table reaches nobody; keys stay due until peers appear.
         if self.routing_table_size > 0 {
@@ -765,6 +804,7 @@ impl EventLoop {
                 ..
             } => {
                 tracing::trace!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.seed_dials.retain(|_, dial| *dial != connection_id);
                 self.connections.insert(
                     connection_id,
                     Connection {
@@ -785,8 +825,13 @@ impl EventLoop {
                     self.peer_resolved(peer_id);
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                connection_id,
+                error,
+            } => {
                 tracing::debug!(peer_id = ?peer_id, %error, "dial failed");
+                self.seed_dials.retain(|_, dial| *dial != connection_id);
                 if let Some(peer) = peer_id
                     && !self.swarm.is_connected(&peer)
                 {
@@ -919,13 +964,6 @@ fn start_resolve(
     }
 }
 
-fn dial(swarm: &mut Swarm<Behaviour>, opts: DialOpts, addr: &Multiaddr) {
-    match swarm.dial(opts) {
-        Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
-        Err(error) => tracing::debug!(%addr, %error, "cannot dial seed"),
-    }
-}
-
 /// Awaits the future if there is one, else never resolves (a `select!` branch that is off).
 async fn poll_option<F: Future + Unpin>(future: &mut Option<F>) -> F::Output {
     match future {
@@ -982,6 +1020,14 @@ impl Lookup {
             subscriber.sent += 1;
         }
         self.subscribers.push(subscriber);
+    }
+
+    /// Providers being resolved that are still within their patience.
+    fn active_resolves(&self, now: Instant) -> usize {
+        self.resolving
+            .values()
+            .filter(|started| now.duration_since(**started) < RESOLVE_PATIENCE)
+            .count()
     }
 
     /// The most peers any caller still wants.

@@ -1,38 +1,15 @@
 //! In-process tests of the p2p router: many routers over the memory transport, a few over
 //! loopback TCP.
 use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
-
-/// A directory under the system temp dir, removed on drop.
-pub(super) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(super) fn new(name: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "spegel-p2p-{name}-{}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    pub(super) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use libp2p::{Multiaddr, multiaddr::Protocol};
 use tokio::{task::JoinHandle, time::Instant};
@@ -57,7 +34,7 @@ fn test_tunables() -> Tunables {
         bootstrap_backoff_min: Duration::from_millis(50),
         bootstrap_backoff_max: Duration::from_millis(500),
         query_timeout: Duration::from_secs(10),
-        tick: Duration::from_millis(20),
+        tick: Duration::from_millis(50),
         ..Tunables::default()
     }
 }
@@ -589,5 +566,32 @@ async fn tcp_routers_pair_reached_ip_with_announced_port() {
 
     for node in [a, b, c] {
         node.stop().await;
+    }
+}
+
+/// A directory under the system temp dir, removed on drop.
+pub(super) struct TempDir(PathBuf);
+
+impl TempDir {
+    pub(super) fn new(name: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "spegel-p2p-{name}-{}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
