@@ -1192,3 +1192,211 @@ fn random_up_to(max: Duration) -> Duration {
     let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(rand::rng().random_range(0..=max_ms))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    /// Real query ids (they have no public constructor), from a behaviour that never runs.
+    fn query_ids(n: usize) -> Vec<kad::QueryId> {
+        let local = PeerId::random();
+        let mut kad = kad::Behaviour::new(local, ProviderStore::new(local, 10));
+        (0..n)
+            .map(|i| kad.get_providers(ContentKey::of(&i.to_string()).record_key()))
+            .collect()
+    }
+
+    fn tunables() -> Tunables {
+        Tunables {
+            reprovide_interval: Duration::from_secs(900),
+            reprovide_jitter: Duration::from_secs(100),
+            provide_retry: Duration::from_secs(30),
+            ..Tunables::default()
+        }
+    }
+
+    #[test]
+    fn provide_schedule() {
+        let t = tunables();
+        let now = Instant::now();
+        let queries = query_ids(3);
+        let mut providing = Providing::default();
+        let a = ContentKey::of("a");
+        let b = ContentKey::of("b");
+        assert!(providing.add(a, "a".into(), now));
+        assert!(!providing.add(a, "a".into(), now), "already provided");
+        assert!(providing.add(b, "b".into(), now));
+
+        let (first, seq_first) = providing.pop_due(now).unwrap();
+        let (second, seq_second) = providing.pop_due(now).unwrap();
+        assert!(providing.pop_due(now).is_none(), "both in flight");
+        let by_key = |key| if key == first { seq_first } else { seq_second };
+        providing.in_flight.insert(queries[0], (a, by_key(a)));
+        providing.in_flight.insert(queries[1], (b, by_key(b)));
+        assert_ne!(first, second);
+
+        // Success: next provide within [interval - jitter, interval].
+        assert_eq!(
+            providing.finished(queries[0], true, now, &t).as_deref(),
+            Some("a")
+        );
+        let due = providing.keys[&a].due.unwrap();
+        assert!(due <= now + t.reprovide_interval);
+        assert!(due >= now + t.reprovide_interval - t.reprovide_jitter);
+        // Nobody reached: retried sooner.
+        providing.finished(queries[1], false, now, &t);
+        assert_eq!(providing.keys[&b].due, Some(now + t.provide_retry));
+        assert!(
+            providing
+                .pop_due(now + t.provide_retry - Duration::from_secs(1))
+                .is_none()
+        );
+        assert_eq!(
+            providing.pop_due(now + t.provide_retry).map(|(k, _)| k),
+            Some(b)
+        );
+
+        // Withdrawn while in flight: the result is ignored and nothing is rescheduled.
+        let seq = providing.keys[&b].seq;
+        providing.in_flight.insert(queries[2], (b, seq));
+        assert!(providing.remove(&b));
+        assert_eq!(providing.finished(queries[2], true, now, &t), None);
+        assert!(!providing.keys.contains_key(&b));
+        assert_eq!(
+            providing
+                .pop_due(now + Duration::from_secs(3600))
+                .map(|(k, _)| k),
+            Some(a),
+            "only the provided key comes due"
+        );
+        assert!(providing.pop_due(now + Duration::from_secs(3600)).is_none());
+    }
+
+    #[test]
+    fn stale_queue_entries_are_compacted() {
+        let now = Instant::now();
+        let mut providing = Providing::default();
+        for i in 0..3000 {
+            let key = i.to_string();
+            providing.add(ContentKey::of(&key), key, now);
+        }
+        for i in 0..2990 {
+            providing.remove(&ContentKey::of(&i.to_string()));
+        }
+        assert_eq!(providing.queue.len(), 3000);
+        providing.compact();
+        assert_eq!(providing.queue.len(), 10);
+        let mut due = 0;
+        while providing.pop_due(now).is_some() {
+            due += 1;
+        }
+        assert_eq!(due, 10);
+    }
+
+    fn peer(n: u16) -> Peer {
+        Peer {
+            id: format!("peer-{n}"),
+            addr: SocketAddr::from(([127, 0, 0, 1], n)),
+        }
+    }
+
+    #[test]
+    fn lookup_cache_serves_complete_or_large_enough_results() {
+        let now = Instant::now();
+        let mut cache = LookupCache {
+            ttl: Duration::from_secs(5),
+            entries: HashMap::new(),
+        };
+        let partial = ContentKey::of("partial");
+        let complete = ContentKey::of("complete");
+        cache.insert(partial, vec![peer(1)], false, now);
+        cache.insert(complete, Vec::new(), true, now);
+        assert_eq!(cache.get(&partial, 1, now).map(<[Peer]>::len), Some(1));
+        assert!(
+            cache.get(&partial, 3, now).is_none(),
+            "more wanted than found"
+        );
+        assert_eq!(cache.get(&complete, 3, now).map(<[Peer]>::len), Some(0));
+        let later = now + Duration::from_secs(5);
+        assert!(cache.get(&complete, 3, later).is_none(), "expired");
+        cache.purge(later);
+        assert!(cache.entries.is_empty());
+
+        let mut disabled = LookupCache {
+            ttl: Duration::ZERO,
+            entries: HashMap::new(),
+        };
+        disabled.insert(partial, vec![peer(1)], true, now);
+        assert!(disabled.get(&partial, 1, now).is_none());
+    }
+
+    #[test]
+    fn lookup_fans_out_to_subscribers() {
+        let stats = Stats::default();
+        let (tx_one, mut rx_one) = mpsc::channel(1);
+        let (tx_three, mut rx_three) = mpsc::channel(3);
+        let now = Instant::now();
+        let mut lookup = Lookup {
+            key: "k".into(),
+            subscribers: vec![Subscriber {
+                tx: tx_one,
+                want: 1,
+                sent: 0,
+            }],
+            found: Vec::new(),
+            seen: HashSet::new(),
+            candidates: VecDeque::new(),
+            resolving: HashMap::new(),
+            query: None,
+            started: now,
+            deadline: now,
+        };
+        assert_eq!(lookup.need(), 1);
+        let first = PeerId::random();
+        lookup.deliver(first, peer(1).addr, &stats);
+        // A late subscriber gets what was found so far first.
+        lookup.add_subscriber(Subscriber {
+            tx: tx_three,
+            want: 3,
+            sent: 0,
+        });
+        lookup.prune_subscribers();
+        assert_eq!(lookup.subscribers.len(), 1, "the satisfied caller is done");
+        assert_eq!(lookup.need(), 2);
+        lookup.deliver(PeerId::random(), peer(2).addr, &stats);
+        drop(lookup);
+
+        assert_eq!(rx_one.try_recv().unwrap().id, first.to_string());
+        assert!(rx_one.try_recv().is_err());
+        let got: Vec<u16> = std::iter::from_fn(|| rx_three.try_recv().ok())
+            .map(|p| p.addr.port())
+            .collect();
+        assert_eq!(got, [1, 2]);
+        assert_eq!(stats.peers_found.load(Ordering::Relaxed), 2);
+
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let mut lookup_gone = Lookup {
+            key: "k".into(),
+            subscribers: vec![Subscriber {
+                tx,
+                want: 1,
+                sent: 0,
+            }],
+            found: Vec::new(),
+            seen: HashSet::new(),
+            candidates: VecDeque::new(),
+            resolving: HashMap::new(),
+            query: None,
+            started: now,
+            deadline: now,
+        };
+        lookup_gone.prune_subscribers();
+        assert!(
+            lookup_gone.subscribers.is_empty(),
+            "a caller that left is dropped"
+        );
+    }
+}
