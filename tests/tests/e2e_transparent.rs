@@ -1,0 +1,948 @@
+//! End-to-end acceptance of transparent interception: real eBPF redirects containerd's registry
+//! connections to a real spegel daemon on every node, which terminates TLS with a leaf from its
+//! node CA and serves pulls from its store, its peers or the registry. No node has a
+//! `hosts.toml`; containerd only trusts a bundle (`SSL_CERT_FILE`) with the system roots, the
+//! rig's test CA (the registry's real certificate) and its node's spegel CA.
+//!
+//! One 3-node rig runs the scenarios in order (each builds on what the previous pulled):
+//!
+//! 1. A (`n1`) pulls through its daemon from the registry, then B and C from their peers: the
+//!    registry serves every blob once in total. The same for an image referenced by the
+//!    registry's IP (no SNI: the daemon matches the original destination, the leaf names the IP).
+//! 2. From inside A's containerd cgroup, TLS to what is not mirrored (another port, another
+//!    name on the mirrored address, the plain port) is spliced: the client sees the real server
+//!    certificate. Connections from outside the cgroup are not redirected at all.
+//! 3. `kill -9` of A's daemon: A still pulls, straight from the registry (fail-open); a restarted
+//!    daemon intercepts the next pull again.
+//! 4. With the registry stopped, B pulls images only A has, by digest and by tag.
+//!
+//! Run with `SPEGEL_E2E=1 cargo test -p spegel-tests --test e2e_transparent -- --nocapture` as
+//! root, after `cargo build -p spegel-daemon`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use futures::FutureExt as _;
+use spegel_tests::rig::spegel::{Metrics, Spegel, SpegelOptions, http_get};
+use spegel_tests::rig::{Endpoint, ImageSpec, KIB, Node, ProcessSpec, Rig, TestImage, spegel_bin};
+
+/// A TLS port on the registry's address that is redirected but not mirrored.
+const ALT_TLS_PORT: u16 = 8443;
+/// How long a node may take to find content a peer advertised.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one helper command (curl, openssl) may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+const ACCEPTED: &str = "spegel_intercept_accepted_total";
+const MIRRORED: &str = "spegel_intercept_mirrored_total";
+const SPLICED: &str = "spegel_intercept_spliced_total";
+
+/// Each pulled blob (config + layers of the host manifest) once.
+fn once_each(image: &TestImage) -> BTreeMap<String, usize> {
+    image
+        .pulled_blobs()
+        .into_iter()
+        .map(|blob| (blob.digest.clone(), 1))
+        .collect()
+}
+
+/// The shared state of the scenarios.
+struct Suite {
+    rig: Rig,
+    daemons: Vec<Spegel>,
+    /// Per node: containerd's `SSL_CERT_FILE`.
+    bundles: Vec<PathBuf>,
+}
+
+impl Suite {
+    fn daemon(&self, index: usize) -> &Spegel {
+        &self.daemons[index]
+    }
+
+    /// The rig CA's file: trusting only it, a client accepts the registry's real certificate and
+    /// refuses any spegel leaf.
+    fn rig_ca(&self) -> &Path {
+        self.rig.ca().cert_path()
+    }
+
+    fn registry_name(&self) -> &str {
+        self.rig.registry().hostname()
+    }
+
+    /// Everything worth seeing when a scenario fails.
+    fn dump_logs(&self) {
+        for daemon in &self.daemons {
+            eprintln!(
+                "===== spegel on {} (running: {}) =====\n{}",
+                daemon.node_name(),
+                daemon.is_running(),
+                daemon.log_tail(80)
+            );
+        }
+        for node in self.rig.nodes() {
+            eprintln!(
+                "===== containerd on {} =====\n{}",
+                node.name(),
+                node.containerd().log_tail(30)
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_interception_without_hosts_toml() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+
+    let started = Instant::now();
+    let rig = Rig::builder()
+        .nodes(3)
+        .image(ImageSpec::new("byip").layers([300 * KIB]).seed(7101))
+        .image(
+            ImageSpec::new("failopen")
+                .layers([64 * KIB, 700 * KIB])
+                .seed(7102),
+        )
+        .image(ImageSpec::new("resumed").layers([600 * KIB]).seed(7103))
+        .start()
+        .await
+        .expect("rig starts");
+    eprintln!(
+        "rig {} ({}) up in {:?}",
+        rig.prefix(),
+        rig.subnet(),
+        started.elapsed()
+    );
+
+    let suite = set_up(rig).await.expect("transparent set-up");
+    eprintln!("daemons intercepting after {:?}", started.elapsed());
+
+    let outcome = std::panic::AssertUnwindSafe(async {
+        pulls_fetch_each_blob_once(&suite).await;
+        pull_by_registry_ip(&suite).await;
+        splices_what_is_not_mirrored(&suite).await;
+        fails_open_and_resumes(&suite).await;
+        peers_serve_while_the_registry_is_down(&suite).await;
+        no_hosts_toml_anywhere(&suite);
+        no_daemon_errors(&suite);
+    })
+    .catch_unwind()
+    .await;
+    if let Err(panic) = outcome {
+        suite.dump_logs();
+        keep_logs(&suite.rig);
+        std::panic::resume_unwind(panic);
+    }
+
+    eprintln!(
+        "all transparent scenarios passed in {:?}",
+        started.elapsed()
+    );
+    let Suite { rig, .. } = suite;
+    keep_logs(&rig);
+    rig.shutdown().await.expect("clean teardown");
+}
+
+/// With `SPEGEL_E2E_KEEP_LOGS=<dir>`, copies every process log of the rig into `<dir>/<prefix>/`
+/// before teardown removes them (for reading the daemons' debug lines after a run).
+fn keep_logs(rig: &Rig) {
+    let Some(dir) = std::env::var_os("SPEGEL_E2E_KEEP_LOGS") else {
+        return;
+    };
+    let target = Path::new(&dir).join(rig.prefix());
+    let copy = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&target)?;
+        for entry in std::fs::read_dir(rig.logs_dir())? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), target.join(entry.file_name()))?;
+            }
+        }
+        Ok(())
+    };
+    match copy() {
+        Ok(()) => eprintln!("rig logs kept in {}", target.display()),
+        Err(error) => eprintln!("cannot keep the rig logs in {}: {error}", target.display()),
+    }
+}
+
+/// Removes the rig's default `hosts.toml` files, creates every node's CA with
+/// `spegel install-ca --bundle`, restarts containerd trusting that bundle plus the rig CA, and
+/// starts a transparent daemon on every node.
+async fn set_up(rig: Rig) -> Result<Suite> {
+    for node in rig.nodes() {
+        remove_hosts_toml(node)?;
+    }
+    let registry = rig.registry();
+    let mirrored = vec![
+        registry.host(Endpoint::Tls),
+        registry.ip_host(Endpoint::Tls),
+    ];
+    let bundles = futures::future::try_join_all(
+        rig.nodes()
+            .iter()
+            .map(|node| trust_node_ca(&rig, node, &mirrored)),
+    )
+    .await?;
+
+    let options = SpegelOptions::transparent()
+        .mirrored_registries(mirrored.clone())
+        .intercept_ports([ALT_TLS_PORT]);
+    let daemons = rig.start_spegel_everywhere(options).await?;
+    for daemon in &daemons {
+        wait_attached(daemon, Default::default()).await?;
+    }
+    let suite = Suite {
+        rig,
+        daemons,
+        bundles,
+    };
+    no_hosts_toml_anywhere(&suite);
+    Ok(suite)
+}
+
+/// Deletes everything under the node's `certs.d` (the rig writes a default `hosts.toml` per
+/// registry listener): transparent mode must work without any.
+fn remove_hosts_toml(node: &Node) -> Result<()> {
+    let dir = node.certs_dir();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Every `hosts.toml` below `dir`.
+fn find_hosts_toml(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(find_hosts_toml(&path));
+        } else if path.file_name().is_some_and(|name| name == "hosts.toml") {
+            found.push(path);
+        }
+    }
+    found
+}
+
+fn no_hosts_toml_anywhere(suite: &Suite) {
+    let registry = suite.rig.registry();
+    for node in suite.rig.nodes() {
+        let found = find_hosts_toml(node.certs_dir());
+        assert!(
+            found.is_empty(),
+            "{} has hosts.toml files: {found:?}",
+            node.name()
+        );
+        for endpoint in Endpoint::ALL {
+            for host in [registry.host(endpoint), registry.ip_host(endpoint)] {
+                let path = node.certs_dir().join(&host).join("hosts.toml");
+                assert!(!path.exists(), "{} exists", path.display());
+            }
+        }
+    }
+}
+
+/// `spegel install-ca --bundle` for the node's daemon data dir (creating its CA), plus the rig
+/// CA, as containerd's `SSL_CERT_FILE`; containerd is restarted to load it (Go reads the roots
+/// once per process). Returns the bundle's path.
+async fn trust_node_ca(rig: &Rig, node: &Node, mirrored: &[String]) -> Result<PathBuf> {
+    let data_dir = node.dir().join("spegel");
+    std::fs::create_dir_all(&data_dir)?;
+    let bundle = node.dir().join("ca-bundle.pem");
+    let mut data_arg = OsString::from("--data-dir=");
+    data_arg.push(&data_dir);
+    let mut bundle_arg = OsString::from("--bundle=");
+    bundle_arg.push(&bundle);
+    let output = tokio::process::Command::new(spegel_bin()?)
+        .arg("install-ca")
+        .arg(data_arg)
+        .arg(format!("--mirrored-registries={}", mirrored.join(",")))
+        .arg(bundle_arg)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("spawning spegel install-ca")?;
+    ensure!(
+        output.status.success(),
+        "spegel install-ca failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let node_ca = data_dir.join("ca");
+    ensure!(
+        node_ca.is_dir(),
+        "install-ca did not create {}",
+        node_ca.display()
+    );
+    let mut pem = std::fs::read_to_string(&bundle)
+        .with_context(|| format!("reading {}", bundle.display()))?;
+    if !pem.ends_with('\n') {
+        pem.push('\n');
+    }
+    pem.push_str(rig.ca().cert_pem());
+    std::fs::write(&bundle, pem).with_context(|| format!("writing {}", bundle.display()))?;
+    node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)])
+        .await?;
+    Ok(bundle)
+}
+
+/// Waits until the daemon logged (after `mark`) that its redirect programs are attached.
+async fn wait_attached(daemon: &Spegel, mark: spegel_tests::rig::spegel::LogMark) -> Result<()> {
+    daemon
+        .wait_for_event(mark, Duration::from_secs(30), |event| {
+            event.message.starts_with("eBPF redirect attached")
+                || event.message.starts_with("eBPF redirect re-attached")
+        })
+        .await
+        .map(drop)
+}
+
+/// `registry.<prefix>.test:5443` percent-encoded for `?ns=`.
+fn ns_query(host: &str) -> String {
+    format!("ns={}", host.replace(':', "%3A"))
+}
+
+/// Polls `daemon`'s registry API (not intercepted: local store, then peers) until every blob
+/// of `image` and, if given, its tag for registry `tag_registry` are found.
+async fn wait_discoverable(daemon: &Spegel, image: &TestImage, tag_registry: Option<&str>) {
+    let mut paths: Vec<String> = image
+        .pulled_blobs()
+        .iter()
+        .map(|blob| format!("/v2/{}/blobs/{}", image.repository, blob.digest))
+        .collect();
+    paths.push(format!(
+        "/v2/{}/manifests/{}",
+        image.repository,
+        image.digest()
+    ));
+    if let Some(registry) = tag_registry {
+        paths.push(format!(
+            "/v2/{}/manifests/{}?{}",
+            image.repository,
+            image.tag,
+            ns_query(registry)
+        ));
+    }
+    let started = Instant::now();
+    for path in paths {
+        loop {
+            let response = daemon
+                .request(
+                    "HEAD",
+                    &path,
+                    &[("Accept", spegel_tests::rig::spegel::MANIFEST_ACCEPT)],
+                )
+                .await
+                .unwrap_or_else(|error| panic!("HEAD {path} on {}: {error:#}", daemon.node_name()));
+            if response.status == 200 {
+                break;
+            }
+            assert!(
+                started.elapsed() < DISCOVERY_TIMEOUT,
+                "{} still cannot find {path} after {:?} (last status {})",
+                daemon.node_name(),
+                started.elapsed(),
+                response.status
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    eprintln!(
+        "{} finds {} through its peers after {:?}",
+        daemon.node_name(),
+        image.name,
+        started.elapsed()
+    );
+}
+
+/// Runs `program args` in `node`'s namespace, inside containerd's cgroup (`in_cgroup`) or not.
+/// Returns the output whatever the exit status.
+async fn run_on(node: &Node, in_cgroup: bool, program: &str, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new("sh");
+    if in_cgroup {
+        command
+            .arg("-c")
+            .arg(r#"echo $$ > "$0" && exec "$@""#)
+            .arg(node.cgroup_dir().join("cgroup.procs"));
+    } else {
+        command.arg("-c").arg(r#"exec "$@""#).arg("sh");
+    }
+    command
+        .args(["ip", "netns", "exec", node.netns(), program])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(COMMAND_TIMEOUT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} on {} timed out", node.name()))
+        .unwrap_or_else(|error| panic!("spawning {program}: {error}"))
+}
+
+/// The certificate a TLS server presents, as `openssl s_client` saw it.
+#[derive(Debug)]
+struct SeenCert {
+    /// The leaf's issuer (`CN = spegel rig CA ...`).
+    issuer: String,
+    /// Whether it verified against the given CA file, for the given name or IP.
+    verified: bool,
+    /// Everything s_client printed, for assertion messages.
+    #[expect(dead_code, reason = "only read through Debug in assertion messages")]
+    output: String,
+}
+
+/// Connects with `openssl s_client` from `node` (inside containerd's cgroup or not) to
+/// `connect` (`host:port`), sending `sni` (or none), and verifies the chain against `ca_file`
+/// for `verify_name` (a DNS name or an IP).
+async fn seen_cert(
+    node: &Node,
+    in_cgroup: bool,
+    connect: &str,
+    sni: Option<&str>,
+    ca_file: &Path,
+    verify_name: &str,
+) -> SeenCert {
+    let ca = ca_file.to_string_lossy().into_owned();
+    let mut args = vec!["s_client", "-connect", connect, "-CAfile", &ca];
+    match sni {
+        Some(name) => args.extend(["-servername", name]),
+        None => args.push("-noservername"),
+    }
+    if verify_name.parse::<std::net::IpAddr>().is_ok() {
+        args.extend(["-verify_ip", verify_name]);
+    } else {
+        args.extend(["-verify_hostname", verify_name]);
+    }
+    let output = run_on(node, in_cgroup, "openssl", &args).await;
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let issuer = text
+        .lines()
+        .skip_while(|line| !line.starts_with("Certificate chain"))
+        .map(str::trim)
+        .find_map(|line| line.strip_prefix("i:"))
+        .unwrap_or_else(|| panic!("no certificate from {connect} (sni {sni:?}):\n{text}"))
+        .trim()
+        .to_owned();
+    let verified = text.contains("Verify return code: 0 (ok)");
+    SeenCert {
+        issuer,
+        verified,
+        output: text,
+    }
+}
+
+/// The interception counters of a daemon.
+async fn counters(daemon: &Spegel) -> [f64; 3] {
+    let metrics: Metrics = daemon.metrics().await.expect("metrics");
+    [ACCEPTED, MIRRORED, SPLICED].map(|name| metrics.sum(name))
+}
+
+/// Scenario 1: A pulls through its daemon (intercepted, from upstream), then B and C (from
+/// peers): every blob leaves the registry exactly once.
+async fn pulls_fetch_each_blob_once(suite: &Suite) {
+    eprintln!("--- A, B, C pull `four` by name over TLS");
+    let rig = &suite.rig;
+    let four = rig.images().four.clone();
+    let reference = four.reference(Endpoint::Tls);
+    let before = rig.registry_log().await.unwrap();
+
+    let a = rig.node(0);
+    let daemon_a = suite.daemon(0);
+    let mark = daemon_a.log_mark();
+    let [accepted_before, mirrored_before, _] = counters(daemon_a).await;
+    let pulled = a
+        .cri_pull(&reference)
+        .await
+        .expect("A pulls through its daemon");
+    assert_eq!(pulled, four.config().digest);
+    let served = daemon_a.served_since(mark).unwrap();
+    for blob in four.pulled_blobs() {
+        assert!(
+            served
+                .iter()
+                .any(|s| s.digest == blob.digest && s.is_blob_get() && s.source == "upstream"),
+            "A's daemon did not serve {} from upstream: {served:#?}",
+            blob.digest
+        );
+        assert!(a.has_blob(&blob.digest).await.unwrap());
+    }
+    assert!(
+        served
+            .iter()
+            .any(|s| s.kind == "manifest" && s.digest == four.digest() && s.source == "upstream"),
+        "the tag was not resolved upstream first: {served:#?}"
+    );
+    let [accepted, mirrored, _] = counters(daemon_a).await;
+    assert!(
+        accepted > accepted_before,
+        "no connection intercepted ({accepted_before} → {accepted})"
+    );
+    assert!(
+        mirrored > mirrored_before,
+        "no connection handed to the registry API ({mirrored_before} → {mirrored})"
+    );
+
+    for index in [1, 2] {
+        let node = rig.node(index);
+        let daemon = suite.daemon(index);
+        wait_discoverable(daemon, &four, None).await;
+        let mark = daemon.log_mark();
+        let started = Instant::now();
+        let pulled = node
+            .cri_pull(&reference)
+            .await
+            .unwrap_or_else(|error| panic!("{} pulls: {error:#}", node.name()));
+        assert_eq!(pulled, four.config().digest);
+        eprintln!("{} pulled four in {:?}", node.name(), started.elapsed());
+        let served = daemon.served_since(mark).unwrap();
+        for blob in four.pulled_blobs() {
+            assert!(
+                served
+                    .iter()
+                    .any(|s| s.digest == blob.digest && s.is_blob_get() && s.source == "peer"),
+                "{}'s daemon did not serve {} from a peer: {served:#?}",
+                node.name(),
+                blob.digest
+            );
+        }
+    }
+
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert_eq!(
+        log.blob_get_counts(),
+        once_each(&four),
+        "blob GETs at the registry, per digest: {:#?}",
+        log.blob_gets_per_client()
+    );
+}
+
+/// Scenario 1 by IP: references by `IP:5443` carry no SNI; the daemon matches the original
+/// destination and mints a leaf for the IP. B then gets it from A.
+async fn pull_by_registry_ip(suite: &Suite) {
+    eprintln!("--- A and B pull `byip` by the registry's IP");
+    let rig = &suite.rig;
+    let image = rig.image("byip").expect("byip pushed");
+    let reference = image.reference_by_ip(Endpoint::Tls);
+    let before = rig.registry_log().await.unwrap();
+    let daemon_a = suite.daemon(0);
+    let mark = daemon_a.log_mark();
+    let [_, mirrored_before, _] = counters(daemon_a).await;
+    rig.node(0)
+        .cri_pull(&reference)
+        .await
+        .expect("A pulls by IP through its daemon");
+    let served = daemon_a.served_since(mark).unwrap();
+    for blob in image.pulled_blobs() {
+        assert!(
+            served
+                .iter()
+                .any(|s| s.digest == blob.digest && s.is_blob_get() && s.source == "upstream"),
+            "A's daemon did not serve {} from upstream: {served:#?}",
+            blob.digest
+        );
+    }
+    let [_, mirrored, _] = counters(daemon_a).await;
+    assert!(mirrored > mirrored_before, "no IP connection was mirrored");
+
+    let daemon_b = suite.daemon(1);
+    wait_discoverable(
+        daemon_b,
+        &image,
+        Some(&rig.registry().ip_host(Endpoint::Tls)),
+    )
+    .await;
+    let mark = daemon_b.log_mark();
+    rig.node(1)
+        .cri_pull(&reference)
+        .await
+        .expect("B pulls by IP");
+    let served = daemon_b.served_since(mark).unwrap();
+    for blob in image.pulled_blobs() {
+        assert!(
+            served
+                .iter()
+                .any(|s| s.digest == blob.digest && s.is_blob_get() && s.source == "peer"),
+            "B's daemon did not serve {} from a peer: {served:#?}",
+            blob.digest
+        );
+    }
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert_eq!(log.blob_get_counts(), once_each(&image));
+}
+
+/// Scenario 2: inside containerd's cgroup, mirrored destinations meet spegel's leaf while
+/// everything else is spliced to the real server; outside the cgroup nothing is redirected.
+async fn splices_what_is_not_mirrored(suite: &Suite) {
+    eprintln!("--- splicing and the cgroup boundary");
+    let rig = &suite.rig;
+    let a = rig.node(0);
+    let daemon = suite.daemon(0);
+    let registry = rig.registry();
+    let name = suite.registry_name().to_owned();
+    let ip = registry.ip().to_string();
+    let rig_ca = suite.rig_ca().to_path_buf();
+    let bundle = suite.bundles[0].clone();
+    let rig_issuer = format!("spegel rig CA {}", rig.prefix());
+
+    // A second TLS server on the registry's address, at a port that is redirected but not
+    // mirrored, with a certificate from the rig CA.
+    let cert = rig
+        .ca()
+        .issue(rig.scratch_dir(), "alt-tls", &[name.clone(), ip.clone()])
+        .unwrap();
+    let port = ALT_TLS_PORT.to_string();
+    rig.spawn_in_netns(
+        Some(registry.netns()),
+        ProcessSpec::new("alt-tls", "openssl")
+            .args(["s_server", "-accept", &port, "-www", "-cert"])
+            .arg(&cert.cert_path)
+            .arg("-key")
+            .arg(&cert.key_path),
+    )
+    .unwrap();
+    let alt_url = format!("https://{name}:{ALT_TLS_PORT}/");
+    let rig_ca_arg = rig_ca.to_string_lossy().into_owned();
+    let curl = |url: &str| {
+        vec![
+            "--silent".to_owned(),
+            "--show-error".to_owned(),
+            "--verbose".to_owned(),
+            "--max-time".to_owned(),
+            "20".to_owned(),
+            "--cacert".to_owned(),
+            rig_ca_arg.clone(),
+            "--write-out".to_owned(),
+            "\n%{http_code}".to_owned(),
+            url.to_owned(),
+        ]
+    };
+    let curl_ok = |output: &Output| {
+        output.status.success()
+            && String::from_utf8_lossy(&output.stdout)
+                .trim_end()
+                .ends_with("200")
+    };
+
+    // Outside the cgroup (and waiting for s_server to listen): neither port is redirected.
+    let [accepted_before, ..] = counters(daemon).await;
+    let started = Instant::now();
+    loop {
+        let args = curl(&alt_url);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = run_on(a, false, "curl", &args).await;
+        if curl_ok(&output) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the extra TLS server never answered: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let outside = seen_cert(
+        a,
+        false,
+        &registry.host(Endpoint::Tls),
+        Some(&name),
+        &rig_ca,
+        &name,
+    )
+    .await;
+    assert!(
+        outside.issuer.contains(&rig_issuer) && outside.verified,
+        "outside the cgroup the mirrored registry must show its own certificate: {outside:#?}"
+    );
+    let args = curl(&format!("{}/v2/", registry.url(Endpoint::Tls)));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = run_on(a, false, "curl", &args).await;
+    assert!(
+        curl_ok(&output),
+        "curl to the registry from outside the cgroup: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let response = http_get(a, &format!("{}/v2/", registry.url(Endpoint::Plain)))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let [accepted, ..] = counters(daemon).await;
+    assert_eq!(
+        accepted, accepted_before,
+        "connections from outside containerd's cgroup were redirected"
+    );
+
+    // Control: inside the cgroup a mirrored destination is terminated with the node CA's leaf,
+    // by name and by IP (no SNI).
+    let [_, mirrored_before, spliced_before] = counters(daemon).await;
+    let by_name = seen_cert(
+        a,
+        true,
+        &registry.host(Endpoint::Tls),
+        Some(&name),
+        &bundle,
+        &name,
+    )
+    .await;
+    assert!(
+        by_name.issuer.contains("spegel node CA") && by_name.verified,
+        "the mirrored registry by name must be terminated by spegel: {by_name:#?}"
+    );
+    let by_ip = seen_cert(
+        a,
+        true,
+        &registry.ip_host(Endpoint::Tls),
+        None,
+        &bundle,
+        &ip,
+    )
+    .await;
+    assert!(
+        by_ip.issuer.contains("spegel node CA") && by_ip.verified,
+        "the mirrored registry by IP must be terminated by spegel with an IP leaf: {by_ip:#?}"
+    );
+    let [_, mirrored, spliced] = counters(daemon).await;
+    assert!(
+        mirrored >= mirrored_before + 2.0,
+        "{mirrored_before} → {mirrored}"
+    );
+    assert_eq!(spliced, spliced_before);
+
+    // Not mirrored: another port on the same address.
+    let alt = seen_cert(
+        a,
+        true,
+        &format!("{name}:{ALT_TLS_PORT}"),
+        Some(&name),
+        &rig_ca,
+        &name,
+    )
+    .await;
+    assert!(
+        alt.issuer.contains(&rig_issuer) && alt.verified,
+        "a redirected, non-mirrored port must be spliced to the real server: {alt:#?}"
+    );
+    let args = curl(&alt_url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = run_on(a, true, "curl", &args).await;
+    assert!(
+        curl_ok(&output),
+        "HTTPS through the splice: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Not mirrored: another name (SNI) on the mirrored address and port.
+    let other = format!("other.{}.test", rig.prefix());
+    let renamed = seen_cert(
+        a,
+        true,
+        &registry.ip_host(Endpoint::Tls),
+        Some(&other),
+        &rig_ca,
+        &ip,
+    )
+    .await;
+    assert!(
+        renamed.issuer.contains(&rig_issuer) && renamed.verified,
+        "an unmirrored SNI must be spliced even to a mirrored address: {renamed:#?}"
+    );
+
+    // Not mirrored: the registry's plain-HTTP port (redirected: it is in the port list).
+    let before = rig.registry_log().await.unwrap();
+    let plain = format!("{}/v2/", registry.url(Endpoint::Plain));
+    let output = run_on(
+        a,
+        true,
+        "curl",
+        &[
+            "--silent",
+            "--max-time",
+            "20",
+            "--write-out",
+            "\n%{http_code}",
+            &plain,
+        ],
+    )
+    .await;
+    assert!(
+        curl_ok(&output),
+        "plain HTTP through the splice: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert!(
+        log.from_client(a.ip())
+            .iter()
+            .any(|entry| entry.is_success()),
+        "the spliced request did not reach the registry from A: {:#?}",
+        log.entries()
+    );
+
+    let [_, mirrored_after, spliced_after] = counters(daemon).await;
+    assert_eq!(
+        mirrored_after, mirrored,
+        "non-mirrored connections reached the registry API"
+    );
+    assert!(
+        spliced_after >= spliced + 4.0,
+        "expected 4 spliced connections, counter {spliced} → {spliced_after}"
+    );
+}
+
+/// Scenario 3: a crashed daemon leaves no redirect behind; a restarted one intercepts again.
+async fn fails_open_and_resumes(suite: &Suite) {
+    eprintln!("--- kill -9 of A's daemon, then restart");
+    let rig = &suite.rig;
+    let a = rig.node(0);
+    let daemon = suite.daemon(0);
+    let failopen = rig.image("failopen").expect("failopen pushed");
+    daemon.kill().await.unwrap();
+    assert!(!daemon.is_running());
+
+    let before = rig.registry_log().await.unwrap();
+    let started = Instant::now();
+    a.cri_pull(&failopen.reference(Endpoint::Tls))
+        .await
+        .expect("A pulls with its daemon dead (fail-open)");
+    eprintln!("A pulled failopen directly in {:?}", started.elapsed());
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert_eq!(log.blob_gets_by(a.ip()), once_each(&failopen));
+
+    let mark = daemon.log_mark();
+    daemon.start().await.expect("A's daemon starts again");
+    wait_attached(daemon, mark).await.unwrap();
+    let resumed = rig.image("resumed").expect("resumed pushed");
+    let before = rig.registry_log().await.unwrap();
+    a.cri_pull(&resumed.reference(Endpoint::Tls))
+        .await
+        .expect("A pulls through its restarted daemon");
+    let served = daemon.served_since(mark).unwrap();
+    for blob in resumed.pulled_blobs() {
+        assert!(
+            served
+                .iter()
+                .any(|s| s.digest == blob.digest && s.is_blob_get() && s.source == "upstream"),
+            "the restarted daemon did not intercept {}: {served:#?}",
+            blob.digest
+        );
+    }
+    let [accepted, mirrored, _] = counters(daemon).await;
+    assert!(accepted > 0.0 && mirrored > 0.0, "{accepted} {mirrored}");
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert_eq!(log.blob_gets_by(a.ip()), once_each(&resumed));
+}
+
+/// Scenario 4: with the registry down, B gets what only A has, by digest and by tag (tags ask
+/// upstream first, then fall back to peers).
+async fn peers_serve_while_the_registry_is_down(suite: &Suite) {
+    eprintln!("--- registry stopped: B pulls from A by digest and by tag");
+    let rig = &suite.rig;
+    let b = rig.node(1);
+    let daemon_b = suite.daemon(1);
+    let by_digest = rig.image("failopen").expect("failopen pushed");
+    let by_tag = rig.image("resumed").expect("resumed pushed");
+    let registry_host = rig.registry().host(Endpoint::Tls);
+    for image in [&by_digest, &by_tag] {
+        for blob in image.pulled_blobs() {
+            assert!(
+                !b.has_blob(&blob.digest).await.unwrap(),
+                "B already has {}",
+                blob.digest
+            );
+        }
+    }
+    wait_discoverable(daemon_b, &by_digest, None).await;
+    wait_discoverable(daemon_b, &by_tag, Some(&registry_host)).await;
+
+    rig.registry().stop().await.unwrap();
+    let mark = daemon_b.log_mark();
+    let started = Instant::now();
+    let pulled = b
+        .cri_pull(&by_digest.digest_reference(Endpoint::Tls))
+        .await
+        .expect("B pulls by digest with the registry down");
+    assert_eq!(pulled, by_digest.config().digest);
+    eprintln!("B pulled failopen by digest in {:?}", started.elapsed());
+    let started = Instant::now();
+    let pulled = b
+        .cri_pull(&by_tag.reference(Endpoint::Tls))
+        .await
+        .expect("B pulls by tag with the registry down");
+    assert_eq!(pulled, by_tag.config().digest);
+    eprintln!("B pulled resumed by tag in {:?}", started.elapsed());
+
+    // The tag went to the registry first and fell back to the peers because it was down.
+    let fell_back = daemon_b.events_since(mark).into_iter().any(|event| {
+        event.message.contains("upstream failed for a tag")
+            && event.str("repository") == Some(by_tag.repository.as_str())
+    });
+    assert!(
+        fell_back,
+        "B's daemon never fell back from upstream for the tag"
+    );
+    let served = daemon_b.served_since(mark).unwrap();
+    for image in [&by_digest, &by_tag] {
+        for blob in image.pulled_blobs() {
+            assert!(
+                served
+                    .iter()
+                    .any(|s| s.digest == blob.digest && s.is_blob_get() && s.source == "peer"),
+                "B did not get {} from a peer: {served:#?}",
+                blob.digest
+            );
+            assert!(b.has_blob(&blob.digest).await.unwrap());
+        }
+        assert!(
+            served
+                .iter()
+                .any(|s| s.kind == "manifest" && s.digest == image.digest() && s.source == "peer"),
+            "B did not get the manifest of {} from a peer: {served:#?}",
+            image.name
+        );
+    }
+    rig.registry().start().await.expect("registry starts again");
+}
+
+/// No daemon logged an error (warnings are shown, not judged).
+fn no_daemon_errors(suite: &Suite) {
+    for daemon in &suite.daemons {
+        let events = daemon.events();
+        for event in events.iter().filter(|e| e.level == "WARN") {
+            eprintln!(
+                "{} warning: {} {:?}",
+                daemon.node_name(),
+                event.message,
+                event.fields
+            );
+        }
+        let errors: Vec<_> = events.iter().filter(|e| e.level == "ERROR").collect();
+        assert!(
+            errors.is_empty(),
+            "{} logged errors: {errors:#?}",
+            daemon.node_name()
+        );
+    }
+}
