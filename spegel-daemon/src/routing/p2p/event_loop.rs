@@ -55,6 +55,10 @@ const MAX_SUBSCRIBERS: usize = 256;
 const MAX_CANDIDATES: usize = 1024;
 /// Entries in the lookup result cache, at most.
 const LOOKUP_CACHE_CAPACITY: usize = 8192;
+/// How long "nobody has it" stays cached. Short: content is advertised a moment after a pull
+/// finishes, and a node asking just before must not be told "nobody" for the full TTL (that made
+/// the next node of a rollout go upstream for seconds).
+const NEGATIVE_CACHE_TTL: Duration = Duration::from_millis(500);
 /// Peers whose registry address is remembered, at most.
 const REGISTRY_CACHE_CAPACITY: usize = 16_384;
 /// How often expired provider records and cache entries are dropped.
@@ -1070,7 +1074,11 @@ impl LookupCache {
     /// Cached providers for a lookup of `count`: fresh, and either all there are or enough.
     fn get(&self, key: &ContentKey, count: usize, now: Instant) -> Option<&[Peer]> {
         let entry = self.entries.get(key)?;
-        let fresh = now.duration_since(entry.at) < self.ttl;
+        let ttl = match entry.peers.is_empty() {
+            true => self.ttl.min(NEGATIVE_CACHE_TTL),
+            false => self.ttl,
+        };
+        let fresh = now.duration_since(entry.at) < ttl;
         (fresh && (entry.complete || entry.peers.len() >= count)).then_some(&entry.peers[..])
     }
 
@@ -1319,8 +1327,17 @@ mod tests {
             "more wanted than found"
         );
         assert_eq!(cache.get(&complete, 3, now).map(<[Peer]>::len), Some(0));
+        let soon = now + NEGATIVE_CACHE_TTL;
+        assert!(
+            cache.get(&complete, 3, soon).is_none(),
+            "\"none found\" expires early"
+        );
+        assert!(
+            cache.get(&partial, 1, soon).is_some(),
+            "found peers keep the full TTL"
+        );
         let later = now + Duration::from_secs(5);
-        assert!(cache.get(&complete, 3, later).is_none(), "expired");
+        assert!(cache.get(&partial, 1, later).is_none(), "expired");
         cache.purge(later);
         assert!(cache.entries.is_empty());
 
