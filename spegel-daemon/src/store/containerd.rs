@@ -179,7 +179,10 @@ impl ContainerdStore {
             }),
         };
         let blobs_dir = root.join("blobs").join("sha256");
-        inner.blobs_dir = match tokio::fs::metadata(&blobs_dir).await {
+        // Decide on the content root, not on `blobs/sha256`: containerd creates that only with
+        // the first blob, and a node that starts empty must still read files directly once it
+        // has some (each read falls back to the API if its file is not there).
+        inner.blobs_dir = match tokio::fs::metadata(&root).await {
             Ok(meta) if meta.is_dir() => {
                 tracing::info!(dir = %blobs_dir.display(), "reading blobs from containerd's content directory");
                 Some(blobs_dir)
