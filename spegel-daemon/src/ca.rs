@@ -718,11 +718,11 @@ pub struct InstallCaArgs {
     #[arg(long, env = "SPEGEL_TRUST_ROOT", default_value = "/")]
     pub trust_root: PathBuf,
     /// Only print the CA certificate (PEM) on stdout; change nothing else.
-    #[arg(long, conflicts_with = "bundle")]
+    #[arg(long, env = "SPEGEL_CA_PRINT", conflicts_with = "bundle")]
     pub print: bool,
     /// Only write a bundle of the system roots plus the node CA to this file (for
     /// `SSL_CERT_FILE`); the trust store is left alone.
-    #[arg(long, value_name = "OUT")]
+    #[arg(long, env = "SPEGEL_CA_BUNDLE", value_name = "OUT")]
     pub bundle: Option<PathBuf>,
 }
 

@@ -67,6 +67,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub fetch: crate::fetch::FetchArgs,
     #[command(flatten)]
+    pub buffer: crate::buffered::BufferArgs,
+    #[command(flatten)]
     pub intercept: crate::intercept::InterceptArgs,
     #[command(flatten)]
     pub upstream: crate::upstream::UpstreamArgs,

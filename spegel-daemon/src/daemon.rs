@@ -7,6 +7,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
+    buffered::Buffered,
     ca::{NodeCa, PermittedNames},
     config::RunArgs,
     fault::FaultySource,
@@ -111,12 +112,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     if args.fault.any() {
         local = Arc::new(FaultySource::new(local, args.fault.clone()));
     }
-    let policy = ServePolicy::new(
-        local,
-        Arc::new(peers),
-        Some(upstream),
-        args.tag_upstream_first,
-    );
+    // Small enough peer blobs are verified whole before containerd sees a byte of them.
+    let peers: Arc<dyn Source> = Arc::new(Buffered::new(Arc::new(peers), &args.buffer));
+    let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first);
     let source: Arc<dyn Source> =
         Arc::new(Instrumented::new(Arc::new(policy), Arc::clone(&metrics)));
 

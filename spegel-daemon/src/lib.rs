@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the bird's eye view and the code map.
 
+pub mod buffered;
 pub mod ca;
 pub mod config;
 pub mod daemon;
