@@ -23,7 +23,7 @@ pub enum Command {
     /// restore what was there before with --undo.
     ConfigureMirror(crate::mirror::MirrorArgs),
     /// Install this node's CA into the host trust store (transparent mode).
-    InstallCa(crate::ca::InstallCaArgs),
+    InstallCa(crate::tls::ca::InstallCaArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,7 +48,7 @@ pub struct RunArgs {
     #[arg(long, env = "SPEGEL_DATA_DIR", default_value = "/var/lib/spegel")]
     pub data_dir: PathBuf,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
-    #[arg(long, env = "SPEGEL_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, env = "SPEGEL_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
     /// Transparent mode: answer intercepted manifest requests by tag from upstream first (tags
     /// move), and from this node or its peers only when upstream fails or times out. `false`
@@ -56,18 +56,18 @@ pub struct RunArgs {
     #[arg(long, env = "SPEGEL_TAG_UPSTREAM_FIRST", action = clap::ArgAction::Set, default_value_t = true)]
     pub tag_upstream_first: bool,
     /// How often the advertised keys are re-read from the store even without a change event.
-    #[arg(long, env = "SPEGEL_ADVERTISE_RESYNC", value_parser = parse_duration, default_value = "60s")]
+    #[arg(long, env = "SPEGEL_ADVERTISE_RESYNC", value_parser = humantime::parse_duration, default_value = "60s")]
     pub advertise_resync: Duration,
     #[command(flatten)]
     pub containerd: crate::store::containerd::ContainerdArgs,
     #[command(flatten)]
-    pub registry: crate::registry::RegistryArgs,
+    pub registry: crate::serve::api::RegistryArgs,
     #[command(flatten)]
-    pub router: crate::routing::p2p::RouterArgs,
+    pub router: crate::p2p::RouterArgs,
     #[command(flatten)]
-    pub fetch: crate::fetch::FetchArgs,
+    pub fetch: crate::peers::FetchArgs,
     #[command(flatten)]
-    pub buffer: crate::buffered::BufferArgs,
+    pub buffer: crate::body::buffered::BufferArgs,
     #[command(flatten)]
     pub intercept: crate::intercept::InterceptArgs,
     #[command(flatten)]
@@ -76,44 +76,20 @@ pub struct RunArgs {
     pub fault: crate::fault::FaultArgs,
 }
 
-/// Parses `250ms`, `3s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration `{s}`"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in `{s}` (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("invalid duration `{s}`"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("3 days").is_err());
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("1e400s").is_err());
+    fn durations_are_humantime() {
+        let cli = Cli::try_parse_from(["spegel", "run", "--shutdown-grace", "1m 30s"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.shutdown_grace, Duration::from_secs(90));
+        assert!(
+            Cli::try_parse_from(["spegel", "run", "--shutdown-grace", "3 fortnights"]).is_err()
+        );
     }
 
     #[test]

@@ -7,22 +7,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
-    buffered::Buffered,
-    ca::{NodeCa, PermittedNames},
-    config::RunArgs,
-    fault::FaultySource,
-    fetch::{FetchConfig, PeerSource},
-    intercept::{self, InterceptConfig},
-    local::LocalSource,
-    metrics::{Instrumented, Metrics},
-    registry::{self, Registry, StoreReadiness},
-    routing::{Router, p2p::P2pRouter},
-    serve::ServePolicy,
-    source::Source,
-    store::{Store, containerd::ContainerdStore},
-    tls::TlsTerminator,
-    transparent::{RegistryHandler, UpstreamPassthrough},
-    upstream::{UpstreamClient, UpstreamSource},
+    body::buffered::Buffered, config::RunArgs, fault::FaultySource, intercept,
+    intercept::InterceptConfig, metrics::Instrumented, metrics::Metrics, p2p::P2pRouter,
+    peers::FetchConfig, peers::PeerSource, routing::Router, serve::api, serve::api::Registry,
+    serve::api::StoreReadiness, serve::policy::ServePolicy, serve::transparent::RegistryHandler,
+    serve::transparent::UpstreamPassthrough, source::Source, source::local::LocalSource,
+    store::Store, store::containerd::ContainerdStore, tls::TlsTerminator, tls::ca::NodeCa,
+    tls::ca::PermittedNames, upstream::UpstreamClient, upstream::UpstreamSource,
 };
 
 /// Resolves on SIGTERM or SIGINT.
@@ -130,7 +121,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         .with_context(|| format!("cannot listen on {}", args.registry.registry_addr))?;
     tracing::info!(addr = %args.registry.registry_addr, "registry API listening");
     tasks.spawn(
-        registry::serve(listener, Arc::clone(&registry), stop.clone())
+        api::serve(listener, Arc::clone(&registry), stop.clone())
             .instrument(tracing::info_span!("registry")),
     );
 

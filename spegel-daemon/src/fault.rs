@@ -6,7 +6,9 @@ use std::{sync::Arc, time::Duration};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 
-use crate::source::{Kind, Object, ObjectRequest, Source, SourceError};
+use crate::{
+    oci::Kind, source::Object, source::ObjectRequest, source::Source, source::SourceError,
+};
 
 /// Hidden flags: for the end-to-end suite only.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -93,7 +95,7 @@ mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{digest::Digest, source::Reference};
+    use crate::{oci::Reference, oci::digest::Digest};
 
     struct Fixed(Bytes);
 

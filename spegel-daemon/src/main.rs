@@ -39,7 +39,7 @@ fn main() -> ExitCode {
                 spegel::daemon::run(*args, spegel::daemon::shutdown_signal()).await
             }
             Command::ConfigureMirror(args) => spegel::mirror::main(args).await,
-            Command::InstallCa(args) => spegel::ca::main(args).await,
+            Command::InstallCa(args) => spegel::tls::ca::main(args).await,
         }
     });
     match result {

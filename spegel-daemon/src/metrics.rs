@@ -12,10 +12,8 @@ use std::{
 use futures::StreamExt as _;
 
 use crate::{
-    fetch::FetchMetrics,
-    intercept::InterceptStats,
-    routing::p2p::P2pRouter,
-    source::{Kind, Object, ObjectRequest, Source, SourceError},
+    intercept::InterceptStats, oci::Kind, p2p::P2pRouter, peers::FetchMetrics, source::Object,
+    source::ObjectRequest, source::Source, source::SourceError,
 };
 
 const SOURCES: [&str; 3] = ["local", "peer", "upstream"];
@@ -322,7 +320,7 @@ mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{digest::Digest, source::Reference};
+    use crate::{oci::Reference, oci::digest::Digest};
 
     struct Peerish;
 

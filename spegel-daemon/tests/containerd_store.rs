@@ -22,12 +22,9 @@ use containerd_client::{
     types::Descriptor as ProtoDescriptor,
 };
 use spegel::{
-    digest::Digest,
-    store::{
-        Store, StoreError,
-        conformance::{self, Sample},
-        containerd::{ContainerdArgs, ContainerdStore},
-    },
+    oci::digest::Digest, store::Store, store::StoreError, store::conformance,
+    store::conformance::Sample, store::containerd::ContainerdArgs,
+    store::containerd::ContainerdStore,
 };
 
 const NAMESPACE: &str = "k8s.io";

@@ -20,13 +20,10 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use spegel::{
-    ebpf::{RedirectConfig, Redirector},
-    intercept::{
-        CgroupWatcher, InterceptConfig, Interceptor, Listener, MirroredHandler,
-        cgroup::{CgroupFinder, Locator},
-        registries::MirroredRegistries,
-    },
-    source::Origin,
+    intercept::CgroupWatcher, intercept::InterceptConfig, intercept::Interceptor,
+    intercept::Listener, intercept::MirroredHandler, intercept::cgroup::CgroupFinder,
+    intercept::cgroup::Locator, intercept::ebpf::RedirectConfig, intercept::ebpf::Redirector,
+    intercept::registries::MirroredRegistries, source::Origin,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},

@@ -6,7 +6,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use crate::ebpf::CgroupDir;
+use crate::intercept::ebpf::CgroupDir;
 
 /// Why containerd's cgroup could not be found.
 #[derive(Debug, thiserror::Error)]

@@ -146,9 +146,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        digest::Digest,
-        routing::{Peer, RouterError, memory::MemoryRouter},
-        store::{Descriptor, Reader, StoreError},
+        oci::digest::Digest, routing::Peer, routing::RouterError, routing::memory::MemoryRouter,
+        store::Descriptor, store::Reader, store::StoreError,
     };
 
     /// A store whose key listing the test sets, optionally failing the next few reads.

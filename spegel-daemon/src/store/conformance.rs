@@ -7,10 +7,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::io::AsyncReadExt as _;
 
-use crate::{
-    digest::{Digest, Verifier},
-    store::{Store, StoreError},
-};
+use crate::{oci::digest::Digest, oci::digest::Verifier, store::Store, store::StoreError};
 
 /// What a store loaded with some content must answer.
 #[derive(Debug, Clone, Default)]

@@ -35,11 +35,10 @@ use tokio_util::{
 use tracing::Instrument as _;
 
 use crate::{
-    digest::Digest,
-    store::{
-        Descriptor, Keys, Reader, Store, StoreError,
-        walk::{self, Blobs, Exact, ImageRecord, Index, MAX_DOCUMENT_SIZE, ParseCache},
-    },
+    oci::digest::Digest, store::Descriptor, store::Keys, store::Reader, store::Store,
+    store::StoreError, store::walk, store::walk::Blobs, store::walk::Exact,
+    store::walk::ImageRecord, store::walk::Index, store::walk::MAX_DOCUMENT_SIZE,
+    store::walk::ParseCache,
 };
 
 /// Flags of the containerd store.
@@ -726,7 +725,8 @@ fn parse_namespace(s: &str) -> Result<String, String> {
 }
 
 fn parse_resync(s: &str) -> Result<Duration, String> {
-    let period = crate::config::parse_duration(s)?;
+    let period =
+        humantime::parse_duration(s).map_err(|e| format!("invalid duration `{s}`: {e}"))?;
     if period < Duration::from_secs(1) {
         return Err(format!("--store-resync must be at least 1s, got `{s}`"));
     }

@@ -11,10 +11,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::{
-    digest::Digest,
-    store::{Keys, StoreError},
-};
+use crate::{oci::digest::Digest, store::Keys, store::StoreError};
 
 /// Manifests, indexes and blobs sniffed for their media type are read whole only up to this size
 /// (Spegel's cap too): anything larger is not a manifest any registry would accept.

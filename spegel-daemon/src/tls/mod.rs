@@ -1,5 +1,7 @@
 //! TLS termination for intercepted registry connections, with leaves minted by the node CA for
 //! the name the client asked for (SNI, or the original destination IP when it sent none).
+
+pub mod ca;
 use std::{fmt, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use rustls::{
@@ -11,7 +13,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 
-use crate::ca::{CaError, NodeCa};
+use crate::{tls::ca::CaError, tls::ca::NodeCa};
 
 /// How long a client may take to complete the handshake before the connection is dropped.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -228,7 +230,7 @@ mod tests {
     use tokio_rustls::TlsConnector;
 
     use super::*;
-    use crate::ca::PermittedNames;
+    use crate::tls::ca::PermittedNames;
 
     struct Fixture {
         dir: PathBuf,

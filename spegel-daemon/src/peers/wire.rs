@@ -2,23 +2,12 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http::{HeaderMap, Method, Request, StatusCode, Uri, header};
 use http_body_util::Empty;
 
-use crate::source::{ByteRange, Kind};
-
-/// Marks a request as coming from another spegel node: the receiver must never forward it.
-pub(crate) const MIRRORED_HEADER: &str = "x-spegel-mirrored";
-/// The digest of the object a registry answers with.
-pub(crate) const DIGEST_HEADER: &str = "docker-content-digest";
-
-/// What we accept for manifests when the client did not say (containerd always does).
-const MANIFEST_ACCEPT: [&str; 4] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
+use crate::oci::{
+    ByteRange, Kind, MANIFEST_ACCEPT, MIRRORED_HEADER, content_length, content_range,
+};
 
 /// `http://<peer>/v2/<repository>/<kind>/<reference>?ns=<registry>`.
 ///
@@ -63,20 +52,6 @@ pub(crate) fn peer_uri(
     Uri::try_from(uri).map_err(|e| format!("bad peer URI: {e}"))
 }
 
-/// The `Range` header value for `range`.
-pub(crate) fn range_value(range: ByteRange) -> HeaderValue {
-    let text = match range {
-        ByteRange::From { start, end: None } => format!("bytes={start}-"),
-        ByteRange::From {
-            start,
-            end: Some(end),
-        } => format!("bytes={start}-{end}"),
-        ByteRange::Suffix(n) => format!("bytes=-{n}"),
-    };
-    // Digits, `bytes=` and `-` only: always a valid header value.
-    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("bytes=0-"))
-}
-
 /// A request to a peer. Only `Accept` is forwarded from the client: `Authorization` is meant for
 /// the upstream registry and must never leak to other nodes.
 pub(crate) fn build_request(
@@ -97,12 +72,12 @@ pub(crate) fn build_request(
             builder = builder.header(header::ACCEPT, value);
         }
     } else if kind == Kind::Manifest {
-        for value in MANIFEST_ACCEPT {
+        for value in MANIFEST_ACCEPT.split(", ") {
             builder = builder.header(header::ACCEPT, value);
         }
     }
     if let Some(range) = range {
-        builder = builder.header(header::RANGE, range_value(range));
+        builder = builder.header(header::RANGE, range.header_value());
     }
     builder
         .body(Empty::new())
@@ -142,12 +117,9 @@ pub(crate) fn span(status: StatusCode, headers: &HeaderMap) -> Result<Span, Stri
             let value = headers
                 .get(header::CONTENT_RANGE)
                 .ok_or("206 without a Content-Range")?;
-            let (start, last, total) = value
-                .to_str()
-                .ok()
-                .and_then(parse_content_range)
-                .ok_or_else(|| format!("bad Content-Range {value:?}"))?;
-            let len = last - start + 1;
+            let (range, total) =
+                content_range(headers).ok_or_else(|| format!("bad Content-Range {value:?}"))?;
+            let (start, len) = (*range.start(), range.end() - range.start() + 1);
             if content_length(headers).is_some_and(|n| n != len) {
                 return Err("Content-Length disagrees with Content-Range".into());
             }
@@ -157,32 +129,10 @@ pub(crate) fn span(status: StatusCode, headers: &HeaderMap) -> Result<Span, Stri
     }
 }
 
-/// `Content-Length` as a number.
-pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// `bytes <first>-<last>/<total>` with `first <= last < total`.
-fn parse_content_range(s: &str) -> Option<(u64, u64, u64)> {
-    let rest = s.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (first, last) = range.split_once('-')?;
-    let (first, last, total): (u64, u64, u64) = (
-        first.trim().parse().ok()?,
-        last.trim().parse().ok()?,
-        total.trim().parse().ok()?,
-    );
-    (first <= last && last < total).then_some((first, last, total))
-}
-
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
+
     use super::*;
 
     #[test]
@@ -268,13 +218,5 @@ mod tests {
         let req = build_request(Method::GET, uri, Kind::Blob, &client, Some(range)).unwrap();
         assert_eq!(req.headers()[header::ACCEPT], "a/b");
         assert_eq!(req.headers()[header::RANGE], "bytes=5-");
-        assert_eq!(
-            range_value(ByteRange::From {
-                start: 1,
-                end: Some(2)
-            }),
-            "bytes=1-2"
-        );
-        assert_eq!(range_value(ByteRange::Suffix(7)), "bytes=-7");
     }
 }

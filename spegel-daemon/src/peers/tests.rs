@@ -173,7 +173,7 @@ async fn serve(state: &PeerState, req: Request<hyper::body::Incoming>) -> Respon
         range: range.clone(),
         mirrored: req
             .headers()
-            .get(wire::MIRRORED_HEADER)
+            .get(crate::oci::MIRRORED_HEADER)
             .is_some_and(|v| v == "true"),
         authorization: req.headers().contains_key(header::AUTHORIZATION),
     });
@@ -203,7 +203,7 @@ async fn serve(state: &PeerState, req: Request<hyper::body::Incoming>) -> Respon
         .header(header::CONTENT_TYPE, stored.content_type)
         .header(header::CONTENT_LENGTH, end - start);
     if let Some(digest) = &stored.digest {
-        builder = builder.header(wire::DIGEST_HEADER, digest);
+        builder = builder.header(crate::oci::CONTENT_DIGEST_HEADER, digest);
     }
     if status == StatusCode::PARTIAL_CONTENT {
         builder = builder.header(

@@ -3,7 +3,10 @@
 //! back to what this node and its peers know only when upstream fails or times out.
 use std::sync::Arc;
 
-use crate::source::{Chain, Object, ObjectRequest, Reference, Source, SourceError};
+use crate::{
+    oci::Reference, source::Chain, source::Object, source::ObjectRequest, source::Source,
+    source::SourceError,
+};
 
 /// Tries sources in the order a request needs.
 pub struct ServePolicy {
@@ -64,7 +67,7 @@ mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{digest::Digest, source::Kind};
+    use crate::{oci::Kind, oci::digest::Digest};
 
     /// Answers with its name, or the configured error; counts calls.
     struct Named {

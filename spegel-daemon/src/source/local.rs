@@ -4,10 +4,9 @@ use std::sync::Arc;
 use tokio_util::io::ReaderStream;
 
 use crate::{
-    digest::Digest,
-    oci,
-    source::{Body, Kind, Object, ObjectRequest, Reference, Source, SourceError},
-    store::{Descriptor, Store, StoreError},
+    oci, oci::Kind, oci::Reference, oci::digest::Digest, source::Body, source::Object,
+    source::ObjectRequest, source::Source, source::SourceError, store::Descriptor, store::Store,
+    store::StoreError,
 };
 
 /// How much one read of a local object hands to the HTTP layer.
@@ -114,10 +113,7 @@ pub(crate) mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{
-        source::ByteRange,
-        store::{Keys, Reader},
-    };
+    use crate::{oci::ByteRange, store::Keys, store::Reader};
 
     /// A store held in a map, for the local source's and the registry's tests.
     #[derive(Default)]

@@ -15,7 +15,9 @@ use bytes::BytesMut;
 use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 
-use crate::source::{Kind, Object, ObjectRequest, Source, SourceError};
+use crate::{
+    oci::Kind, source::Object, source::ObjectRequest, source::Source, source::SourceError,
+};
 
 /// Flags of verify-before-send buffering.
 #[derive(Debug, Clone, clap::Args)]
@@ -112,10 +114,7 @@ mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{
-        digest::Digest,
-        source::{ByteRange, Reference},
-    };
+    use crate::{oci::ByteRange, oci::Reference, oci::digest::Digest};
 
     /// Serves `data` in 1 KiB chunks, failing before the last chunk when `fail`.
     struct Chunked {

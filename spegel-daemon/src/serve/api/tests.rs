@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::{
-    digest::Digest,
-    local::{LocalSource, tests::FakeStore},
-    source::{Body, ByteRange, Chain, Object, ObjectRequest, Origin, SourceError},
+    oci::ByteRange, oci::digest::Digest, source::Body, source::Chain, source::Object,
+    source::ObjectRequest, source::Origin, source::SourceError, source::local::LocalSource,
+    source::local::tests::FakeStore,
 };
 
 const MANIFEST: &[u8] = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;

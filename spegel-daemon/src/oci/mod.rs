@@ -5,14 +5,19 @@
 //! machines over bytes: they never decode percent-escapes in paths (a `%` is simply invalid there,
 //! which rules out `%2e%2e` traversal), never allocate proportionally to hostile input before
 //! checking its length, and never panic.
+
+pub mod digest;
+mod object;
+
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderName, StatusCode};
+pub use object::{
+    ByteRange, Kind, Reference, content_digest, content_length, content_range,
+    unsatisfied_range_size,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    digest::{Digest, DigestError},
-    source::{ByteRange, Kind, Reference},
-};
+use crate::oci::digest::{Digest, DigestError};
 
 /// The longest repository name accepted. The distribution spec says many clients cap
 /// `registry/name` at 255 characters; the name alone can be no longer than that.
@@ -49,6 +54,21 @@ pub const MANIFEST_MEDIA_TYPES: [&str; 4] = [
     OCI_INDEX,
     DOCKER_MANIFEST_LIST,
 ];
+
+/// Set by spegel nodes on requests to their peers: the receiver must never forward them again.
+pub const MIRRORED_HEADER: HeaderName = HeaderName::from_static("x-spegel-mirrored");
+/// The API version header of the distribution spec's `/v2/` check.
+pub const API_VERSION_HEADER: HeaderName =
+    HeaderName::from_static("docker-distribution-api-version");
+/// The digest of the object a response carries.
+pub const CONTENT_DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-digest");
+
+/// What we ask a registry for when the client named no manifest types: every manifest media type,
+/// indexes first.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
 
 /// Whether `media_type` (parameters and case ignored) is an OCI or Docker schema 2 manifest or
 /// index: what may be served from `/manifests/` and must not be served from `/blobs/`.

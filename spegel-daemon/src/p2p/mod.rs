@@ -46,8 +46,7 @@ use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Peer, Router, RouterError};
-use crate::config::parse_duration;
+use crate::routing::{Peer, Router, RouterError};
 
 mod bootstrap;
 mod event_loop;
@@ -91,18 +90,18 @@ pub struct RouterArgs {
     #[arg(long, env = "SPEGEL_REGISTRY_ADVERTISE_ADDR")]
     pub registry_advertise_addr: Option<RegistryAdvertise>,
     /// How long a lookup may search for providers.
-    #[arg(long, env = "SPEGEL_LOOKUP_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, env = "SPEGEL_LOOKUP_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub lookup_timeout: Duration,
     /// How long lookup results are reused.
-    #[arg(long, env = "SPEGEL_LOOKUP_CACHE_TTL", value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, env = "SPEGEL_LOOKUP_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub lookup_cache_ttl: Duration,
     /// How often each advertised key is re-provided (minus up to a ninth of it, at random, to
     /// spread the load).
-    #[arg(long, env = "SPEGEL_REPROVIDE_INTERVAL", value_parser = parse_duration, default_value = "15m")]
+    #[arg(long, env = "SPEGEL_REPROVIDE_INTERVAL", value_parser = humantime::parse_duration, default_value = "15m")]
     pub reprovide_interval: Duration,
     /// How long other nodes keep this node's provider records; must exceed the reprovide
     /// interval.
-    #[arg(long, env = "SPEGEL_PROVIDER_RECORD_TTL", value_parser = parse_duration, default_value = "19m")]
+    #[arg(long, env = "SPEGEL_PROVIDER_RECORD_TTL", value_parser = humantime::parse_duration, default_value = "19m")]
     pub provider_record_ttl: Duration,
     /// Provide queries in flight at once.
     #[arg(long, env = "SPEGEL_MAX_CONCURRENT_PROVIDES", default_value_t = NonZeroUsize::new(32).unwrap_or(NonZeroUsize::MIN))]

@@ -10,9 +10,8 @@ use tokio::time::{Instant, timeout};
 
 use super::{AttemptError, Inner, PeerResponse, bump};
 use crate::{
-    digest::{Digest, Verifier},
-    routing::Peer,
-    source::{Body, ByteRange, ObjectRequest},
+    oci::ByteRange, oci::digest::Digest, oci::digest::Verifier, routing::Peer, source::Body,
+    source::ObjectRequest,
 };
 
 /// Where the bytes currently come from.

@@ -2,7 +2,9 @@
 //! on loopback; per connection the listener recovers the original destination, peeks at the
 //! ClientHello SNI or `Host`, and either hands the connection to the [`MirroredHandler`] (a
 //! mirrored registry) or splices it, untouched, to where it was going.
+
 pub mod cgroup;
+pub mod ebpf;
 pub mod registries;
 pub mod sni;
 pub mod splice;
@@ -33,8 +35,8 @@ use self::{
     sni::{HttpRequest, TlsHello},
 };
 use crate::{
-    ebpf::{EbpfError, OrigDstTable, RedirectConfig, Redirector},
-    source::Origin,
+    intercept::ebpf::EbpfError, intercept::ebpf::OrigDstTable, intercept::ebpf::RedirectConfig,
+    intercept::ebpf::Redirector, source::Origin,
 };
 
 /// At most this many bytes are peeked at to find the SNI or `Host`.
@@ -92,14 +94,14 @@ pub struct InterceptArgs {
     #[arg(long, env = "SPEGEL_CGROUP2_MOUNT")]
     pub cgroup2_mount: Option<PathBuf>,
     /// How often containerd's cgroup is checked, to re-attach after containerd restarts.
-    #[arg(long, env = "SPEGEL_CGROUP_POLL_INTERVAL", value_parser = crate::config::parse_duration, default_value = "3s")]
+    #[arg(long, env = "SPEGEL_CGROUP_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "3s")]
     pub cgroup_poll_interval: Duration,
     /// How long to wait for a client's first bytes (ClientHello, request head) before passing
     /// the connection through.
-    #[arg(long, env = "SPEGEL_INTERCEPT_PEEK_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "5s")]
+    #[arg(long, env = "SPEGEL_INTERCEPT_PEEK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub intercept_peek_timeout: Duration,
     /// Timeout for connecting to a passed-through connection's original destination.
-    #[arg(long, env = "SPEGEL_INTERCEPT_CONNECT_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "10s")]
+    #[arg(long, env = "SPEGEL_INTERCEPT_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub intercept_connect_timeout: Duration,
     /// Intercepted connections handled at once; more wait in the listen backlog.
     #[arg(long, env = "SPEGEL_INTERCEPT_MAX_CONNECTIONS", default_value_t = 4096)]

@@ -1,54 +1,15 @@
 //! The one seam every content source implements: the local containerd store, peers found in the
 //! DHT, and the upstream registry. The registry API asks a source for an object; a [`Chain`]
 //! tries sources in order.
+
+pub mod local;
 use std::{io, net::SocketAddr, ops::RangeInclusive, pin::Pin, sync::Arc};
 
 use bytes::Bytes;
 use futures::Stream;
 use http::HeaderMap;
 
-use crate::digest::Digest;
-
-/// Manifest or blob: the two kinds of object the pull API serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Manifest,
-    Blob,
-}
-
-/// What the client named: a tag (manifests only) or a digest.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Reference {
-    Tag(String),
-    Digest(Digest),
-}
-
-/// A `Range` header as the client sent it; resolved against the object's size by whoever knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ByteRange {
-    /// `bytes=start-` or `bytes=start-end` (end inclusive).
-    From { start: u64, end: Option<u64> },
-    /// `bytes=-n`: the last n bytes.
-    Suffix(u64),
-}
-
-impl ByteRange {
-    /// The inclusive byte range this selects in an object of `size` bytes, or `None` when it
-    /// cannot be satisfied (RFC 9110 §14.1.2).
-    pub fn resolve(self, size: u64) -> Option<RangeInclusive<u64>> {
-        match self {
-            ByteRange::From { start, end } => {
-                if start >= size {
-                    return None;
-                }
-                let last = end.map_or(size - 1, |end| end.min(size - 1));
-                (last >= start).then_some(start..=last)
-            }
-            ByteRange::Suffix(0) => None,
-            ByteRange::Suffix(n) => (size > 0).then(|| size.saturating_sub(n)..=size - 1),
-        }
-    }
-}
+use crate::oci::{ByteRange, Kind, Reference, digest::Digest};
 
 /// Where a transparently intercepted request was originally going.
 #[derive(Debug, Clone, PartialEq, Eq)]

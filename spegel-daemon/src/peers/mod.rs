@@ -26,8 +26,8 @@
 pub(crate) mod wire;
 
 mod blob;
+mod book;
 mod latency;
-mod peers;
 mod race;
 #[cfg(test)]
 mod tests;
@@ -57,16 +57,14 @@ use tokio::{
 
 use self::{
     blob::BlobStream,
+    book::{Active, PeerBook},
     latency::LatencyEstimator,
-    peers::{Active, PeerBook},
     race::RaceError,
     wire::Span,
 };
 use crate::{
-    config::parse_duration,
-    digest::Digest,
-    routing::{Peer, Router},
-    source::{Body, ByteRange, Kind, Object, ObjectRequest, Reference, Source, SourceError},
+    oci::ByteRange, oci::Kind, oci::Reference, oci::digest::Digest, routing::Peer, routing::Router,
+    source::Body, source::Object, source::ObjectRequest, source::Source, source::SourceError,
 };
 
 /// The largest manifest accepted from a peer (as Spegel's `ManifestMaxSize`).
@@ -80,7 +78,7 @@ pub struct FetchArgs {
     pub mirror_resolve_retries: usize,
     /// With no request to a peer in flight, how long to wait for a peer to turn up before
     /// treating the object as a miss.
-    #[arg(long, env = "SPEGEL_MIRROR_RESOLVE_TIMEOUT", value_parser = parse_duration, default_value = "20ms")]
+    #[arg(long, env = "SPEGEL_MIRROR_RESOLVE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20ms")]
     pub mirror_resolve_timeout: Duration,
     /// Resolve tags through peers (`true`/`false`). Tags from peers are checked against the
     /// manifest the peer serves, but not against what upstream says the tag is now.
@@ -99,13 +97,13 @@ pub struct FetchArgs {
     #[arg(long, env = "SPEGEL_PEER_CONCURRENCY", default_value_t = 128)]
     pub peer_concurrency: usize,
     /// How long a peer that served bytes not matching their digest is skipped.
-    #[arg(long, env = "SPEGEL_PEER_QUARANTINE", value_parser = parse_duration, default_value = "60s")]
+    #[arg(long, env = "SPEGEL_PEER_QUARANTINE", value_parser = humantime::parse_duration, default_value = "60s")]
     pub peer_quarantine: Duration,
     /// How long a peer that could not be reached, or died mid-transfer, is skipped.
-    #[arg(long, env = "SPEGEL_PEER_BACKOFF", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, env = "SPEGEL_PEER_BACKOFF", value_parser = humantime::parse_duration, default_value = "10s")]
     pub peer_backoff: Duration,
     /// A transfer from a peer with no byte for this long is resumed elsewhere.
-    #[arg(long, env = "SPEGEL_PEER_STALL_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, env = "SPEGEL_PEER_STALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub peer_stall_timeout: Duration,
     /// A peer delivering less than this many bytes per second (measured over the stall timeout,
     /// counting only time spent waiting for it) is replaced if another peer or the fallback can
@@ -113,7 +111,7 @@ pub struct FetchArgs {
     #[arg(long, env = "SPEGEL_PEER_MIN_RATE", default_value_t = 512 * 1024)]
     pub peer_min_rate: u64,
     /// Cap on a whole manifest or HEAD request to peers.
-    #[arg(long, env = "SPEGEL_PEER_MANIFEST_TIMEOUT", value_parser = parse_duration, default_value = "3s")]
+    #[arg(long, env = "SPEGEL_PEER_MANIFEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "3s")]
     pub peer_manifest_timeout: Duration,
 }
 
@@ -583,7 +581,7 @@ impl Inner {
             }
             let digest = match target.digest {
                 Some(digest) => digest,
-                None => digest_header(&response.headers)
+                None => crate::oci::content_digest(&response.headers)
                     .ok_or_else(|| AttemptError::Failed("tag answer without a digest".into()))?,
             };
             let media_type = response
@@ -782,18 +780,9 @@ fn request_digest(request: &ObjectRequest) -> Option<Digest> {
     }
 }
 
-fn digest_header(headers: &http::HeaderMap) -> Option<Digest> {
-    headers
-        .get(wire::DIGEST_HEADER)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
 /// A peer may omit `Docker-Content-Digest`, but must not name another digest than asked for.
 fn check_digest_header(headers: &http::HeaderMap, digest: Digest) -> Result<(), AttemptError> {
-    match headers.get(wire::DIGEST_HEADER) {
+    match headers.get(crate::oci::CONTENT_DIGEST_HEADER) {
         None => Ok(()),
         Some(value) => match value.to_str().ok().and_then(|v| v.parse::<Digest>().ok()) {
             Some(got) if got == digest => Ok(()),

@@ -40,5 +40,4 @@ pub trait Router: Send + Sync + 'static {
 }
 
 pub mod memory;
-pub mod p2p;
 pub mod sync;

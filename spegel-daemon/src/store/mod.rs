@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, pin::Pin};
 
 use tokio::io::AsyncRead;
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// A local object: digest, size, and media type when the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -76,7 +76,7 @@ fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::p2p::tests::TempDir;
+    use crate::p2p::tests::TempDir;
 
     #[test]
     fn creates_then_reuses_the_key() {

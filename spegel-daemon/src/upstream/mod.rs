@@ -22,7 +22,7 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
 };
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{BodyExt as _, Empty, combinators::UnsyncBoxBody};
+use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{
@@ -41,17 +41,10 @@ use tokio::{
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use crate::{
-    config::parse_duration,
-    digest::{Digest, Verifier},
-    source::{
-        Body, ByteRange, Kind, Object, ObjectRequest, Origin, Reference, Source, SourceError,
-    },
+    body::BoxBody, body::BoxError, oci, oci::Kind, oci::Reference, oci::digest::Digest,
+    oci::digest::Verifier, source::Body, source::Object, source::ObjectRequest, source::Origin,
+    source::Source, source::SourceError,
 };
-
-/// Errors of bodies passed through.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// A streamed body, as [`UpstreamClient::forward`] returns it.
-pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Redirects followed for one object before giving up (as many as containerd's Go client would
 /// follow for a registry is far more than any registry needs; five covers CDN chains).
@@ -62,11 +55,6 @@ const MANIFEST_CAP: usize = 4 << 20;
 const ERROR_BODY_CAP: usize = 64 << 10;
 /// Suffix of the synthetic authorities encoding a [`Target`] (`.invalid` never resolves).
 const SYNTHETIC_SUFFIX: &str = ".spegel.invalid";
-/// What we ask for when the client named no manifest types.
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-    application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json, \
-    application/vnd.docker.distribution.manifest.v2+json";
 /// Client headers forwarded to the registry for object requests: containerd's own credentials
 /// and content negotiation.
 const FORWARDED_HEADERS: [HeaderName; 3] =
@@ -85,17 +73,17 @@ pub struct UpstreamArgs {
     )]
     pub upstream_ca_files: Vec<PathBuf>,
     /// Bound on DNS lookup, TCP connect and TLS handshake to an upstream, together.
-    #[arg(long, env = "SPEGEL_UPSTREAM_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, env = "SPEGEL_UPSTREAM_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub upstream_connect_timeout: Duration,
     /// Bound on waiting for an upstream's response headers (blobs, manifests by digest,
     /// passthrough).
-    #[arg(long, env = "SPEGEL_UPSTREAM_RESPONSE_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, env = "SPEGEL_UPSTREAM_RESPONSE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub upstream_response_timeout: Duration,
     /// Bound on waiting for an upstream's response headers for manifests by tag.
-    #[arg(long, env = "SPEGEL_UPSTREAM_TAG_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, env = "SPEGEL_UPSTREAM_TAG_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub upstream_tag_timeout: Duration,
     /// An upstream body that sends nothing for this long is aborted.
-    #[arg(long, env = "SPEGEL_UPSTREAM_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, env = "SPEGEL_UPSTREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub upstream_idle_timeout: Duration,
 }
 
@@ -1025,7 +1013,10 @@ impl Source for UpstreamSource {
             }
         }
         if request.kind == Kind::Manifest && !headers.contains_key(header::ACCEPT) {
-            headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static(crate::oci::MANIFEST_ACCEPT),
+            );
         }
         if !headers.contains_key(header::USER_AGENT) {
             headers.insert(header::USER_AGENT, HeaderValue::from_static("spegel"));
@@ -1033,7 +1024,7 @@ impl Source for UpstreamSource {
         // Ranges only for blob GETs: manifests are read whole to be verified, and a HEAD
         // answers for the whole object.
         if let (Kind::Blob, false, Some(range)) = (request.kind, request.head, request.range) {
-            headers.insert(header::RANGE, range_header(range));
+            headers.insert(header::RANGE, range.header_value());
         }
         let mut method = if request.head {
             Method::HEAD
@@ -1063,7 +1054,7 @@ impl Source for UpstreamSource {
                 StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
                 StatusCode::NOT_FOUND => return Err(SourceError::NotFound),
                 StatusCode::RANGE_NOT_SATISFIABLE => {
-                    if let Some(size) = unsatisfied_range_size(response.headers()) {
+                    if let Some(size) = oci::unsatisfied_range_size(response.headers()) {
                         return Err(SourceError::RangeNotSatisfiable { size });
                     }
                     return Err(self.upstream_error(response).await);
@@ -1125,7 +1116,7 @@ impl UpstreamSource {
                 response.status()
             ));
         }
-        let announced = announced_digest(response.headers());
+        let announced = oci::content_digest(response.headers());
         let expected = match &request.reference {
             Reference::Digest(digest) => {
                 check_announced(*digest, announced)?;
@@ -1138,7 +1129,7 @@ impl UpstreamSource {
             let Some(digest) = expected else {
                 return Ok(None);
             };
-            let size = content_length(response.headers())
+            let size = oci::content_length(response.headers())
                 .ok_or_else(|| "upstream sent no Content-Length".to_owned())?;
             return Ok(Some(Object {
                 digest,
@@ -1149,7 +1140,7 @@ impl UpstreamSource {
                 source: "upstream",
             }));
         }
-        if content_length(response.headers()).is_some_and(|len| len > MANIFEST_CAP as u64) {
+        if oci::content_length(response.headers()).is_some_and(|len| len > MANIFEST_CAP as u64) {
             return Err(format!(
                 "upstream manifest is larger than {MANIFEST_CAP} bytes"
             ));
@@ -1197,14 +1188,14 @@ impl UpstreamSource {
         digest: Digest,
         response: Response<Incoming>,
     ) -> Result<Object, String> {
-        check_announced(digest, announced_digest(response.headers()))?;
+        check_announced(digest, oci::content_digest(response.headers()))?;
         let media_type = media_type(response.headers(), Kind::Blob);
         let idle = self.client.timeouts.idle;
         if response.status() == StatusCode::PARTIAL_CONTENT {
-            let (range, size) = content_range(response.headers())
+            let (range, size) = oci::content_range(response.headers())
                 .ok_or_else(|| "upstream sent 206 without a usable Content-Range".to_owned())?;
             let len = range.end() - range.start() + 1;
-            if content_length(response.headers()).is_some_and(|cl| cl != len) {
+            if oci::content_length(response.headers()).is_some_and(|cl| cl != len) {
                 return Err("upstream Content-Length disagrees with its Content-Range".to_owned());
             }
             let body = (!request.head)
@@ -1218,7 +1209,7 @@ impl UpstreamSource {
                 source: "upstream",
             });
         }
-        let size = content_length(response.headers())
+        let size = oci::content_length(response.headers())
             .ok_or_else(|| "upstream sent no Content-Length for a blob".to_owned())?;
         // A 200 to a Range request: upstream ignored the range, which HTTP allows; the whole
         // blob is served (and verified), with `range: None` saying so.
@@ -1258,58 +1249,6 @@ fn object_path(request: &ObjectRequest) -> Result<String, String> {
     Ok(format!("/v2/{repository}/{kind}/{reference}"))
 }
 
-fn range_header(range: ByteRange) -> HeaderValue {
-    let value = match range {
-        ByteRange::From {
-            start,
-            end: Some(end),
-        } => format!("bytes={start}-{end}"),
-        ByteRange::From { start, end: None } => format!("bytes={start}-"),
-        ByteRange::Suffix(n) => format!("bytes=-{n}"),
-    };
-    // Digits, `bytes=` and `-` only: always a valid header value.
-    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("bytes=0-"))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// `Content-Range: bytes a-b/size` → (a..=b, size).
-fn content_range(headers: &HeaderMap) -> Option<(std::ops::RangeInclusive<u64>, u64)> {
-    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    let (range, size) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
-    let (start, end) = range.split_once('-')?;
-    let (start, end, size): (u64, u64, u64) = (
-        start.trim().parse().ok()?,
-        end.trim().parse().ok()?,
-        size.trim().parse().ok()?,
-    );
-    (start <= end && end < size).then_some((start..=end, size))
-}
-
-/// `Content-Range: bytes */size` on a 416.
-fn unsatisfied_range_size(headers: &HeaderMap) -> Option<u64> {
-    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    value.trim().strip_prefix("bytes */")?.trim().parse().ok()
-}
-
-fn announced_digest(headers: &HeaderMap) -> Option<Digest> {
-    headers
-        .get("docker-content-digest")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 fn check_announced(expected: Digest, announced: Option<Digest>) -> Result<(), String> {
     match announced {
         Some(announced) if announced != expected => {
@@ -1346,6 +1285,7 @@ mod tests {
     use tokio_rustls::TlsAcceptor;
 
     use super::*;
+    use crate::oci::ByteRange;
 
     /// What a fake registry saw.
     #[derive(Debug, Clone)]
@@ -2124,38 +2064,5 @@ mod tests {
         assert_eq!(host_only("registry:5000"), "registry");
         assert_eq!(host_only("[fd00::1]:5000"), "fd00::1");
         assert_eq!(host_only("fd00::1"), "fd00::1");
-    }
-
-    #[test]
-    fn parses_content_ranges() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_static("bytes 2-5/10"),
-        );
-        assert_eq!(content_range(&headers), Some((2..=5, 10)));
-        headers.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_static("bytes 2-5/*"),
-        );
-        assert_eq!(content_range(&headers), None);
-        headers.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_static("bytes 5-2/10"),
-        );
-        assert_eq!(content_range(&headers), None);
-        headers.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_static("bytes */10"),
-        );
-        assert_eq!(unsatisfied_range_size(&headers), Some(10));
-        assert_eq!(range_header(ByteRange::Suffix(3)), "bytes=-3");
-        assert_eq!(
-            range_header(ByteRange::From {
-                start: 7,
-                end: None
-            }),
-            "bytes=7-"
-        );
     }
 }

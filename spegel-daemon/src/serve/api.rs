@@ -11,12 +11,13 @@ use std::{net::SocketAddr, num::NonZeroUsize, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Empty, Full, combinators::UnsyncBoxBody};
+use http_body_util::{BodyExt as _, Empty, Full};
 
 use crate::{
-    oci::{self, ErrorBody, ErrorCode, ParseError},
-    source::{Kind, Object, ObjectRequest, Origin, Reference, Source, SourceError},
-    store::{Store, StoreError},
+    body::BoxBody as HttpBody, body::BoxError, oci, oci::API_VERSION_HEADER,
+    oci::CONTENT_DIGEST_HEADER, oci::ErrorBody, oci::ErrorCode, oci::Kind, oci::MIRRORED_HEADER,
+    oci::ParseError, oci::Reference, source::Object, source::ObjectRequest, source::Origin,
+    source::Source, source::SourceError, store::Store, store::StoreError,
 };
 
 mod body;
@@ -26,20 +27,8 @@ mod tests;
 
 pub use server::serve;
 
-/// A boxed error, as hyper bodies carry them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body of every request handed to a [`Passthrough`] and of every response.
-pub type HttpBody = UnsyncBoxBody<Bytes, BoxError>;
 /// Renders the metrics registry in the OpenMetrics text format, for `/metrics`.
 pub type MetricsEncoder = Arc<dyn Fn() -> Result<String, std::fmt::Error> + Send + Sync>;
-
-/// Set by spegel nodes on requests to their peers: the receiver must never forward them again.
-pub const MIRRORED_HEADER: HeaderName = HeaderName::from_static("x-spegel-mirrored");
-/// The API version header of the distribution spec's `/v2/` check.
-pub const API_VERSION_HEADER: HeaderName =
-    HeaderName::from_static("docker-distribution-api-version");
-/// The digest of the object a response carries.
-pub const CONTENT_DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-digest");
 
 /// Connections served at once unless told otherwise (the flag's default too).
 const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
@@ -448,7 +437,7 @@ fn object_response(request: &ObjectRequest, object: Object) -> Response<HttpBody
     response
 }
 
-fn digest_value(digest: &crate::digest::Digest) -> HeaderValue {
+fn digest_value(digest: &crate::oci::digest::Digest) -> HeaderValue {
     // `sha256:` and hex digits are always a valid header value.
     HeaderValue::from_str(&digest.to_string()).unwrap_or(HeaderValue::from_static(""))
 }

@@ -1,0 +1,12 @@
+//! Response bodies on their way to containerd: the one boxed body type every HTTP path uses, and
+//! verify-before-send buffering of peer blobs.
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+
+pub mod buffered;
+
+/// A boxed error, as hyper bodies carry them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A streamed body: of every response, every request handed to a passthrough, and every upstream
+/// answer passed through.
+pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;

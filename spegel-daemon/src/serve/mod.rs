@@ -1,0 +1,6 @@
+//! Answering pulls: the policy that orders the sources, the registry HTTP API and its server, and
+//! intercepted connections to mirrored registries.
+
+pub mod api;
+pub mod policy;
+pub mod transparent;
