@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use spegel::config::{Cli, Command};
-use spegel::digest::Digest;
+use spegel::oci::digest::Digest;
 use spegel::store::Store;
 use spegel::store::conformance::{self, Expected, Fixture};
 use spegel::store::containerd::{ContainerdArgs, ContainerdStore};
