@@ -1,0 +1,64 @@
+//! The upstream client's flags and the [`Timeouts`] that bound every wait on an upstream.
+use std::{path::PathBuf, time::Duration};
+
+/// Flags of the upstream client.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpstreamArgs {
+    /// Extra CA certificates (PEM files) trusted for upstream registries, on top of the system
+    /// roots. Repeatable, or comma-separated in the environment.
+    #[arg(
+        long = "upstream-ca-file",
+        env = "SPEGEL_UPSTREAM_CA_FILE",
+        value_delimiter = ',',
+        value_name = "PEM"
+    )]
+    pub upstream_ca_files: Vec<PathBuf>,
+    /// Bound on DNS lookup, TCP connect and TLS handshake to an upstream, together.
+    #[arg(long, env = "SPEGEL_UPSTREAM_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub upstream_connect_timeout: Duration,
+    /// Bound on waiting for an upstream's response headers (blobs, manifests by digest,
+    /// passthrough).
+    #[arg(long, env = "SPEGEL_UPSTREAM_RESPONSE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub upstream_response_timeout: Duration,
+    /// Bound on waiting for an upstream's response headers for manifests by tag.
+    #[arg(long, env = "SPEGEL_UPSTREAM_TAG_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub upstream_tag_timeout: Duration,
+    /// An upstream body that sends nothing for this long is aborted.
+    #[arg(long, env = "SPEGEL_UPSTREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub upstream_idle_timeout: Duration,
+}
+
+/// Every wait on an upstream is bounded by one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// DNS, TCP connect and TLS handshake together.
+    pub connect: Duration,
+    /// Response headers, except manifests by tag.
+    pub response: Duration,
+    /// Response headers of manifests by tag.
+    pub tag_response: Duration,
+    /// Longest silence inside a body.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            response: Duration::from_secs(30),
+            tag_response: Duration::from_secs(10),
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+impl From<&UpstreamArgs> for Timeouts {
+    fn from(args: &UpstreamArgs) -> Self {
+        Self {
+            connect: args.upstream_connect_timeout,
+            response: args.upstream_response_timeout,
+            tag_response: args.upstream_tag_timeout,
+            idle: args.upstream_idle_timeout,
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! [`UpstreamClient`]: the HTTP client for upstream registries (verified TLS, pooled
+//! connections, every wait bounded), verbatim passthrough of intercepted requests, and the
+//! request loop that follows redirects as [`redirect::decide`] says.
+use std::{fmt, io, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioTimer},
+};
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    Timeouts, UpstreamArgs, UpstreamError,
+    body::idle_bounded,
+    connect::Connector,
+    error::error_chain,
+    hop_by_hop::strip_hop_by_hop,
+    redirect::{self, Decision, Hop},
+    target::Target,
+};
+use crate::{
+    body::{BoxBody, BoxError},
+    source::Origin,
+};
+
+/// An HTTP client for upstream registries: verified TLS, pooled connections, bounded waits.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<Connector, BoxBody>,
+    timeouts: Timeouts,
+}
+
+impl fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamClient {
+    /// A client trusting the system roots (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`) plus the
+    /// `--upstream-ca-file`s. Blocking file IO: call at startup.
+    pub fn new(args: &UpstreamArgs) -> Result<Self, UpstreamError> {
+        let mut roots = RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for err in &native.errors {
+            tracing::warn!(%err, "problem loading system CA certificates");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, ignored, "system CA certificates loaded");
+        for path in &args.upstream_ca_files {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| UpstreamError::CaFile {
+                    path: path.clone(),
+                    source: io::Error::other(e.to_string()),
+                })?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| UpstreamError::CaFile {
+                    path: path.clone(),
+                    source: io::Error::other(e.to_string()),
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(UpstreamError::NoCertificates { path: path.clone() });
+            }
+        }
+        if roots.is_empty() {
+            tracing::warn!("no trusted CA certificates: every TLS upstream will be refused");
+        }
+        Self::with_roots(roots, Timeouts::from(args))
+    }
+
+    /// A client trusting exactly `roots`.
+    pub fn with_roots(roots: RootCertStore, timeouts: Timeouts) -> Result<Self, UpstreamError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(UpstreamError::Tls)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = Connector::new(TlsConnector::from(Arc::new(config)), timeouts.connect);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(32)
+            .build(connector);
+        Ok(Self { client, timeouts })
+    }
+
+    /// The waits this client bounds.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// Forwards an intercepted request verbatim to `origin` (token endpoints, `/v2/` probes,
+    /// anything that is not a pull): same method, path, query, headers and body, minus
+    /// hop-by-hop headers; the response comes back the same way, streamed. Redirects are
+    /// returned to the client, not followed.
+    pub async fn forward<B>(
+        &self,
+        origin: &Origin,
+        request: Request<B>,
+    ) -> Result<Response<BoxBody>, UpstreamError>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let target = Target::from_origin(origin)?;
+        let (mut parts, body) = request.into_parts();
+        // HTTP/2 clients carry the host in the URI (`:authority`), HTTP/1.1 ones in `Host`.
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| {
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            })
+            .map_or_else(|| target.host_header(), Ok)?;
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(header::HOST, host);
+        parts.uri = target.uri(&path_and_query)?;
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+        tracing::debug!(%target, method = %request.method(), path = %path_and_query, "passthrough");
+        let response = self.send(&target, request, self.timeouts.response).await?;
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            idle_bounded(body, self.timeouts.idle),
+        ))
+    }
+
+    /// [`Self::forward`] for callers that need an answer whatever happens: no origin (mirror
+    /// mode has nowhere to forward to) is a 404, a timeout a 504, any other failure a 502.
+    pub async fn forward_or_respond<B>(
+        &self,
+        origin: Option<&Origin>,
+        request: Request<B>,
+    ) -> Response<BoxBody>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let Some(origin) = origin else {
+            return plain_response(
+                StatusCode::NOT_FOUND,
+                "no upstream for this request".to_owned(),
+            );
+        };
+        match self.forward(origin, request).await {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::warn!(host = %origin.host, %err, "passthrough failed");
+                plain_response(err.status(), err.to_string())
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        target: &Target,
+        request: Request<BoxBody>,
+        header_timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(header_timeout, self.client.request(request)).await {
+            Err(_) => Err(UpstreamError::Timeout {
+                target: target.to_string(),
+                timeout: header_timeout,
+            }),
+            Ok(Err(err)) => Err(UpstreamError::Request {
+                target: target.to_string(),
+                detail: error_chain(&err),
+            }),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// GET/HEAD `path` on `origin` with `headers`, following redirects; returns the final
+    /// response.
+    pub(super) async fn get_following_redirects(
+        &self,
+        origin: &Origin,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        header_timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let origin_target = Target::from_origin(origin)?;
+        let mut hop = Hop {
+            target: origin_target.clone(),
+            path_and_query: path.to_owned(),
+            headers,
+        };
+        let mut redirects = 0;
+        loop {
+            let mut request = Request::builder()
+                .method(method.clone())
+                .uri(hop.target.uri(&hop.path_and_query)?)
+                .body(
+                    Empty::<Bytes>::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )
+                .map_err(|e| UpstreamError::InvalidRequest(e.to_string()))?;
+            *request.headers_mut() = hop.headers.clone();
+            request
+                .headers_mut()
+                .insert(header::HOST, hop.target.host_header()?);
+            let response = self.send(&hop.target, request, header_timeout).await?;
+            let status = response.status();
+            let location = response.headers().get(header::LOCATION);
+            match redirect::decide(&origin_target, &hop, redirects, status, location) {
+                Ok(Decision::Stop) => return Ok(response),
+                Ok(Decision::Follow(next)) => {
+                    tracing::debug!(from = %hop.target, to = %next.target, %status, "following redirect");
+                    hop = next;
+                    redirects += 1;
+                }
+                Err(reason) => {
+                    return Err(UpstreamError::Redirect {
+                        target: hop.target.to_string(),
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A short text answer of our own (not the upstream's).
+fn plain_response(status: StatusCode, message: String) -> Response<BoxBody> {
+    let mut response = Response::new(
+        http_body_util::Full::new(Bytes::from(message))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
