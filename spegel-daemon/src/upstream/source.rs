@@ -1,5 +1,6 @@
 //! The upstream registry as a [`Source`]: object requests of intercepted pulls become GET/HEAD
 //! requests upstream, and the answers become verified [`Object`]s or the upstream's own error.
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use hyper::body::Incoming;
 
@@ -173,21 +174,36 @@ impl UpstreamSource {
             Reference::Tag(_) => announced,
         };
         let media_type = media_type(response.headers(), Kind::Manifest);
-        if sent_head {
+        let (digest, size, body) = if sent_head {
             let Some(digest) = expected else {
                 return Ok(None);
             };
             let size = oci::content_length(response.headers())
                 .ok_or_else(|| "upstream sent no Content-Length".to_owned())?;
-            return Ok(Some(Object {
-                digest,
-                media_type,
-                size,
-                range: None,
-                body: None,
-                source: "upstream",
-            }));
-        }
+            (digest, size, None)
+        } else {
+            let (digest, bytes) = self.read_manifest(response, expected).await?;
+            let size = bytes.len() as u64;
+            let body: Option<Body> = (!request.head)
+                .then(|| Box::pin(futures::stream::once(async move { Ok(bytes) })) as Body);
+            (digest, size, body)
+        };
+        Ok(Some(Object {
+            digest,
+            media_type,
+            size,
+            range: None,
+            body,
+            source: "upstream",
+        }))
+    }
+
+    /// A manifest's bytes, read whole (capped), and their digest, which must be `expected`.
+    async fn read_manifest(
+        &self,
+        response: Response<Incoming>,
+        expected: Option<Digest>,
+    ) -> Result<(Digest, Bytes), String> {
         if oci::content_length(response.headers()).is_some_and(|len| len > MANIFEST_CAP as u64) {
             return Err(format!(
                 "upstream manifest is larger than {MANIFEST_CAP} bytes"
@@ -214,17 +230,7 @@ impl UpstreamSource {
                 "upstream manifest does not match {expected} (got {digest})"
             ));
         }
-        let size = bytes.len() as u64;
-        let body: Option<Body> = (!request.head)
-            .then(|| Box::pin(futures::stream::once(async move { Ok(bytes) })) as Body);
-        Ok(Some(Object {
-            digest,
-            media_type,
-            size,
-            range: None,
-            body,
-            source: "upstream",
-        }))
+        Ok((digest, bytes))
     }
 
     /// A blob: whole bodies are verified as they stream; a 206 range is passed through with
@@ -239,7 +245,7 @@ impl UpstreamSource {
         check_announced(digest, oci::content_digest(response.headers()))?;
         let media_type = media_type(response.headers(), Kind::Blob);
         let idle = self.client.timeouts().idle;
-        if response.status() == StatusCode::PARTIAL_CONTENT {
+        let (size, range, body) = if response.status() == StatusCode::PARTIAL_CONTENT {
             let (range, size) = oci::content_range(response.headers())
                 .ok_or_else(|| "upstream sent 206 without a usable Content-Range".to_owned())?;
             let len = range.end() - range.start() + 1;
@@ -248,26 +254,21 @@ impl UpstreamSource {
             }
             let body = (!request.head)
                 .then(|| length_checked_body(data_stream(response.into_body(), idle), len));
-            return Ok(Object {
-                digest,
-                media_type,
-                size,
-                range: Some(range),
-                body,
-                source: "upstream",
-            });
-        }
-        let size = oci::content_length(response.headers())
-            .ok_or_else(|| "upstream sent no Content-Length for a blob".to_owned())?;
-        // A 200 to a Range request: upstream ignored the range, which HTTP allows; the whole
-        // blob is served (and verified), with `range: None` saying so.
-        let body = (!request.head)
-            .then(|| verified_body(data_stream(response.into_body(), idle), digest, size));
+            (size, Some(range), body)
+        } else {
+            let size = oci::content_length(response.headers())
+                .ok_or_else(|| "upstream sent no Content-Length for a blob".to_owned())?;
+            // A 200 to a Range request: upstream ignored the range, which HTTP allows; the
+            // whole blob is served (and verified), with `range: None` saying so.
+            let body = (!request.head)
+                .then(|| verified_body(data_stream(response.into_body(), idle), digest, size));
+            (size, None, body)
+        };
         Ok(Object {
             digest,
             media_type,
             size,
-            range: None,
+            range,
             body,
             source: "upstream",
         })
