@@ -1,7 +1,7 @@
 //! [`UpstreamClient`]: the HTTP client for upstream registries (verified TLS, pooled
 //! connections, every wait bounded), verbatim passthrough of intercepted requests, and the
 //! request loop that follows redirects as [`redirect::decide`] says.
-use std::{fmt, io, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -12,8 +12,7 @@ use hyper_util::{
     client::legacy::Client,
     rt::{TokioExecutor, TokioTimer},
 };
-use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use rustls::RootCertStore;
 use tokio_rustls::TlsConnector;
 
 use super::{
@@ -24,6 +23,7 @@ use super::{
     hop_by_hop::strip_hop_by_hop,
     redirect::{self, Decision, Hop},
     target::Target,
+    trust,
 };
 use crate::{
     body::{BoxBody, BoxError},
@@ -49,44 +49,13 @@ impl UpstreamClient {
     /// A client trusting the system roots (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`) plus the
     /// `--upstream-ca-file`s. Blocking file IO: call at startup.
     pub fn new(args: &UpstreamArgs) -> Result<Self, UpstreamError> {
-        let mut roots = RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for err in &native.errors {
-            tracing::warn!(%err, "problem loading system CA certificates");
-        }
-        let (added, ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(added, ignored, "system CA certificates loaded");
-        for path in &args.upstream_ca_files {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| UpstreamError::CaFile {
-                    path: path.clone(),
-                    source: io::Error::other(e.to_string()),
-                })?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| UpstreamError::CaFile {
-                    path: path.clone(),
-                    source: io::Error::other(e.to_string()),
-                })?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(UpstreamError::NoCertificates { path: path.clone() });
-            }
-        }
-        if roots.is_empty() {
-            tracing::warn!("no trusted CA certificates: every TLS upstream will be refused");
-        }
+        let roots = trust::roots(&args.upstream_ca_files)?;
         Self::with_roots(roots, Timeouts::from(args))
     }
 
     /// A client trusting exactly `roots`.
     pub fn with_roots(roots: RootCertStore, timeouts: Timeouts) -> Result<Self, UpstreamError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(UpstreamError::Tls)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = trust::client_config(roots)?;
         let connector = Connector::new(TlsConnector::from(Arc::new(config)), timeouts.connect);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())

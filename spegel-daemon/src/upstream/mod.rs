@@ -8,10 +8,11 @@
 //! (scheme, host, dialled address) by hyper-util's client: the target is encoded into a
 //! synthetic authority that only our connector understands and that never reaches the wire.
 //!
-//! Top-down: [`source`] (object requests → upstream requests → verified objects) and
-//! [`client`] (passthrough, the request loop) use [`redirect`] (the redirect policy),
-//! [`hop_by_hop`], [`body`] (reading answers), and [`connect`] / [`target`] (dialling);
-//! [`args`] and [`error`] are the flags and failures.
+//! The files, top-down: `source` (object requests → upstream requests → verified objects) and
+//! `client` (passthrough, and the request loop that follows redirects) use `redirect` (the
+//! redirect policy, a pure decision), `hop_by_hop`, `body` (reading answers), `connect` and
+//! `target` (dialling, the synthetic authority) and `trust` (CA roots, TLS configuration);
+//! `args` and `error` are the flags and the failures.
 
 mod args;
 mod body;
@@ -22,6 +23,7 @@ mod hop_by_hop;
 mod redirect;
 mod source;
 mod target;
+mod trust;
 
 pub use args::{Timeouts, UpstreamArgs};
 pub use client::UpstreamClient;
