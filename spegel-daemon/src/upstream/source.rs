@@ -321,3 +321,127 @@ fn media_type(headers: &HeaderMap, kind: Kind) -> String {
             str::to_owned,
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(kind: Kind, repository: &str, reference: Reference) -> ObjectRequest {
+        ObjectRequest {
+            kind,
+            registry: None,
+            repository: repository.to_owned(),
+            reference,
+            range: None,
+            head: false,
+            headers: HeaderMap::new(),
+            origin: None,
+            mirrored: false,
+        }
+    }
+
+    #[test]
+    fn object_paths_stay_inside_the_registry_api() {
+        let digest = Digest::of(b"x");
+        let tag = |tag: &str| Reference::Tag(tag.to_owned());
+        let cases = [
+            (
+                Kind::Manifest,
+                "library/app",
+                tag("v1.2"),
+                Ok("/v2/library/app/manifests/v1.2".to_owned()),
+            ),
+            (
+                Kind::Manifest,
+                "app",
+                Reference::Digest(digest),
+                Ok(format!("/v2/app/manifests/{digest}")),
+            ),
+            (
+                Kind::Blob,
+                "a/b/c",
+                Reference::Digest(digest),
+                Ok(format!("/v2/a/b/c/blobs/{digest}")),
+            ),
+            (
+                Kind::Blob,
+                "app",
+                tag("v1"),
+                Err("blobs are addressed by digest"),
+            ),
+            (
+                Kind::Manifest,
+                "../../etc",
+                tag("v1"),
+                Err("invalid repository name"),
+            ),
+            (
+                Kind::Manifest,
+                "App",
+                tag("v1"),
+                Err("invalid repository name"),
+            ),
+            (Kind::Manifest, "app", tag("v1/../x"), Err("invalid tag")),
+            (Kind::Manifest, "app", tag("v1?x=1"), Err("invalid tag")),
+        ];
+        for (kind, repository, reference, want) in cases {
+            let got = object_path(&request(kind, repository, reference.clone()));
+            match want {
+                Ok(path) => assert_eq!(got, Ok(path), "{repository} {reference:?}"),
+                Err(reason) => {
+                    let err = got.expect_err(repository);
+                    assert!(err.contains(reason), "{repository} {reference:?}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn announced_digests_must_match() {
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        assert_eq!(check_announced(a, None), Ok(()));
+        assert_eq!(check_announced(a, Some(a)), Ok(()));
+        assert_eq!(
+            check_announced(a, Some(b)),
+            Err(format!("upstream announced {b} for {a}"))
+        );
+    }
+
+    #[test]
+    fn media_types_fall_back_by_kind() {
+        let cases = [
+            (
+                Some("application/vnd.oci.image.index.v1+json"),
+                Kind::Manifest,
+                oci::OCI_INDEX,
+            ),
+            (
+                Some("application/json; charset=utf-8"),
+                Kind::Manifest,
+                "application/json",
+            ),
+            (
+                Some(" application/x-tar ;q=1"),
+                Kind::Blob,
+                "application/x-tar",
+            ),
+            (None, Kind::Manifest, oci::OCI_MANIFEST),
+            (None, Kind::Blob, oci::OCTET_STREAM),
+            (Some(""), Kind::Blob, oci::OCTET_STREAM),
+            (Some("; charset=utf-8"), Kind::Manifest, oci::OCI_MANIFEST),
+        ];
+        for (content_type, kind, want) in cases {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = content_type {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            }
+            assert_eq!(media_type(&headers, kind), want, "{content_type:?}");
+        }
+        let mut binary = HeaderMap::new();
+        binary.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        );
+        assert_eq!(media_type(&binary, Kind::Blob), oci::OCTET_STREAM);
+    }
+}
