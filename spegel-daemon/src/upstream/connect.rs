@@ -25,14 +25,14 @@ use tokio_rustls::TlsConnector;
 use super::target::Target;
 
 /// Any byte stream to an upstream: plain TCP or TLS over it.
-pub(super) trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// A plain or TLS connection to an upstream (tokio implements the IO traits for the box).
-pub(super) type Conn = Box<dyn Stream>;
+pub(super) type Conn = Box<dyn Io>;
 
-impl Connection for Box<dyn Stream> {
+impl Connection for Box<dyn Io> {
     fn connected(&self) -> Connected {
         Connected::new()
     }
