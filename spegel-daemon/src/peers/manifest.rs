@@ -1,6 +1,4 @@
 //! Manifests from peers, by digest or tag: read whole and verified before anything is returned.
-use std::collections::HashSet;
-
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode, header};
 use tokio::time::timeout;
@@ -33,41 +31,44 @@ impl Inner {
         request: &ObjectRequest,
         target: &Target,
     ) -> Result<Object, SourceError> {
-        let no_exclusions = HashSet::new();
-        let race = self.race(&target.key, &no_exclusions, |peer| async move {
-            let mut response = self
-                .send(&peer, Method::GET, request, &target.reference, None)
-                .await?;
-            if response.status != StatusCode::OK {
-                return Err(AttemptError::Failed(
-                    "partial answer to a full request".into(),
-                ));
-            }
-            let digest = match target.digest {
-                Some(digest) => digest,
-                None => crate::oci::content_digest(&response.headers)
-                    .ok_or_else(|| AttemptError::Failed("tag answer without a digest".into()))?,
-            };
-            let media_type = response
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| AttemptError::Failed("manifest without a Content-Type".into()))?
-                .to_owned();
-            if response.span.total > MANIFEST_MAX_SIZE {
-                return Err(AttemptError::Failed(format!(
-                    "manifest of {} bytes is over the {MANIFEST_MAX_SIZE}-byte limit",
-                    response.span.total
-                )));
-            }
-            let bytes = self.read_manifest(&mut response, digest).await?;
-            Ok(Manifest {
-                digest,
-                media_type,
-                bytes,
-            })
-        });
+        let race = self.ask(
+            request,
+            target,
+            Method::GET,
+            None,
+            |mut response| async move {
+                if response.status != StatusCode::OK {
+                    return Err(AttemptError::Failed(
+                        "partial answer to a full request".into(),
+                    ));
+                }
+                let digest = match target.digest {
+                    Some(digest) => digest,
+                    None => crate::oci::content_digest(&response.headers).ok_or_else(|| {
+                        AttemptError::Failed("tag answer without a digest".into())
+                    })?,
+                };
+                let media_type = response
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| AttemptError::Failed("manifest without a Content-Type".into()))?
+                    .to_owned();
+                if response.span.total > MANIFEST_MAX_SIZE {
+                    return Err(AttemptError::Failed(format!(
+                        "manifest of {} bytes is over the {MANIFEST_MAX_SIZE}-byte limit",
+                        response.span.total
+                    )));
+                }
+                let bytes = self.read_manifest(&mut response, digest).await?;
+                Ok(Manifest {
+                    digest,
+                    media_type,
+                    bytes,
+                })
+            },
+        );
         let (peer, manifest) = match timeout(self.config.manifest_timeout, race).await {
             Ok(result) => result.map_err(race_error)?,
             Err(_) => return Err(SourceError::NotFound),

@@ -36,7 +36,7 @@ mod race;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -199,11 +199,7 @@ impl Inner {
         target: &Target,
     ) -> Result<Object, SourceError> {
         let digest = target.digest.ok_or(SourceError::NotFound)?;
-        let no_exclusions = HashSet::new();
-        let race = self.race(&target.key, &no_exclusions, |peer| async move {
-            let response = self
-                .send(&peer, Method::HEAD, request, &target.reference, None)
-                .await?;
+        let race = self.ask(request, target, Method::HEAD, None, |response| async move {
             if response.status != StatusCode::OK {
                 return Err(AttemptError::Failed("partial answer to HEAD".into()));
             }
@@ -238,36 +234,32 @@ impl Inner {
         target: &Target,
     ) -> Result<Object, SourceError> {
         let digest = target.digest.ok_or(SourceError::NotFound)?;
-        let no_exclusions = HashSet::new();
-        let race = self.race(&target.key, &no_exclusions, |peer| async move {
-            let response = self
-                .send(
-                    &peer,
-                    Method::GET,
-                    request,
-                    &target.reference,
-                    request.range,
-                )
-                .await?;
-            let span = response.span;
-            let want = wanted(request.range, span.total).ok_or_else(|| {
-                AttemptError::Failed(format!("range not satisfiable for {} bytes", span.total))
-            })?;
-            if span.start > want.start || span.end() < want.end {
-                return Err(AttemptError::Failed(format!(
-                    "peer sent bytes {}..{} of {}, not {}..{}",
-                    span.start,
-                    span.end(),
-                    span.total,
-                    want.start,
-                    want.end
-                )));
-            }
-            if span.total == 0 && digest != Digest::of(b"") {
-                return Err(AttemptError::Corrupt(digest));
-            }
-            Ok((response, want))
-        });
+        let race = self.ask(
+            request,
+            target,
+            Method::GET,
+            request.range,
+            |response| async move {
+                let span = response.span;
+                let want = wanted(request.range, span.total).ok_or_else(|| {
+                    AttemptError::Failed(format!("range not satisfiable for {} bytes", span.total))
+                })?;
+                if span.start > want.start || span.end() < want.end {
+                    return Err(AttemptError::Failed(format!(
+                        "peer sent bytes {}..{} of {}, not {}..{}",
+                        span.start,
+                        span.end(),
+                        span.total,
+                        want.start,
+                        want.end
+                    )));
+                }
+                if span.total == 0 && digest != Digest::of(b"") {
+                    return Err(AttemptError::Corrupt(digest));
+                }
+                Ok((response, want))
+            },
+        );
         let (peer, (response, want)) = race.await.map_err(race_error)?;
         let total = response.span.total;
         let range = request
