@@ -7,7 +7,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 pub mod buffered;
 pub mod verify;
 
-pub use verify::{BodyCheck, VerifiedBody, VerifyError};
+pub use verify::{BodyCheck, ReadError, VerifiedBody, VerifyError, read_whole};
 
 /// A boxed error, as hyper bodies carry them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -16,7 +16,10 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt as _};
 
-use crate::oci::digest::{Digest, Verifier};
+use crate::{
+    oci::digest::{Digest, Verifier},
+    source::Body,
+};
 
 /// Why a body failed its check. `Display` reads after the sender's name: "upstream sent …".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,6 +201,14 @@ where
             from,
             done: false,
         }
+    }
+
+    /// As the body type sources return.
+    pub fn into_body(self) -> Body
+    where
+        S: Send + 'static,
+    {
+        Box::pin(self)
     }
 
     /// The check, to continue the object from another stream after this one failed (its
