@@ -11,10 +11,9 @@
 //! out of a fixed memory budget; when it is spent, blobs stream instead of waiting.
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 
+use super::verify::{BodyCheck, ReadError, read_whole};
 use crate::{
     oci::Kind, source::Object, source::ObjectRequest, source::Source, source::SourceError,
 };
@@ -70,33 +69,22 @@ impl Source for Buffered {
             tracing::debug!(digest = %object.digest, size = object.size, "buffer budget spent; streaming");
             return Ok(object);
         };
-        let Some(mut body) = object.body.take() else {
+        let Some(body) = object.body.take() else {
             return Ok(object);
         };
-        let size = usize::try_from(object.size)
-            .map_err(|_| SourceError::Unavailable("blob too large".into()))?;
-        let mut buffer = BytesMut::with_capacity(size);
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|err| {
-                tracing::warn!(digest = %object.digest, %err, "peer blob failed before anything was sent; trying the next source");
-                SourceError::Unavailable(format!("peer transfer of {} failed: {err}", object.digest))
+        // The peer body checks the digest of a whole blob itself (tail held back); reading it
+        // through a length check makes the whole answer known before the first byte is sent.
+        let bytes = read_whole(body, BodyCheck::part(object.size))
+            .await
+            .map_err(|err| match err {
+                ReadError::Io(err) => {
+                    tracing::warn!(digest = %object.digest, %err, "peer blob failed before anything was sent; trying the next source");
+                    SourceError::Unavailable(format!("peer transfer of {} failed: {err}", object.digest))
+                }
+                ReadError::Verify(err) => {
+                    SourceError::Unavailable(format!("peer {err} for {}", object.digest))
+                }
             })?;
-            if buffer.len() + chunk.len() > size {
-                return Err(SourceError::Unavailable(format!(
-                    "peer sent more than {size} bytes for {}",
-                    object.digest
-                )));
-            }
-            buffer.extend_from_slice(&chunk);
-        }
-        if buffer.len() != size {
-            return Err(SourceError::Unavailable(format!(
-                "peer sent {} of {size} bytes for {}",
-                buffer.len(),
-                object.digest
-            )));
-        }
-        let bytes = buffer.freeze();
         // The budget is returned once the client has taken the bytes.
         object.body = Some(Box::pin(futures::stream::once(async move {
             let _permit = permit;
@@ -111,6 +99,7 @@ mod tests {
     use std::io;
 
     use bytes::Bytes;
+    use futures::StreamExt as _;
     use http::HeaderMap;
 
     use super::*;

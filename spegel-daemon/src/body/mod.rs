@@ -1,9 +1,13 @@
-//! Response bodies on their way to containerd: the one boxed body type every HTTP path uses, and
-//! verify-before-send buffering of peer blobs.
+//! Response bodies on their way to containerd: the one boxed body type every HTTP path uses, the
+//! verified body (length and digest checked, tail held back), and verify-before-send buffering
+//! of peer blobs.
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
 pub mod buffered;
+pub mod verify;
+
+pub use verify::{BodyCheck, ReadError, VerifiedBody, VerifyError, read_whole};
 
 /// A boxed error, as hyper bodies carry them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -5,13 +5,16 @@ use std::{collections::HashSet, io, ops::Range, sync::Arc, time::Duration};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{Method, header};
-use http_body_util::BodyExt;
 use tokio::time::{Instant, timeout};
 
-use super::{AttemptError, Inner, PeerResponse, bump};
+use super::{
+    Inner,
+    attempt::{AttemptError, PeerResponse, ReadFailure},
+    bump,
+};
 use crate::{
-    oci::ByteRange, oci::digest::Digest, oci::digest::Verifier, routing::Peer, source::Body,
-    source::ObjectRequest,
+    body::BodyCheck, body::VerifyError, oci::ByteRange, oci::digest::Digest, routing::Peer,
+    source::Body, source::ObjectRequest,
 };
 
 /// Where the bytes currently come from.
@@ -36,8 +39,9 @@ pub(super) struct BlobStream {
     next: u64,
     /// One past the last byte to deliver.
     end: u64,
-    /// Present only when the whole object is delivered: a part cannot be verified.
-    verifier: Option<Verifier>,
+    /// The check of the bytes delivered: digest and length when the whole object is delivered
+    /// (a part cannot be verified), else the length only. It carries over resumes.
+    check: BodyCheck,
     current: Current,
     /// Bytes the current source sends before `next` (it started earlier than asked).
     skip: u64,
@@ -82,7 +86,11 @@ impl BlobStream {
             total: span.total,
             next: want.start,
             end: want.end,
-            verifier: (want.start == 0 && want.end == span.total).then(|| Verifier::new(digest)),
+            check: if want.start == 0 && want.end == span.total {
+                BodyCheck::whole(digest, span.total)
+            } else {
+                BodyCheck::part(want.end - want.start)
+            },
             skip: want.start.saturating_sub(span.start),
             tried: HashSet::new(),
             contributors: vec![peer.clone()],
@@ -108,22 +116,16 @@ impl BlobStream {
             }
             if self.next >= self.end {
                 // An empty object or range: nothing to send (its digest was checked up front).
-                self.done = true;
-                self.current = Current::Nothing;
-                return None;
+                return self.complete(Ok(None));
             }
             let stall = self.inner.config.stall_timeout;
             let waiting = Instant::now();
             let read = match &mut self.current {
-                Current::Peer { response, .. } => {
-                    match timeout(stall, response.body.frame()).await {
-                        Err(_) => Err(format!("no bytes for {stall:?}")),
-                        Ok(None) => Ok(None),
-                        Ok(Some(Err(e))) => Err(e.to_string()),
-                        // Trailers carry no data: read on.
-                        Ok(Some(Ok(frame))) => Ok(Some(frame.into_data().unwrap_or_default())),
-                    }
-                }
+                Current::Peer { response, .. } => match response.data(stall).await {
+                    Err(ReadFailure::Stalled) => Err(format!("no bytes for {stall:?}")),
+                    Err(ReadFailure::Broken(e)) => Err(e.to_string()),
+                    Ok(data) => Ok(data),
+                },
                 Current::Fallback(body) => match timeout(stall, body.next()).await {
                     Err(_) => Err(format!("no bytes for {stall:?}")),
                     Ok(None) => Ok(None),
@@ -193,30 +195,44 @@ impl BlobStream {
         if data.is_empty() {
             return None;
         }
-        if let Some(verifier) = &mut self.verifier {
-            verifier.update(&data);
-        }
         self.next += data.len() as u64;
-        if self.next < self.end {
-            return Some(Ok(data));
+        let pushed = self.check.push(data);
+        if self.next < self.end || pushed.is_err() {
+            return self.checked(pushed);
         }
-        // This chunk completes the object: it is released only if everything hashes right, so
-        // a client never holds a complete but wrong object.
+        // This chunk completes what was asked (sources are cut off here). The check held it
+        // back: it is released only if everything hashes right, so a client never holds a
+        // complete but wrong object.
+        self.complete(pushed)
+    }
+
+    /// End the body: the last bytes to hand out (or the failure), then nothing.
+    fn complete(
+        &mut self,
+        pushed: Result<Option<Bytes>, VerifyError>,
+    ) -> Option<io::Result<Bytes>> {
         self.done = true;
         self.current = Current::Nothing;
-        if let Some(verifier) = self.verifier.take()
-            && !verifier.verify()
-        {
-            bump(&self.inner.metrics.verify_failures, 1);
-            for peer in &self.contributors {
-                self.inner.quarantine(peer, self.digest);
+        let last = pushed.and_then(|first| Ok(first.or(self.check.finish()?)));
+        self.checked(last)
+    }
+
+    /// What the check said, as a body item; a mismatch quarantines every peer that contributed.
+    fn checked(&mut self, result: Result<Option<Bytes>, VerifyError>) -> Option<io::Result<Bytes>> {
+        match result {
+            Ok(bytes) => bytes.map(Ok),
+            Err(err) => {
+                self.done = true;
+                self.current = Current::Nothing;
+                if let VerifyError::Mismatch { .. } = err {
+                    bump(&self.inner.metrics.verify_failures, 1);
+                    for peer in &self.contributors {
+                        self.inner.quarantine(peer, self.digest);
+                    }
+                }
+                Some(Err(err.into_io("peers")))
             }
-            return Some(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("content from peers does not match {}", self.digest),
-            )));
         }
-        Some(Ok(data))
     }
 
     /// Continue the body from `next` with another peer, else the fallback source. When `slow`,

@@ -4,10 +4,15 @@
 use std::{collections::HashSet, future::Future};
 
 use futures::{StreamExt, stream::FuturesUnordered};
+use http::Method;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
-use super::{AttemptError, Inner, bump};
-use crate::routing::{Peer, RouterError};
+use super::{AttemptError, Inner, Target, attempt::PeerResponse, bump};
+use crate::{
+    oci::ByteRange,
+    routing::{Peer, RouterError},
+    source::ObjectRequest,
+};
 
 /// Why a race produced nothing.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,31 @@ pub(super) enum RaceError {
 }
 
 impl Inner {
+    /// Race the peers holding `target`: send each a `method` request (with `range`), and let
+    /// `accept` turn its answer into the result or reject it.
+    pub(super) async fn ask<T, F, Fut>(
+        &self,
+        request: &ObjectRequest,
+        target: &Target,
+        method: Method,
+        range: Option<ByteRange>,
+        accept: F,
+    ) -> Result<(Peer, T), RaceError>
+    where
+        F: Fn(PeerResponse) -> Fut,
+        Fut: Future<Output = Result<T, AttemptError>>,
+    {
+        let no_exclusions = HashSet::new();
+        let (method, accept) = (&method, &accept);
+        self.race(&target.key, &no_exclusions, |peer| async move {
+            let response = self
+                .send(&peer, method.clone(), request, &target.reference, range)
+                .await?;
+            accept(response).await
+        })
+        .await
+    }
+
     /// Look `key` up and run `attempt` against the peers found (never those in `exclude`, nor
     /// banned ones) until one succeeds.
     ///

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::mpsc};
 
 use super::*;
-use crate::routing::RouterError;
+use crate::routing::{Peer, RouterError};
 
 const REPO: &str = "library/app";
 const REGISTRY: &str = "docker.io";
