@@ -1,5 +1,5 @@
 //! Reading upstream response bodies: every body bounded by the idle timeout, whole reads with a
-//! cap, and the checks a streamed object gets on its way through (digest and length).
+//! cap. Streamed objects are checked by [`crate::body::VerifiedBody`] on their way through.
 use std::{io, time::Duration};
 
 use bytes::{Bytes, BytesMut};
@@ -9,11 +9,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tower_http::timeout::{TimeoutBody, TimeoutError};
 
-use crate::{
-    body::{BoxBody, BoxError},
-    oci::digest::{Digest, Verifier},
-    source::Body,
-};
+use crate::body::{BoxBody, BoxError};
 
 /// An upstream body that fails with [`io::ErrorKind::TimedOut`] when upstream stays silent for
 /// `idle` while it is being read.
@@ -92,112 +88,14 @@ pub(super) enum ReadError {
     TooLarge,
 }
 
-/// Streams a blob through a [`Verifier`], holding back the last chunk until the whole content
-/// checks out: a client that reads the body to its end without error got the right bytes. On
-/// a mismatch (or a wrong length) the body ends with an error instead of its tail.
-pub(super) fn verified_body(
-    inner: impl Stream<Item = io::Result<Bytes>> + Send + Unpin + 'static,
-    digest: Digest,
-    size: u64,
-) -> Body {
-    struct State<S> {
-        inner: S,
-        verifier: Verifier,
-        held: Option<Bytes>,
-        done: bool,
-    }
-    let state = State {
-        inner,
-        verifier: Verifier::new(digest),
-        held: None,
-        done: false,
-    };
-    Box::pin(futures::stream::unfold(
-        state,
-        move |mut state| async move {
-            if state.done {
-                return None;
-            }
-            loop {
-                match state.inner.next().await {
-                    Some(Ok(chunk)) => {
-                        state.verifier.update(&chunk);
-                        if state.verifier.len() > size {
-                            state.done = true;
-                            let err = invalid_data(format!(
-                                "upstream sent more than {size} bytes for {digest}"
-                            ));
-                            return Some((Err(err), state));
-                        }
-                        if let Some(previous) = state.held.replace(chunk) {
-                            return Some((Ok(previous), state));
-                        }
-                    }
-                    Some(Err(err)) => {
-                        state.done = true;
-                        return Some((Err(err), state));
-                    }
-                    None => {
-                        state.done = true;
-                        let len = state.verifier.len();
-                        if len != size {
-                            let err = invalid_data(format!(
-                                "upstream sent {len} of {size} bytes for {digest}"
-                            ));
-                            return Some((Err(err), state));
-                        }
-                        if !state.verifier.clone().verify() {
-                            tracing::warn!(%digest, "upstream blob does not match its digest");
-                            let err =
-                                invalid_data(format!("upstream content does not match {digest}"));
-                            return Some((Err(err), state));
-                        }
-                        return state.held.take().map(|last| (Ok(last), state));
-                    }
-                }
-            }
-        },
-    ))
-}
-
-/// Passes a range's bytes through, failing if upstream sends more or fewer than `len`.
-pub(super) fn length_checked_body(
-    inner: impl Stream<Item = io::Result<Bytes>> + Send + Unpin + 'static,
-    len: u64,
-) -> Body {
-    Box::pin(futures::stream::unfold(
-        (inner, 0u64, false),
-        move |(mut inner, mut seen, done)| async move {
-            if done {
-                return None;
-            }
-            match inner.next().await {
-                Some(Ok(chunk)) => {
-                    seen += chunk.len() as u64;
-                    if seen > len {
-                        let err = invalid_data(format!("upstream sent more than {len} bytes"));
-                        return Some((Err(err), (inner, seen, true)));
-                    }
-                    Some((Ok(chunk), (inner, seen, false)))
-                }
-                Some(Err(err)) => Some((Err(err), (inner, seen, true))),
-                None if seen == len => None,
-                None => {
-                    let err = invalid_data(format!("upstream sent {seen} of {len} bytes"));
-                    Some((Err(err), (inner, seen, true)))
-                }
-            }
-        },
-    ))
-}
-
-fn invalid_data(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        body::{BodyCheck, VerifiedBody},
+        oci::digest::Digest,
+        source::Body,
+    };
 
     /// Name, chunks upstream sends, whether an error follows them, the expected length, the
     /// bytes the body yields, and the kind of error it ends with.
@@ -267,11 +165,11 @@ mod tests {
                 invalid,
             ),
             (
-                "too short",
+                "too short: nothing completes the object",
                 &[b"0123", b"4567"],
                 false,
                 10,
-                b"0123",
+                b"01234567",
                 invalid,
             ),
             (
@@ -287,12 +185,17 @@ mod tests {
                 &[b"0123", b"4567"],
                 true,
                 10,
-                b"0123",
+                b"01234567",
                 Some(io::ErrorKind::Other),
             ),
         ];
         for (name, parts, error, size, bytes, ends_with) in cases {
-            let body = verified_body(chunks(parts, error), digest, size);
+            let body = VerifiedBody::new(
+                chunks(parts, error),
+                BodyCheck::whole(digest, size),
+                "upstream",
+            )
+            .into_body();
             assert_eq!(drain(body).await, (bytes.to_vec(), ends_with), "{name}");
         }
     }
@@ -315,7 +218,8 @@ mod tests {
             ),
         ];
         for (name, parts, error, len, bytes, ends_with) in cases {
-            let body = length_checked_body(chunks(parts, error), len);
+            let body = VerifiedBody::new(chunks(parts, error), BodyCheck::part(len), "upstream")
+                .into_body();
             assert_eq!(drain(body).await, (bytes.to_vec(), ends_with), "{name}");
         }
     }

@@ -6,12 +6,11 @@ use hyper::body::Incoming;
 
 use super::{
     UpstreamClient,
-    body::{
-        ReadError, data_stream, length_checked_body, read_capped, read_truncated, verified_body,
-    },
+    body::{ReadError, data_stream, read_capped, read_truncated},
     hop_by_hop::strip_hop_by_hop,
 };
 use crate::{
+    body::{BodyCheck, VerifiedBody},
     oci::{self, Kind, Reference, digest::Digest},
     source::{Body, Object, ObjectRequest, Source, SourceError},
 };
@@ -252,16 +251,25 @@ impl UpstreamSource {
             if oci::content_length(response.headers()).is_some_and(|cl| cl != len) {
                 return Err("upstream Content-Length disagrees with its Content-Range".to_owned());
             }
-            let body = (!request.head)
-                .then(|| length_checked_body(data_stream(response.into_body(), idle), len));
+            let body = (!request.head).then(|| {
+                VerifiedBody::new(
+                    data_stream(response.into_body(), idle),
+                    BodyCheck::part(len),
+                    "upstream",
+                )
+                .into_body()
+            });
             (size, Some(range), body)
         } else {
             let size = oci::content_length(response.headers())
                 .ok_or_else(|| "upstream sent no Content-Length for a blob".to_owned())?;
             // A 200 to a Range request: upstream ignored the range, which HTTP allows; the
             // whole blob is served (and verified), with `range: None` saying so.
-            let body = (!request.head)
-                .then(|| verified_body(data_stream(response.into_body(), idle), digest, size));
+            let body = (!request.head).then(|| {
+                let check = BodyCheck::whole(digest, size);
+                VerifiedBody::new(data_stream(response.into_body(), idle), check, "upstream")
+                    .into_body()
+            });
             (size, None, body)
         };
         Ok(Object {
