@@ -106,11 +106,7 @@ impl Lookups {
             }
             return;
         }
-        let subscriber = Subscriber {
-            tx,
-            want: count,
-            sent: 0,
-        };
+        let subscriber = Subscriber::new(tx, count);
         if let Some(lookup) = self.active.get_mut(&content_key) {
             if lookup.subscribers.len() < MAX_SUBSCRIBERS {
                 lookup.add_subscriber(subscriber);
@@ -129,20 +125,8 @@ impl Lookups {
             .kad
             .get_providers(content_key.record_key());
         self.queries.insert(query, content_key);
-        self.active.insert(
-            content_key,
-            Lookup {
-                key,
-                subscribers: vec![subscriber],
-                found: Vec::new(),
-                seen: HashSet::new(),
-                candidates: VecDeque::new(),
-                resolving: HashMap::new(),
-                query: Some(query),
-                started: now,
-                deadline: now + self.timeout,
-            },
-        );
+        let lookup = Lookup::new(key, subscriber, Some(query), now, now + self.timeout);
+        self.active.insert(content_key, lookup);
     }
 
     /// A step of a provider query: new candidates, and whether the query is over.
@@ -303,9 +287,39 @@ impl Env<'_> {
     }
 }
 
+// === impl Subscriber ===
+
+impl Subscriber {
+    /// A caller that wants up to `want` peers on `tx`.
+    fn new(tx: mpsc::Sender<Peer>, want: usize) -> Self {
+        Self { tx, want, sent: 0 }
+    }
+}
+
 // === impl Lookup ===
 
 impl Lookup {
+    /// A lookup of `key` for one caller so far, running `query` until `deadline`.
+    fn new(
+        key: String,
+        subscriber: Subscriber,
+        query: Option<kad::QueryId>,
+        started: Instant,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            key,
+            subscribers: vec![subscriber],
+            found: Vec::new(),
+            seen: HashSet::new(),
+            candidates: VecDeque::new(),
+            resolving: HashMap::new(),
+            query,
+            started,
+            deadline,
+        }
+    }
+
     /// Registers a caller, first handing it what was found so far.
     fn add_subscriber(&mut self, mut subscriber: Subscriber) {
         for peer in self.found.iter().take(subscriber.want) {
@@ -364,11 +378,8 @@ impl Lookup {
 mod tests {
     use super::*;
 
-    fn peer(n: u16) -> Peer {
-        Peer {
-            id: format!("peer-{n}"),
-            addr: SocketAddr::from(([127, 0, 0, 1], n)),
-        }
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     #[test]
@@ -377,34 +388,16 @@ mod tests {
         let (tx_one, mut rx_one) = mpsc::channel(1);
         let (tx_three, mut rx_three) = mpsc::channel(3);
         let now = Instant::now();
-        let mut lookup = Lookup {
-            key: "k".into(),
-            subscribers: vec![Subscriber {
-                tx: tx_one,
-                want: 1,
-                sent: 0,
-            }],
-            found: Vec::new(),
-            seen: HashSet::new(),
-            candidates: VecDeque::new(),
-            resolving: HashMap::new(),
-            query: None,
-            started: now,
-            deadline: now,
-        };
+        let mut lookup = Lookup::new("k".into(), Subscriber::new(tx_one, 1), None, now, now);
         assert_eq!(lookup.need(), 1);
         let first = PeerId::random();
-        lookup.deliver(first, peer(1).addr, &stats);
+        lookup.deliver(first, addr(1), &stats);
         // A late subscriber gets what was found so far first.
-        lookup.add_subscriber(Subscriber {
-            tx: tx_three,
-            want: 3,
-            sent: 0,
-        });
+        lookup.add_subscriber(Subscriber::new(tx_three, 3));
         lookup.prune_subscribers();
         assert_eq!(lookup.subscribers.len(), 1, "the satisfied caller is done");
         assert_eq!(lookup.need(), 2);
-        lookup.deliver(PeerId::random(), peer(2).addr, &stats);
+        lookup.deliver(PeerId::random(), addr(2), &stats);
         drop(lookup);
 
         assert_eq!(rx_one.try_recv().unwrap().id, first.to_string());
@@ -417,21 +410,7 @@ mod tests {
 
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
-        let mut lookup_gone = Lookup {
-            key: "k".into(),
-            subscribers: vec![Subscriber {
-                tx,
-                want: 1,
-                sent: 0,
-            }],
-            found: Vec::new(),
-            seen: HashSet::new(),
-            candidates: VecDeque::new(),
-            resolving: HashMap::new(),
-            query: None,
-            started: now,
-            deadline: now,
-        };
+        let mut lookup_gone = Lookup::new("k".into(), Subscriber::new(tx, 1), None, now, now);
         lookup_gone.prune_subscribers();
         assert!(
             lookup_gone.subscribers.is_empty(),

@@ -65,11 +65,11 @@ use handle::{Command, Shared};
 pub use handle::{P2pRouter, Stats};
 pub use seeds::DnsSeed;
 
+pub use crate::routing::MAX_LOOKUP_COUNT;
+
 /// The Kademlia protocol name; nodes with another name do not see each other.
 pub const KAD_PROTOCOL: &str = "/spegel/kad/1.0.0";
 /// The Identify protocol version this node announces.
 const IDENTIFY_PROTOCOL_VERSION: &str = "/spegel/1.0.0";
 /// The file, inside the data directory, that holds the node's Ed25519 key.
 pub const NODE_KEY_FILE: &str = "node.key";
-/// Largest `count` a lookup honours; bounds the channel it returns.
-pub const MAX_LOOKUP_COUNT: usize = 64;

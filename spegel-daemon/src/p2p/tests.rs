@@ -3,11 +3,7 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -352,7 +348,7 @@ async fn records_are_reprovided_until_withdrawn() {
 
 #[tokio::test]
 async fn peer_id_survives_restarts() {
-    let dir = TempDir::new("restart");
+    let dir = tempfile::tempdir().unwrap();
     let config = || {
         let mut config = P2pConfig::new(
             NodeKey::Persistent(dir.path().to_path_buf()),
@@ -369,7 +365,7 @@ async fn peer_id_survives_restarts() {
     assert_eq!(second.router.peer_id(), id);
     second.stop().await;
 
-    let other = TempDir::new("restart-other");
+    let other = tempfile::tempdir().unwrap();
     let mut config = config();
     config.key = NodeKey::Persistent(other.path().to_path_buf());
     let third = Node::start(config);
@@ -451,32 +447,5 @@ async fn tcp_routers_pair_reached_ip_with_announced_port() {
 
     for node in [a, b, c] {
         node.stop().await;
-    }
-}
-
-/// A directory under the system temp dir, removed on drop.
-pub(super) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(super) fn new(name: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "spegel-p2p-{name}-{}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    pub(super) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

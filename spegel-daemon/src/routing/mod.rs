@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
 
+/// Largest `count` a lookup honours, in every router; bounds the channel it returns.
+pub const MAX_LOOKUP_COUNT: usize = 64;
+
 /// A node that provides a key, and where its registry API listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Peer {
