@@ -86,7 +86,9 @@ pub enum NodeKey {
 /// Everything [`P2pRouter::new`] needs.
 #[derive(Debug, Clone)]
 pub struct P2pConfig {
+    /// Where the node's identity comes from.
     pub key: NodeKey,
+    /// Which transport the swarm runs over.
     pub transport: TransportKind,
     /// Addresses to listen on (`/ip4/0.0.0.0/tcp/5001`, `/memory/0`, …).
     pub listen_addrs: Vec<Multiaddr>,
@@ -96,6 +98,7 @@ pub struct P2pConfig {
     pub bootstrap_dns: Option<DnsSeed>,
     /// What this node announces about its registry API.
     pub registry: RegistryAdvertise,
+    /// Timings and limits.
     pub tunables: Tunables,
 }
 
@@ -120,6 +123,7 @@ pub struct Tunables {
     pub rebootstrap_interval: Duration,
     /// First retry delay while the routing table is empty; doubles up to `bootstrap_backoff_max`.
     pub bootstrap_backoff_min: Duration,
+    /// Longest retry delay while the routing table is empty.
     pub bootstrap_backoff_max: Duration,
     /// Seeds taken from the DNS answer, per address family.
     pub dns_seeds_per_family: usize,

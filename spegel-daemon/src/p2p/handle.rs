@@ -17,10 +17,15 @@ const COMMAND_BUFFER: usize = 256;
 /// Counters of the router's work (for metrics).
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Lookups asked for.
     pub lookups: AtomicU64,
+    /// Lookups answered from the result cache.
     pub lookup_cache_hits: AtomicU64,
+    /// Providers handed to callers, resolved to a registry address.
     pub peers_found: AtomicU64,
+    /// Provide queries that reached at least one peer.
     pub provides_ok: AtomicU64,
+    /// Provide queries that reached no peer (retried).
     pub provides_failed: AtomicU64,
 }
 

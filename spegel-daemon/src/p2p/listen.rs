@@ -68,3 +68,38 @@ impl Listening {
         self.addrs.retain(|a| a != address);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_announced_only_when_only_loopback_is_configured() {
+        for (configured, announce) in [
+            (&["/ip4/127.0.0.1/tcp/0"][..], true),
+            (&["/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0"][..], true),
+            (&["/ip4/0.0.0.0/tcp/5001"][..], false),
+            (&["/ip4/127.0.0.1/tcp/0", "/ip4/10.0.0.1/tcp/0"][..], false),
+            (&["/memory/0"][..], false),
+        ] {
+            let addrs: Vec<Multiaddr> = configured.iter().map(|a| a.parse().unwrap()).collect();
+            assert_eq!(
+                Listening::new(&addrs).announce_loopback,
+                announce,
+                "{configured:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn waiters_get_the_first_address() {
+        let mut listening = Listening::new(&[]);
+        let (tx, mut rx) = oneshot::channel();
+        listening.request(tx);
+        assert!(rx.try_recv().is_err(), "nothing bound yet");
+        listening.addrs.push("/memory/7".parse().unwrap());
+        let (tx, mut rx) = oneshot::channel();
+        listening.request(tx);
+        assert_eq!(rx.try_recv().unwrap().len(), 1);
+    }
+}

@@ -14,6 +14,7 @@ use super::{ParseError, socket_multiaddr};
 /// A DNS name whose A/AAAA records are bootstrap peers, with an optional port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsSeed {
+    /// The name (or a bare IP).
     pub host: String,
     /// `None`: the router's own listen port.
     pub port: Option<u16>,

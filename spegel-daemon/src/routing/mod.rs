@@ -1,6 +1,6 @@
-//! Finding which nodes hold a key: the [`Router`] seam, its libp2p Kademlia implementation, an
-//! in-memory one for unit tests, and the loop that keeps this node's advertisements in step with
-//! its store.
+//! Finding which nodes hold a key: the [`Router`] seam, an in-memory implementation for unit
+//! tests, and the loop that keeps this node's advertisements in step with its store. The libp2p
+//! Kademlia implementation is `crate::p2p`.
 use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
