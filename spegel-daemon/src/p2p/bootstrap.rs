@@ -1,230 +1,206 @@
-//! Bootstrap seeds: static multiaddrs and a DNS name (e.g. a headless Service) resolved to a
-//! stable, sorted handful of addresses.
+//! Joining the DHT and staying in it: dialing the static and DNS seeds with backoff while the
+//! routing table is empty, re-bootstrapping periodically once it is not, and tracking its size.
 use std::{
-    collections::BTreeSet,
-    fmt,
-    net::{IpAddr, SocketAddr},
-    str::FromStr,
+    collections::HashMap, future::Future, io, pin::Pin, sync::atomic::Ordering, time::Duration,
 };
 
-use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
+use libp2p::{
+    Multiaddr, PeerId, Swarm,
+    swarm::{
+        ConnectionId, DialError,
+        dial_opts::{DialOpts, PeerCondition},
+    },
+};
+use tokio::time::Instant;
 
-use super::{ParseError, socket_multiaddr};
+use super::{DnsSeed, P2pConfig, Shared, Tunables, behaviour::Behaviour, seeds::StaticSeed};
 
-/// A DNS name whose A/AAAA records are bootstrap peers, with an optional port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsSeed {
-    pub host: String,
-    /// `None`: the router's own listen port.
-    pub port: Option<u16>,
+/// A DNS seed resolution in progress.
+type DnsLookup = Pin<Box<dyn Future<Output = io::Result<Vec<Multiaddr>>> + Send>>;
+
+/// The bootstrap state: seeds, the next attempt and its backoff, the routing table's size.
+pub(super) struct Bootstrap {
+    local: PeerId,
+    tunables: Tunables,
+    seeds: Vec<StaticSeed>,
+    dns_seed: Option<DnsSeed>,
+    dns_seed_port: u16,
+    dns_lookup: Option<DnsLookup>,
+    /// Dials to seeds of unknown peer id still under way, by address.
+    seed_dials: HashMap<Multiaddr, ConnectionId>,
+    /// When the bootstrap timer fires next.
+    at: Instant,
+    backoff: Duration,
+    routing_table_size: usize,
 }
 
-/// A static seed, split into the address to dial and the peer id if the address named one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct StaticSeed {
-    pub(super) addr: Multiaddr,
-    pub(super) peer: Option<PeerId>,
-}
-
-// === impl DnsSeed ===
-
-impl FromStr for DnsSeed {
-    type Err = ParseError;
-
-    /// `name`, `name:port`, `[v6]:port` or a bare IP.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let invalid = || ParseError(format!("invalid bootstrap DNS name `{s}`"));
-        if s.is_empty() {
-            return Err(invalid());
-        }
-        if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(Self {
-                host: addr.ip().to_string(),
-                port: Some(addr.port()),
-            });
-        }
-        if s.parse::<IpAddr>().is_ok() {
-            return Ok(Self {
-                host: s.to_owned(),
-                port: None,
-            });
-        }
-        let (host, port) = match s.rsplit_once(':') {
-            Some((host, port)) => {
-                let port = port.parse::<u16>().map_err(|_| invalid())?;
-                (host, Some(port))
-            }
-            None => (s, None),
-        };
-        let host_ok = !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-        if !host_ok || port == Some(0) {
-            return Err(invalid());
-        }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for DnsSeed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.host.parse::<IpAddr>(), self.port) {
-            (Ok(IpAddr::V6(ip)), Some(port)) => write!(f, "[{ip}]:{port}"),
-            (_, Some(port)) => write!(f, "{}:{port}", self.host),
-            (_, None) => write!(f, "{}", self.host),
-        }
-    }
-}
-
-impl DnsSeed {
-    /// Resolves the name (A and AAAA) and picks the seeds to dial.
-    pub(super) async fn resolve(
-        &self,
-        default_port: u16,
-        per_family: usize,
-    ) -> std::io::Result<Vec<Multiaddr>> {
-        let port = self.port.unwrap_or(default_port);
-        let addrs = tokio::net::lookup_host((self.host.as_str(), port)).await?;
-        Ok(select_seeds(addrs, per_family)
-            .into_iter()
-            .map(socket_multiaddr)
-            .collect())
-    }
-}
-
-/// The first `per_family` addresses of each family in sorted order, IPv4 first, without
-/// duplicates. Every node sorts the same answer the same way, so all nodes dial the same few
-/// seeds and the DHT does not split into islands.
-pub(super) fn select_seeds(
-    addrs: impl IntoIterator<Item = SocketAddr>,
-    per_family: usize,
-) -> Vec<SocketAddr> {
-    let (v4, v6): (BTreeSet<SocketAddr>, BTreeSet<SocketAddr>) =
-        addrs.into_iter().partition(SocketAddr::is_ipv4);
-    v4.into_iter()
-        .take(per_family)
-        .chain(v6.into_iter().take(per_family))
-        .collect()
-}
-
-// === impl StaticSeed ===
-
-impl StaticSeed {
-    /// Splits a trailing `/p2p/<id>` off the address.
-    pub(super) fn new(mut addr: Multiaddr) -> Self {
-        let peer = match addr.iter().last() {
-            Some(Protocol::P2p(peer)) => {
-                addr.pop();
-                Some(peer)
-            }
-            _ => None,
-        };
-        Self { addr, peer }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_dns_seeds() {
-        let seed = |host: &str, port| DnsSeed {
-            host: host.into(),
-            port,
-        };
-        assert_eq!(
-            "spegel-bootstrap.spegel.svc.cluster.local".parse(),
-            Ok(seed("spegel-bootstrap.spegel.svc.cluster.local", None))
-        );
-        assert_eq!("boot:5002".parse(), Ok(seed("boot", Some(5002))));
-        assert_eq!("[fd00::1]:5001".parse(), Ok(seed("fd00::1", Some(5001))));
-        assert_eq!("fd00::1".parse(), Ok(seed("fd00::1", None)));
-        assert_eq!("10.0.0.1".parse(), Ok(seed("10.0.0.1", None)));
-        for bad in [
-            "", "boot:", "boot:0", "boot:x", "bad host", "a/b:1", ":5001",
-        ] {
-            assert!(bad.parse::<DnsSeed>().is_err(), "`{bad}` accepted");
-        }
-        for text in ["boot", "boot:5002", "[fd00::1]:5001", "10.0.0.1:1"] {
-            assert_eq!(text.parse::<DnsSeed>().unwrap().to_string(), text);
-        }
-    }
-
-    #[test]
-    fn selects_sorted_seeds_per_family() {
-        let addrs: Vec<SocketAddr> = [
-            "10.0.0.9:5001",
-            "[fd00::3]:5001",
-            "10.0.0.10:5001",
-            "10.0.0.2:5001",
-            "[fd00::1]:5001",
-            "10.0.0.2:5001",
-            "10.0.0.1:5001",
-        ]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-        let chosen: Vec<String> = select_seeds(addrs.clone(), 3)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(
-            chosen,
-            [
-                "10.0.0.1:5001",
-                "10.0.0.2:5001",
-                "10.0.0.9:5001",
-                "[fd00::1]:5001",
-                "[fd00::3]:5001"
-            ]
-        );
-        // The order of the answer does not matter.
-        let mut reversed = addrs;
-        reversed.reverse();
-        assert_eq!(
-            select_seeds(reversed, 3)
+impl Bootstrap {
+    /// Seeds from `config`; the first attempt is due at once.
+    pub(super) fn new(config: &P2pConfig, local: PeerId) -> Self {
+        Self {
+            local,
+            tunables: config.tunables.clone(),
+            seeds: config
+                .bootstrap_peers
                 .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>(),
-            chosen
-        );
-        assert!(select_seeds(Vec::new(), 3).is_empty());
-    }
-
-    #[tokio::test]
-    async fn resolves_localhost() {
-        let seed: DnsSeed = "localhost".parse().unwrap();
-        let addrs = seed.resolve(5001, 3).await.unwrap();
-        assert!(!addrs.is_empty());
-        for addr in &addrs {
-            let text = addr.to_string();
-            assert!(
-                text == "/ip4/127.0.0.1/tcp/5001" || text == "/ip6/::1/tcp/5001",
-                "unexpected {text}"
-            );
+                .cloned()
+                .map(StaticSeed::new)
+                .collect(),
+            dns_seed: config.bootstrap_dns.clone(),
+            dns_seed_port: config.default_seed_port(),
+            dns_lookup: None,
+            seed_dials: HashMap::new(),
+            at: Instant::now(),
+            backoff: config.tunables.bootstrap_backoff_min,
+            routing_table_size: 0,
         }
-        let seed: DnsSeed = "localhost:6000".parse().unwrap();
-        let addrs = seed.resolve(5001, 3).await.unwrap();
-        assert!(addrs.iter().all(|a| a.to_string().ends_with("/tcp/6000")));
     }
 
-    #[test]
-    fn splits_peer_ids_off_static_seeds() {
-        let peer = PeerId::random();
-        let with: Multiaddr = format!("/ip4/10.0.0.1/tcp/5001/p2p/{peer}")
-            .parse()
-            .unwrap();
-        let seed = StaticSeed::new(with);
-        assert_eq!(seed.peer, Some(peer));
-        assert_eq!(seed.addr.to_string(), "/ip4/10.0.0.1/tcp/5001");
-        let without = StaticSeed::new("/dns4/boot/tcp/5001".parse().unwrap());
-        assert_eq!(without.peer, None);
-        assert_eq!(without.addr.to_string(), "/dns4/boot/tcp/5001");
+    /// When [`Bootstrap::on_timer`] is due.
+    pub(super) fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// Peers in the routing table, as last counted.
+    pub(super) fn routing_table_size(&self) -> usize {
+        self.routing_table_size
+    }
+
+    /// The answer of the DNS seed resolution under way; never resolves while there is none.
+    pub(super) async fn dns_answer(&mut self) -> io::Result<Vec<Multiaddr>> {
+        let Some(lookup) = &mut self.dns_lookup else {
+            return std::future::pending().await;
+        };
+        let answer = lookup.await;
+        self.dns_lookup = None;
+        answer
+    }
+
+    /// The bootstrap timer fired: dial the seeds, then refresh the routing table (when it has
+    /// peers) or retry with backoff (when it has none).
+    pub(super) fn on_timer(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let now = Instant::now();
+        self.dial_seeds(swarm);
+        if self.routing_table_size > 0 {
+            if let Err(error) = swarm.behaviour_mut().kad.bootstrap() {
+                tracing::debug!(%error, "cannot refresh the routing table");
+            }
+            self.backoff = self.tunables.bootstrap_backoff_min;
+            self.at = now + self.tunables.rebootstrap_interval;
+        } else if self.seeds.is_empty() && self.dns_seed.is_none() {
+            // Nothing to dial: this node waits for others to find it.
+            self.at = now + self.tunables.rebootstrap_interval;
+        } else {
+            tracing::debug!(retry_in = ?self.backoff, "no peers yet, dialing seeds");
+            self.at = now + self.backoff;
+            self.backoff = (self.backoff * 2).min(self.tunables.bootstrap_backoff_max);
+        }
+    }
+
+    fn dial_seeds(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let mut unknown = Vec::new();
+        for seed in &self.seeds {
+            match seed.peer {
+                Some(peer) if peer == self.local => {}
+                Some(peer) => {
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(vec![seed.addr.clone()])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(error) = swarm.dial(opts)
+                        && !matches!(error, DialError::DialPeerConditionFalse(_))
+                    {
+                        tracing::debug!(addr = %seed.addr, %error, "cannot dial seed");
+                    }
+                }
+                None => unknown.push(seed.addr.clone()),
+            }
+        }
+        for addr in unknown {
+            self.dial_unknown(swarm, addr);
+        }
+        if let Some(seed) = &self.dns_seed
+            && self.dns_lookup.is_none()
+        {
+            let seed = seed.clone();
+            let port = self.dns_seed_port;
+            let per_family = self.tunables.dns_seeds_per_family;
+            self.dns_lookup = Some(Box::pin(
+                async move { seed.resolve(port, per_family).await },
+            ));
+        }
+    }
+
+    /// Dials a seed whose peer id is unknown (Kademlia adds it once connected), unless a dial
+    /// to that address is still under way: an unreachable seed must not pile up dials while
+    /// bootstrap retries.
+    fn dial_unknown(&mut self, swarm: &mut Swarm<Behaviour>, addr: Multiaddr) {
+        if self.seed_dials.contains_key(&addr) {
+            return;
+        }
+        let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+        let connection = opts.connection_id();
+        match swarm.dial(opts) {
+            Ok(()) => {
+                self.seed_dials.insert(addr, connection);
+            }
+            Err(error) => tracing::debug!(%addr, %error, "cannot dial seed"),
+        }
+    }
+
+    /// The DNS seed name resolved: dial what it named, except this node's own addresses.
+    pub(super) fn on_dns_answer(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        seeds: io::Result<Vec<Multiaddr>>,
+        own_addrs: &[Multiaddr],
+    ) {
+        let seeds = match seeds {
+            Ok(seeds) => seeds,
+            Err(error) => {
+                let name = self.dns_seed.as_ref().map(ToString::to_string);
+                tracing::warn!(name, %error, "cannot resolve bootstrap DNS name");
+                return;
+            }
+        };
+        tracing::debug!(count = seeds.len(), "dialing DNS seeds");
+        for addr in seeds {
+            // The answer usually includes this node; dialing it would only fail.
+            if !own_addrs.contains(&addr) {
+                self.dial_unknown(swarm, addr);
+            }
+        }
+    }
+
+    /// A dial ended (connected or failed): a seed at that address may be dialed again.
+    pub(super) fn dial_ended(&mut self, connection: ConnectionId) {
+        self.seed_dials.retain(|_, dial| *dial != connection);
+    }
+
+    /// Counts the routing table (walking every bucket) and publishes the count; an empty table
+    /// makes the next bootstrap due at once.
+    pub(super) fn refresh_routing_table_size(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        shared: &Shared,
+    ) {
+        let size: usize = swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|bucket| bucket.num_entries())
+            .sum();
+        if size == self.routing_table_size {
+            return;
+        }
+        if size == 0 {
+            tracing::warn!("routing table empty, bootstrapping again");
+            self.backoff = self.tunables.bootstrap_backoff_min;
+            self.at = Instant::now();
+        } else if self.routing_table_size == 0 {
+            tracing::info!(peers = size, "joined the DHT");
+        }
+        self.routing_table_size = size;
+        shared.routing_table_size.store(size, Ordering::Relaxed);
     }
 }

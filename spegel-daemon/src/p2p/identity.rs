@@ -2,7 +2,7 @@
 use std::{
     fs,
     io::{self, Write as _},
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::Path,
 };
 
@@ -51,21 +51,16 @@ pub(super) fn load_or_create(dir: &Path) -> Result<Keypair, P2pError> {
     }
 }
 
-/// Writes through a temporary file and a rename, so a crash never leaves a truncated key.
+/// Writes through a temporary file (mode 0600) in `dir` and a rename, so a crash never leaves a
+/// truncated key.
 fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{NODE_KEY_FILE}.tmp"));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    // `mode` only applies when the file is created; a leftover temporary file may be wider.
-    file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    let mut file = tempfile::Builder::new()
+        .prefix(&format!(".{NODE_KEY_FILE}."))
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)?;
     file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
     if let Ok(dir) = fs::File::open(dir) {
         // Best effort: makes the rename durable; some filesystems refuse fsync on directories.
         let _ = dir.sync_all();
@@ -76,11 +71,10 @@ fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::p2p::tests::TempDir;
 
     #[test]
     fn creates_then_reuses_the_key() {
-        let dir = TempDir::new("identity");
+        let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("nested");
         let first = load_or_create(&data_dir).unwrap();
         let path = data_dir.join(NODE_KEY_FILE);
@@ -89,11 +83,13 @@ mod tests {
         let second = load_or_create(&data_dir).unwrap();
         assert_eq!(first.public().to_peer_id(), second.public().to_peer_id());
         assert!(!data_dir.join("node.key.tmp").exists());
+        let files: Vec<_> = fs::read_dir(&data_dir).unwrap().collect();
+        assert_eq!(files.len(), 1, "no temporary file is left behind");
     }
 
     #[test]
     fn corrupt_key_is_an_error() {
-        let dir = TempDir::new("identity-corrupt");
+        let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(NODE_KEY_FILE), b"not a key").unwrap();
         let err = load_or_create(dir.path()).unwrap_err();
         assert!(matches!(err, P2pError::KeyDecode { .. }), "{err}");

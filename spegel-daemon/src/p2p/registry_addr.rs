@@ -1,13 +1,8 @@
-//! Where a peer's registry API listens: announced in its Identify agent version, completed with
-//! the IP we reach the peer at, and cached per peer.
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+//! Where a peer's registry API listens: announced in its Identify agent version and completed
+//! with the IP we reach the peer at (pure functions; the per-peer cache is in `addresses`).
+use std::net::{IpAddr, SocketAddr};
 
-use libp2p::{Multiaddr, PeerId, core::ConnectedPoint, multiaddr::Protocol};
-use tokio::time::Instant;
+use libp2p::{Multiaddr, core::ConnectedPoint, multiaddr::Protocol};
 
 use super::RegistryAdvertise;
 
@@ -29,21 +24,6 @@ pub(super) enum Quality {
     Dialed,
     /// The peer announced a full address.
     Advertised,
-}
-
-/// Registry addresses of peers, learned from Identify.
-#[derive(Debug)]
-pub(super) struct RegistryCache {
-    entries: HashMap<PeerId, Entry>,
-    ttl: Duration,
-    capacity: usize,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    addr: SocketAddr,
-    quality: Quality,
-    learned: Instant,
 }
 
 /// The agent version announcing `registry`.
@@ -129,81 +109,6 @@ pub(super) fn routable_listen_addrs(
         .take(MAX_LISTEN_ADDRS)
         .cloned()
         .collect()
-}
-
-// === impl RegistryCache ===
-
-impl RegistryCache {
-    pub(super) fn new(ttl: Duration, capacity: usize) -> Self {
-        Self {
-            entries: HashMap::new(),
-            ttl,
-            capacity: capacity.max(1),
-        }
-    }
-
-    /// The peer's registry address, if learned within the TTL.
-    pub(super) fn get(&self, peer: &PeerId, now: Instant) -> Option<SocketAddr> {
-        self.entries
-            .get(peer)
-            .filter(|e| now.duration_since(e.learned) < self.ttl)
-            .map(|e| e.addr)
-    }
-
-    /// Records what a peer told us; a fresh, better-founded address is not replaced by a
-    /// weaker guess (e.g. a dialed IP by the source IP of an inbound connection).
-    pub(super) fn insert(
-        &mut self,
-        peer: PeerId,
-        addr: SocketAddr,
-        quality: Quality,
-        now: Instant,
-    ) {
-        if let Some(old) = self.entries.get_mut(&peer) {
-            let fresh = now.duration_since(old.learned) < self.ttl;
-            if fresh && old.quality > quality {
-                if old.addr.port() != addr.port() && old.quality != Quality::Advertised {
-                    // Same peer, new registry port: keep the better IP, take the new port.
-                    old.addr.set_port(addr.port());
-                }
-                old.learned = now;
-                return;
-            }
-            *old = Entry {
-                addr,
-                quality,
-                learned: now,
-            };
-            return;
-        }
-        if self.entries.len() >= self.capacity {
-            let ttl = self.ttl;
-            self.entries
-                .retain(|_, e| now.duration_since(e.learned) < ttl);
-        }
-        if self.entries.len() >= self.capacity
-            && let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.learned)
-                .map(|(peer, _)| *peer)
-        {
-            self.entries.remove(&oldest);
-        }
-        self.entries.insert(
-            peer,
-            Entry {
-                addr,
-                quality,
-                learned: now,
-            },
-        );
-    }
-
-    /// Drops what a peer told us, e.g. when it announced no registry any more.
-    pub(super) fn remove(&mut self, peer: &PeerId) {
-        self.entries.remove(peer);
-    }
 }
 
 #[cfg(test)]
@@ -328,46 +233,5 @@ mod tests {
             routable_listen_addrs(&many, &ma("/memory/1")).len(),
             MAX_LISTEN_ADDRS
         );
-    }
-
-    #[test]
-    fn cache_keeps_better_addresses_and_expires() {
-        let mut cache = RegistryCache::new(Duration::from_secs(60), 2);
-        let now = Instant::now();
-        let a = PeerId::random();
-        cache.insert(a, sa("10.0.0.8:5000"), Quality::Dialed, now);
-        cache.insert(a, sa("172.16.0.1:5000"), Quality::Guessed, now);
-        assert_eq!(cache.get(&a, now), Some(sa("10.0.0.8:5000")));
-        // A new port is taken, the better IP kept.
-        cache.insert(a, sa("172.16.0.1:6000"), Quality::Guessed, now);
-        assert_eq!(cache.get(&a, now), Some(sa("10.0.0.8:6000")));
-        cache.insert(a, sa("10.0.0.9:5000"), Quality::Dialed, now);
-        assert_eq!(cache.get(&a, now), Some(sa("10.0.0.9:5000")));
-        // Expired: gone, and any new guess replaces it.
-        let later = now + Duration::from_secs(61);
-        assert_eq!(cache.get(&a, later), None);
-        cache.insert(a, sa("172.16.0.1:5000"), Quality::Guessed, later);
-        assert_eq!(cache.get(&a, later), Some(sa("172.16.0.1:5000")));
-
-        // Bounded: the oldest entry makes room.
-        let b = PeerId::random();
-        let c = PeerId::random();
-        cache.insert(
-            b,
-            sa("10.0.0.2:5000"),
-            Quality::Dialed,
-            later + Duration::from_secs(1),
-        );
-        cache.insert(
-            c,
-            sa("10.0.0.3:5000"),
-            Quality::Dialed,
-            later + Duration::from_secs(2),
-        );
-        let at = later + Duration::from_secs(2);
-        assert_eq!(cache.get(&a, at), None);
-        assert!(cache.get(&b, at).is_some() && cache.get(&c, at).is_some());
-        cache.remove(&b);
-        assert_eq!(cache.get(&b, at), None);
     }
 }

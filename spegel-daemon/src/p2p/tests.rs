@@ -3,15 +3,12 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use libp2p::{Multiaddr, multiaddr::Protocol};
+use sha2::{Digest as _, Sha256};
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -162,101 +159,6 @@ async fn expect_found(router: &P2pRouter, key: &str, count: usize, expected: &[P
         );
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-}
-
-#[test]
-fn content_keys_are_sha256_multihashes() {
-    let key = ContentKey::of("sha256:abc");
-    assert_eq!(&key.0[..2], &[0x12, 0x20]);
-    assert_eq!(
-        hex::encode(&key.0[2..]),
-        hex::encode(Sha256::digest(b"sha256:abc"))
-    );
-    assert_ne!(key, ContentKey::of("docker.io/library/nginx:1.27"));
-    assert_eq!(key.record_key().as_ref(), &key.0[..]);
-}
-
-#[test]
-fn parses_registry_advertise() {
-    let parse = |s: &str| s.parse::<RegistryAdvertise>();
-    assert_eq!(parse(":5000"), Ok(RegistryAdvertise::Port(5000)));
-    assert_eq!(parse("5000"), Ok(RegistryAdvertise::Port(5000)));
-    assert_eq!(
-        parse("10.0.0.5:30020"),
-        Ok(RegistryAdvertise::Addr("10.0.0.5:30020".parse().unwrap()))
-    );
-    assert_eq!(
-        parse("[fd00::5]:5000"),
-        Ok(RegistryAdvertise::Addr("[fd00::5]:5000".parse().unwrap()))
-    );
-    for bad in [
-        "",
-        ":0",
-        "0",
-        "0.0.0.0:5000",
-        "host:5000",
-        "10.0.0.5",
-        ":70000",
-    ] {
-        assert!(parse(bad).is_err(), "`{bad}` accepted");
-    }
-}
-
-#[test]
-fn args_build_a_valid_config() {
-    use clap::Parser as _;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        router: RouterArgs,
-    }
-    let peer = libp2p::PeerId::random();
-    let cli = Cli::try_parse_from([
-        "spegel".to_string(),
-        "--bootstrap-peers".into(),
-        format!("/ip4/10.0.0.1/tcp/5001/p2p/{peer},/ip4/10.0.0.2/tcp/5001"),
-        "--bootstrap-dns".into(),
-        "spegel-bootstrap.spegel.svc.cluster.local".into(),
-        "--router-addr".into(),
-        "0.0.0.0:6001".into(),
-    ])
-    .unwrap();
-    let config = cli
-        .router
-        .to_config(Path::new("/var/lib/spegel"), 5000)
-        .unwrap();
-    assert_eq!(config.registry, RegistryAdvertise::Port(5000));
-    assert_eq!(config.bootstrap_peers.len(), 2);
-    assert_eq!(config.listen_addrs[0].to_string(), "/ip4/0.0.0.0/tcp/6001");
-    assert_eq!(config.default_seed_port(), 6001);
-    assert_eq!(
-        config.key,
-        NodeKey::Persistent(PathBuf::from("/var/lib/spegel"))
-    );
-    assert_eq!(config.tunables.reprovide_interval, Duration::from_secs(900));
-    assert_eq!(
-        config.tunables.provider_record_ttl,
-        Duration::from_secs(1140)
-    );
-
-    let cli = Cli::try_parse_from([
-        "spegel",
-        "--registry-advertise-addr",
-        "192.168.0.10:30020",
-        "--reprovide-interval",
-        "20m",
-    ])
-    .unwrap();
-    assert!(
-        matches!(
-            cli.router.to_config(Path::new("/tmp"), 5000),
-            Err(P2pError::Config(_))
-        ),
-        "a TTL shorter than the reprovide interval is refused"
-    );
-    assert!(Cli::try_parse_from(["spegel", "--bootstrap-peers", "not-a-multiaddr"]).is_err());
-    assert!(Cli::try_parse_from(["spegel", "--registry-advertise-addr", "x"]).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,7 +348,7 @@ async fn records_are_reprovided_until_withdrawn() {
 
 #[tokio::test]
 async fn peer_id_survives_restarts() {
-    let dir = TempDir::new("restart");
+    let dir = tempfile::tempdir().unwrap();
     let config = || {
         let mut config = P2pConfig::new(
             NodeKey::Persistent(dir.path().to_path_buf()),
@@ -463,7 +365,7 @@ async fn peer_id_survives_restarts() {
     assert_eq!(second.router.peer_id(), id);
     second.stop().await;
 
-    let other = TempDir::new("restart-other");
+    let other = tempfile::tempdir().unwrap();
     let mut config = config();
     config.key = NodeKey::Persistent(other.path().to_path_buf());
     let third = Node::start(config);
@@ -492,27 +394,6 @@ async fn stops_on_shutdown_or_when_handles_drop() {
         .await
         .expect("event loop outlived its handles")
         .unwrap();
-}
-
-#[test]
-fn invalid_configs_are_refused() {
-    let base = || {
-        P2pConfig::new(
-            NodeKey::Ephemeral,
-            TransportKind::Memory,
-            RegistryAdvertise::Port(5000),
-        )
-    };
-    assert!(base().validate().is_ok());
-    let mut config = base();
-    config.tunables.provider_record_ttl = config.tunables.reprovide_interval;
-    assert!(config.validate().is_err());
-    let mut config = base();
-    config.tunables.lookup_timeout = Duration::ZERO;
-    assert!(config.validate().is_err());
-    let mut config = base();
-    config.registry = RegistryAdvertise::Port(0);
-    assert!(config.validate().is_err());
 }
 
 /// Over loopback TCP with port-only registry announcements: the registry address is the IP the
@@ -566,32 +447,5 @@ async fn tcp_routers_pair_reached_ip_with_announced_port() {
 
     for node in [a, b, c] {
         node.stop().await;
-    }
-}
-
-/// A directory under the system temp dir, removed on drop.
-pub(super) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(super) fn new(name: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "spegel-p2p-{name}-{}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    pub(super) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -8,10 +8,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{Peer, Router, RouterError};
-
-/// Largest lookup answered at once; bounds the channel a lookup returns.
-const MAX_LOOKUP_COUNT: usize = 64;
+use super::{MAX_LOOKUP_COUNT, Peer, Router, RouterError};
 
 /// A shared registry of key → providers. Clones share the same network.
 #[derive(Debug, Clone, Default)]

@@ -1,9 +1,12 @@
-//! Finding which nodes hold a key: the [`Router`] seam, its libp2p Kademlia implementation, an
-//! in-memory one for unit tests, and the loop that keeps this node's advertisements in step with
-//! its store.
+//! Finding which nodes hold a key: the [`Router`] seam, an in-memory implementation for unit
+//! tests, and the loop that keeps this node's advertisements in step with its store. The libp2p
+//! Kademlia implementation is `crate::p2p`.
 use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
+
+/// Largest `count` a lookup honours, in every router; bounds the channel it returns.
+pub const MAX_LOOKUP_COUNT: usize = 64;
 
 /// A node that provides a key, and where its registry API listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
