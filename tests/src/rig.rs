@@ -24,6 +24,7 @@ mod net;
 mod node;
 mod pki;
 mod process;
+pub mod prometheus;
 mod registry;
 pub mod spegel;
 

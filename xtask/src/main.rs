@@ -27,6 +27,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
     "ca-certificates",
+    // promtool checks `/metrics` in unit tests; the e2e suite scrapes the rig with prometheus.
+    "prometheus",
     // bpf-linker links LLVM 22, the same major as rustc's own LLVM.
     "llvm-22-dev",
 ];

@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::{BodyExt as _, Empty, Full};
 
 use crate::{
-    body::BoxBody as HttpBody, body::BoxError, oci, oci::API_VERSION_HEADER,
+    body::BoxBody as HttpBody, body::BoxError, metrics, oci, oci::API_VERSION_HEADER,
     oci::CONTENT_DIGEST_HEADER, oci::ErrorBody, oci::ErrorCode, oci::Kind, oci::MIRRORED_HEADER,
     oci::ParseError, oci::Reference, source::Object, source::ObjectRequest, source::Origin,
     source::Source, source::SourceError, store::Store, store::StoreError,
@@ -27,7 +27,8 @@ mod tests;
 
 pub use server::serve;
 
-/// Renders the metrics registry in the OpenMetrics text format, for `/metrics`.
+/// Renders the metrics registry in the OpenMetrics text format (`# EOF` included), for
+/// `/metrics`; the route re-renders it in the Prometheus text format for clients that prefer it.
 pub type MetricsEncoder = Arc<dyn Fn() -> Result<String, std::fmt::Error> + Send + Sync>;
 
 /// Connections served at once unless told otherwise (the flag's default too).
@@ -191,7 +192,7 @@ impl Registry {
             }
             (Route::Livez, None) => text_response(StatusCode::OK, "ok"),
             (Route::Readyz, None) => self.readyz().await,
-            (Route::Metrics, None) => self.metrics(),
+            (Route::Metrics, None) => self.metrics(request.headers()),
             (Route::ApiVersion, None) => api_version_response(),
             (Route::Reject(rejection), None) => rejection.into_response(),
         };
@@ -239,18 +240,19 @@ impl Registry {
         }
     }
 
-    fn metrics(&self) -> Response<HttpBody> {
+    /// The metrics, in the exposition format the request's `Accept` prefers.
+    fn metrics(&self, headers: &HeaderMap) -> Response<HttpBody> {
         let Some(encoder) = &self.metrics else {
             return Rejection::not_found("metrics are not enabled").into_response();
         };
+        let format =
+            metrics::Format::negotiate(headers.get(header::ACCEPT).map(HeaderValue::as_bytes));
         match encoder() {
             Ok(text) => {
-                let mut response = full_response(StatusCode::OK, Bytes::from(text));
+                let mut response = full_response(StatusCode::OK, Bytes::from(format.render(text)));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
+                    HeaderValue::from_static(format.content_type()),
                 );
                 response
             }

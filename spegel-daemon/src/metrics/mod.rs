@@ -1,0 +1,61 @@
+//! Prometheus metrics: one `prometheus-client` registry holding every counter the daemon
+//! exports, rendered at `/metrics` in the exposition format the scraper asks for.
+//!
+//! What was served from where is counted by [`Instrumented`] (which also logs every served
+//! object once); the counters the subsystems keep themselves (peer fetching, interception, the
+//! router) are read at scrape time by a collector.
+use std::sync::Arc;
+
+use prometheus_client::{encoding::text, registry::Registry};
+
+use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics};
+
+mod format;
+mod served;
+mod subsystems;
+#[cfg(test)]
+mod tests;
+
+pub use format::Format;
+pub use served::Instrumented;
+
+use served::Served;
+use subsystems::Subsystems;
+
+/// Every metric the daemon exports, in one registry.
+pub struct Metrics {
+    registry: Registry,
+    served: Served,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(None, None, None)
+    }
+}
+
+impl Metrics {
+    /// Metrics over the counters the subsystems keep (each optional).
+    pub fn new(
+        fetch: Option<Arc<FetchMetrics>>,
+        intercept: Option<Arc<InterceptStats>>,
+        router: Option<P2pRouter>,
+    ) -> Self {
+        let mut registry = Registry::default();
+        let served = Served::register(&mut registry);
+        registry.register_collector(Box::new(Subsystems {
+            fetch,
+            intercept,
+            router,
+        }));
+        Self { registry, served }
+    }
+
+    /// The OpenMetrics text exposition of every metric, `# EOF` included
+    /// (see [`Format::render`] for the Prometheus text format).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}

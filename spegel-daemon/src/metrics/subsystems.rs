@@ -1,0 +1,157 @@
+//! The counters subsystems keep themselves (peer fetching, interception, the router), read
+//! at scrape time and exported under their `spegel_peer_*`, `spegel_intercept_*` and
+//! `spegel_router_*` names.
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
+
+use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics, routing::Router as _};
+
+/// Collects the subsystems' counters on every scrape; each subsystem is optional.
+#[derive(Debug)]
+pub(super) struct Subsystems {
+    pub(super) fetch: Option<Arc<FetchMetrics>>,
+    pub(super) intercept: Option<Arc<InterceptStats>>,
+    pub(super) router: Option<P2pRouter>,
+}
+
+impl Collector for Subsystems {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        if let Some(fetch) = &self.fetch {
+            let s = fetch.snapshot();
+            for (name, value, help) in [
+                (
+                    "spegel_peer_lookups",
+                    s.lookups,
+                    "DHT lookups for peer fetches.",
+                ),
+                ("spegel_peer_hits", s.hits, "Objects served by a peer."),
+                (
+                    "spegel_peer_misses",
+                    s.misses,
+                    "Peer fetches that found no usable peer.",
+                ),
+                (
+                    "spegel_peer_attempts",
+                    s.attempts,
+                    "Requests sent to peers.",
+                ),
+                (
+                    "spegel_peer_attempt_failures",
+                    s.attempt_failures,
+                    "Peer requests that failed.",
+                ),
+                (
+                    "spegel_peer_hedges",
+                    s.hedges,
+                    "Hedged second requests fired.",
+                ),
+                ("spegel_peer_bytes", s.bytes, "Bytes received from peers."),
+                (
+                    "spegel_peer_verify_failures",
+                    s.verify_failures,
+                    "Peer content that failed sha256 verification.",
+                ),
+                (
+                    "spegel_peer_quarantines",
+                    s.quarantines,
+                    "Peers quarantined for bad content.",
+                ),
+                (
+                    "spegel_peer_resumes",
+                    s.resumes,
+                    "Blob transfers resumed with Range after a failure.",
+                ),
+                (
+                    "spegel_peer_resume_fallbacks",
+                    s.resume_fallbacks,
+                    "Blob transfers finished by the fallback source.",
+                ),
+            ] {
+                counter(&mut encoder, name, help, value)?;
+            }
+        }
+        if let Some(stats) = &self.intercept {
+            for (name, value, help) in [
+                (
+                    "spegel_intercept_accepted",
+                    &stats.accepted,
+                    "Redirected connections accepted.",
+                ),
+                (
+                    "spegel_intercept_no_origin",
+                    &stats.no_origin,
+                    "Accepted connections with no original destination.",
+                ),
+                (
+                    "spegel_intercept_spliced",
+                    &stats.spliced,
+                    "Connections passed through untouched.",
+                ),
+                (
+                    "spegel_intercept_mirrored",
+                    &stats.mirrored,
+                    "Connections to mirrored registries served by spegel.",
+                ),
+            ] {
+                counter(&mut encoder, name, help, load(value))?;
+            }
+        }
+        if let Some(router) = &self.router {
+            let stats = router.stats();
+            for (name, value, help) in [
+                ("spegel_router_lookups", &stats.lookups, "Router lookups."),
+                (
+                    "spegel_router_lookup_cache_hits",
+                    &stats.lookup_cache_hits,
+                    "Lookups answered from the cache.",
+                ),
+                (
+                    "spegel_router_peers_found",
+                    &stats.peers_found,
+                    "Providers found by lookups.",
+                ),
+                (
+                    "spegel_router_provides_ok",
+                    &stats.provides_ok,
+                    "Provider records published.",
+                ),
+                (
+                    "spegel_router_provides_failed",
+                    &stats.provides_failed,
+                    "Provider records that failed to publish.",
+                ),
+            ] {
+                counter(&mut encoder, name, help, load(value))?;
+            }
+            let has_peers = ConstGauge::new(i64::from(router.has_peers()));
+            has_peers.encode(encoder.encode_descriptor(
+                "spegel_router_has_peers",
+                "Whether this node knows another node.",
+                None,
+                has_peers.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Writes counter family `name` (its sample gets the `_total` suffix) with `value`.
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+}
