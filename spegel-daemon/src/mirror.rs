@@ -778,6 +778,21 @@ mod tests {
     }
 
     #[test]
+    fn server_urls() {
+        for (registry, server) in [
+            ("docker.io", "https://registry-1.docker.io"),
+            ("http://docker.io:5000", "http://registry-1.docker.io:5000"),
+            ("registry-1.docker.io", "https://registry-1.docker.io"),
+            ("ghcr.io/", "https://ghcr.io"),
+            ("http://[fd00::1]:5000", "http://[fd00::1]:5000"),
+            ("10.1.2.3", "https://10.1.2.3"),
+        ] {
+            let parsed: Registry = registry.parse().unwrap();
+            assert_eq!(server_url(&parsed), server, "{registry}");
+        }
+    }
+
+    #[test]
     fn refuses_special_files() {
         let dir = TempDir::new("special");
         let socket = dir.0.join("registry.sock");

@@ -753,7 +753,11 @@ mod tests {
         let bad = |extra: &[&str]| InterceptConfig::from_args(&args(extra), None).is_err();
         assert!(bad(&["--intercept-port", "0"]));
         assert!(bad(&["--intercept-port", "443"]));
-        assert!(bad(&["--mirrored-registries", "https://ghcr.io"]));
+        // One registry grammar for every subcommand: a scheme is accepted; a bad entry is
+        // refused by the flag parser itself.
+        let c = config(&["--mirrored-registries", "https://ghcr.io"]);
+        assert!(c.mirrored.matches_name("ghcr.io", 443, true));
+        assert!(TestCli::try_parse_from(["t", "--mirrored-registries", "ftp://ghcr.io"]).is_err());
         assert!(bad(&["--intercept-max-connections", "0"]));
         assert!(
             TestCli::try_parse_from(["t", "--containerd-pid", "1", "--containerd-cgroup", "/x"])
