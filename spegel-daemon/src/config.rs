@@ -104,4 +104,87 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+
+    /// One `--mirrored-registries` value, as written in a DaemonSet shared by all subcommands.
+    const MIRRORED: &str = "docker.io, https://GHCR.io/,http://10.1.2.3:5000,[fd00::1]:5443,";
+    /// Set for the child process of `mirrored_registries_mean_the_same_to_every_subcommand`.
+    const CHILD_MARK: &str = "SPEGEL_TEST_MIRRORED_REGISTRIES_CHILD";
+
+    /// The registries each subcommand parsed from `MIRRORED`, from the flag or the environment.
+    fn registries_of_every_subcommand(flag: bool) -> Vec<Vec<crate::oci::Registry>> {
+        let with_flag = |mut argv: Vec<&'static str>| {
+            if flag {
+                argv.extend(["--mirrored-registries", MIRRORED]);
+            }
+            Cli::try_parse_from(argv).unwrap().command
+        };
+        let mut parsed = Vec::new();
+        for command in [
+            with_flag(vec!["spegel", "run"]),
+            with_flag(vec!["spegel", "install-ca"]),
+            with_flag(vec![
+                "spegel",
+                "configure-mirror",
+                "--mirror-targets",
+                "http://127.0.0.1:5000",
+            ]),
+        ] {
+            parsed.push(match command {
+                Command::Run(args) => args.intercept.mirrored_registries.to_vec(),
+                Command::InstallCa(args) => args.mirrored_registries.to_vec(),
+                Command::ConfigureMirror(args) => args.mirrored_registries.to_vec(),
+            });
+        }
+        parsed
+    }
+
+    #[track_caller]
+    fn check_same_registries(parsed: Vec<Vec<crate::oci::Registry>>) {
+        let expected: Vec<crate::oci::Registry> = [
+            "docker.io",
+            "ghcr.io",
+            "http://10.1.2.3:5000",
+            "[fd00::1]:5443",
+        ]
+        .iter()
+        .map(|r| r.parse().unwrap())
+        .collect();
+        assert_eq!(parsed.len(), 3);
+        for registries in parsed {
+            assert_eq!(registries, expected);
+        }
+    }
+
+    #[test]
+    fn mirrored_registries_mean_the_same_to_every_subcommand() {
+        check_same_registries(registries_of_every_subcommand(true));
+        // The environment variable: clap reads it when the command is built, so the check runs
+        // in a child process of this test binary with the variable set.
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "config::tests::mirrored_registries_from_the_environment",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env(CHILD_MARK, "1")
+            .env("SPEGEL_MIRRORED_REGISTRIES", MIRRORED)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    #[test]
+    #[ignore = "run by mirrored_registries_mean_the_same_to_every_subcommand with the environment set"]
+    fn mirrored_registries_from_the_environment() {
+        if std::env::var_os(CHILD_MARK).is_none() {
+            return;
+        }
+        check_same_registries(registries_of_every_subcommand(false));
+    }
 }

@@ -6,14 +6,16 @@
 //! registry list leaves no stale files, and `--undo` restores the backup byte for byte.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs, io,
-    net::Ipv6Addr,
+    fs,
+    io::{self, Write as _},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
 use clap::ArgAction;
+
+use crate::oci::{Host, Registry, RegistryList};
 
 /// Flags of `configure-mirror`.
 #[derive(Debug, Clone, clap::Args)]
@@ -25,10 +27,16 @@ pub struct MirrorArgs {
         default_value = "/etc/containerd/certs.d"
     )]
     pub containerd_registry_config_path: PathBuf,
-    /// Registries to mirror, as `https://host[:port]` or `http://host[:port]` (comma-separated).
-    /// None: every registry, through `_default/hosts.toml`.
-    #[arg(long, env = "SPEGEL_MIRRORED_REGISTRIES", value_delimiter = ',', value_parser = parse_registry)]
-    pub mirrored_registries: Vec<Registry>,
+    /// Registries to mirror, as `[http(s)://]host[:port]` (comma-separated; `https` unless
+    /// `http://` is given): the same grammar as `run` and `install-ca`. None: every registry,
+    /// through `_default/hosts.toml`.
+    #[arg(
+        long,
+        env = "SPEGEL_MIRRORED_REGISTRIES",
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub mirrored_registries: RegistryList,
     /// The daemons containerd tries first, in order, e.g. `http://127.0.0.1:5000` (comma-separated).
     #[arg(
         long,
@@ -46,22 +54,14 @@ pub struct MirrorArgs {
     pub undo: bool,
 }
 
-/// A registry to mirror: where its `hosts.toml` goes and which upstream it names.
+/// A daemon URL containerd should try: `http(s)://host[:port]`, the scheme mandatory.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registry {
-    /// `host[:port]` as it appears in image references: the `hosts.toml` directory.
-    pub host: String,
-    /// The upstream URL for `server =` (`docker.io` means `registry-1.docker.io`).
-    pub server: String,
-}
-
-/// A daemon URL containerd should try: `http(s)://host[:port]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target(String);
+pub struct Target(Registry);
 
 impl Target {
-    pub fn as_str(&self) -> &str {
-        &self.0
+    /// `scheme://host[:port]`.
+    pub fn url(&self) -> String {
+        self.0.url()
     }
 }
 
@@ -107,13 +107,15 @@ const DIAL_TIMEOUT: &str = "200ms";
 const MAX_ENTRIES: usize = 10_000;
 const MAX_FILE_SIZE: u64 = 16 << 20;
 const MAX_DEPTH: usize = 16;
+/// How our temporary files end: nothing containerd reads, and recognisable after a crash.
+const TEMP_SUFFIX: &str = ".spegel-tmp";
 
 /// Runs `configure-mirror`.
 pub async fn main(args: MirrorArgs) -> anyhow::Result<()> {
     let path = args.containerd_registry_config_path.clone();
     let undo = args.undo;
     let config = MirrorConfig {
-        registries: args.mirrored_registries,
+        registries: args.mirrored_registries.into_vec(),
         targets: args.mirror_targets,
         resolve_tags: args.resolve_tags,
     };
@@ -204,7 +206,7 @@ pub fn hosts_files(config: &MirrorConfig) -> Result<BTreeMap<String, String>, Mi
     for target in targets {
         hosts.push_str(&format!(
             "\n[host.\"{}\"]\n  capabilities = {capabilities}\n  dial_timeout = \"{DIAL_TIMEOUT}\"\n",
-            target.0
+            target.url()
         ));
     }
     let header = "# Written by `spegel configure-mirror`; `spegel configure-mirror --undo` restores \
@@ -214,104 +216,39 @@ pub fn hosts_files(config: &MirrorConfig) -> Result<BTreeMap<String, String>, Mi
         files.insert(DEFAULT_HOST.to_owned(), format!("{header}{hosts}"));
     }
     for registry in &config.registries {
-        let content = format!("{header}server = \"{}\"\n{hosts}", registry.server);
-        if let Some(previous) = files.insert(registry.host.clone(), content.clone())
+        let content = format!("{header}server = \"{}\"\n{hosts}", server_url(registry));
+        let host = registry.authority();
+        if let Some(previous) = files.insert(host.clone(), content.clone())
             && previous != content
         {
             return Err(MirrorError::Invalid(format!(
-                "registry {} is listed with two different schemes",
-                registry.host
+                "registry {host} is listed with two different schemes"
             )));
         }
     }
     Ok(files)
 }
 
-/// Parses `--mirrored-registries` entries.
-pub fn parse_registry(s: &str) -> Result<Registry, String> {
-    let (scheme, authority) = parse_url(s)?;
-    let (host, port) = split_port(authority);
-    let server_host = if host.eq_ignore_ascii_case("docker.io") {
-        "registry-1.docker.io"
-    } else {
-        host
-    };
-    Ok(Registry {
-        host: authority.to_owned(),
-        server: format!("{scheme}://{server_host}{port}"),
-    })
-}
-
-/// Parses `--mirror-targets` entries.
-pub fn parse_target(s: &str) -> Result<Target, String> {
-    let (scheme, authority) = parse_url(s)?;
-    Ok(Target(format!("{scheme}://{authority}")))
-}
-
-/// `http(s)://host[:port]` with an optional trailing `/` → (scheme, `host[:port]`). Anything
-/// else (paths, queries, fragments, userinfo, odd characters) is refused: the host becomes a
-/// directory name and the URL lands in a TOML string.
-fn parse_url(s: &str) -> Result<(&'static str, &str), String> {
-    let invalid = |why: &str| format!("invalid URL `{s}`: {why}");
-    let (scheme, rest) = if let Some(rest) = s.strip_prefix("https://") {
-        ("https", rest)
-    } else if let Some(rest) = s.strip_prefix("http://") {
-        ("http", rest)
-    } else {
-        return Err(invalid("must start with http:// or https://"));
-    };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains('@') {
-        return Err(invalid("no user information allowed"));
-    }
-    if authority.contains(['/', '?', '#']) {
-        return Err(invalid("no path, query or fragment allowed"));
-    }
-    let (host, port) = split_port(authority);
-    if let Some(port) = port.strip_prefix(':') {
-        let valid = !port.is_empty()
-            && port.len() <= 5
-            && port.bytes().all(|b| b.is_ascii_digit())
-            && port.parse::<u16>().is_ok_and(|p| p != 0);
-        if !valid {
-            return Err(invalid("the port must be a number from 1 to 65535"));
+/// The upstream URL for `server =`: the registry's own URL, except that `docker.io` is served
+/// by `registry-1.docker.io`.
+fn server_url(registry: &Registry) -> String {
+    match registry.host() {
+        Host::Name(name) if name == "docker.io" => {
+            let port = registry
+                .port()
+                .map(|port| format!(":{port}"))
+                .unwrap_or_default();
+            format!("{}://registry-1.docker.io{port}", registry.scheme())
         }
+        _ => registry.url(),
     }
-    if let Some(ip) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        ip.parse::<Ipv6Addr>()
-            .map_err(|_| invalid("not an IPv6 address in brackets"))?;
-    } else if !is_dns_name(host) {
-        return Err(invalid(
-            "the host must be a DNS name, an IPv4 address or a bracketed IPv6 address",
-        ));
-    }
-    Ok((scheme, authority))
 }
 
-/// Splits `host:port` (IPv6 hosts bracketed) into host and `:port` (or "").
-fn split_port(authority: &str) -> (&str, &str) {
-    let host_end = if authority.starts_with('[') {
-        authority.find(']').map_or(authority.len(), |i| i + 1)
-    } else {
-        authority.find(':').unwrap_or(authority.len())
-    };
-    authority.split_at(host_end)
-}
-
-/// Letters, digits, `-` and `_` in non-empty dot-separated labels: no `..`, no `/`, nothing a
-/// path or TOML string could trip over.
-fn is_dns_name(host: &str) -> bool {
-    !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+/// Parses `--mirror-targets` entries: `http(s)://host[:port][/]` ([`Registry::parse_url`]).
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    Registry::parse_url(s)
+        .map(Target)
+        .map_err(|err| format!("invalid URL `{s}`: {err}"))
 }
 
 /// One entry of a directory tree, relative to its root.
@@ -472,34 +409,40 @@ fn reconcile(root: &Path, desired: &Tree) -> Result<(), MirrorError> {
     Ok(())
 }
 
+/// Writes `path` through a temporary sibling (named like [`is_temp`] expects, so a crash's
+/// leftover is recognised) that [`tempfile::NamedTempFile::persist`] renames into place.
 fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), MirrorError> {
-    use std::io::Write as _;
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(content)?;
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(err) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error("writing", path)(err));
-    }
-    Ok(())
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let result = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.unwrap_or_default()))
+        .suffix(TEMP_SUFFIX)
+        .tempfile_in(dir)
+        .and_then(|mut file| {
+            file.write_all(content)?;
+            file.as_file()
+                .set_permissions(fs::Permissions::from_mode(mode))?;
+            file.as_file().sync_all()?;
+            file.persist(path).map_err(|err| err.error)?;
+            Ok(())
+        });
+    result.map_err(io_error("writing", path))
 }
 
 /// A sibling of `path` that no registry directory or backup entry can be named like; a
 /// leftover from a crash is removed by the next reconcile since nothing desires it.
 fn temp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{}.spegel-tmp", name.unwrap_or_default()))
+    path.with_file_name(format!(".{}{TEMP_SUFFIX}", name.unwrap_or_default()))
 }
 
 fn is_temp(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.') && n.ends_with(".spegel-tmp"))
+        .is_some_and(|n| n.starts_with('.') && n.ends_with(TEMP_SUFFIX))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), MirrorError> {
@@ -569,7 +512,7 @@ mod tests {
         MirrorConfig {
             registries: registries
                 .iter()
-                .map(|r| parse_registry(r).unwrap())
+                .map(|r| r.parse::<Registry>().unwrap())
                 .collect(),
             targets: targets.iter().map(|t| parse_target(t).unwrap()).collect(),
             resolve_tags,
@@ -783,8 +726,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
+        // A registry without a scheme is `https` (the grammar `run` and `install-ca` share); a
+        // mirror target must say its scheme.
+        assert_eq!(
+            "docker.io".parse::<Registry>().map(|r| r.url()),
+            Ok("https://docker.io".to_owned())
+        );
+        assert!(parse_target("docker.io").is_err());
         for bad in [
-            "docker.io",
             "ftp://docker.io",
             "https://",
             "https://user:pw@docker.io",
@@ -809,7 +758,7 @@ mod tests {
             "https://a\\b",
             "HTTPS://docker.io",
         ] {
-            assert!(parse_registry(bad).is_err(), "{bad}");
+            assert!(bad.parse::<Registry>().is_err(), "{bad}");
             assert!(parse_target(bad).is_err(), "{bad}");
         }
         let dir = TempDir::new("bad");
@@ -826,6 +775,21 @@ mod tests {
             fs::read_dir(&dir.0).unwrap().next().is_none(),
             "nothing written on bad input"
         );
+    }
+
+    #[test]
+    fn server_urls() {
+        for (registry, server) in [
+            ("docker.io", "https://registry-1.docker.io"),
+            ("http://docker.io:5000", "http://registry-1.docker.io:5000"),
+            ("registry-1.docker.io", "https://registry-1.docker.io"),
+            ("ghcr.io/", "https://ghcr.io"),
+            ("http://[fd00::1]:5000", "http://[fd00::1]:5000"),
+            ("10.1.2.3", "https://10.1.2.3"),
+        ] {
+            let parsed: Registry = registry.parse().unwrap();
+            assert_eq!(server_url(&parsed), server, "{registry}");
+        }
     }
 
     #[test]
@@ -860,7 +824,7 @@ mod tests {
             Path::new("/etc/containerd/certs.d")
         );
         assert_eq!(cli.args.mirrored_registries.len(), 2);
-        assert_eq!(cli.args.mirrored_registries[1].host, "10.1.2.3:5000");
+        assert_eq!(cli.args.mirrored_registries[1].authority(), "10.1.2.3:5000");
         assert!(!cli.args.resolve_tags);
         let cli = Cli::try_parse_from(["x", "--mirror-targets", "http://127.0.0.1:5000"]).unwrap();
         assert!(cli.args.resolve_tags && cli.args.mirrored_registries.is_empty());

@@ -31,7 +31,7 @@ use tracing::Instrument as _;
 
 use self::{
     cgroup::{CgroupError, CgroupFinder, Locator},
-    registries::{DEFAULT_MIRRORED_REGISTRIES, MirroredRegistries},
+    registries::{MirroredRegistries, default_mirrored_registries},
     sni::{HttpRequest, TlsHello},
 };
 use crate::{
@@ -65,16 +65,11 @@ pub struct InterceptArgs {
     /// Destination addresses whose connects are redirected whatever the port.
     #[arg(long, env = "SPEGEL_INTERCEPT_IPS", value_delimiter = ',')]
     pub intercept_ips: Vec<IpAddr>,
-    /// Registries (`host[:port]`, no wildcards) whose intercepted connections this daemon serves;
-    /// every other connection is passed through untouched. A port-less entry means 443 (TLS)
-    /// or 80 (plain HTTP). An empty value mirrors nothing.
-    #[arg(
-        long,
-        env = "SPEGEL_MIRRORED_REGISTRIES",
-        value_delimiter = ',',
-        default_values_t = DEFAULT_MIRRORED_REGISTRIES.iter().map(|s| s.to_string()).collect::<Vec<_>>()
-    )]
-    pub mirrored_registries: Vec<String>,
+    /// Registries (`[http(s)://]host[:port]`, comma-separated, no wildcards) whose intercepted
+    /// connections this daemon serves; every other connection is passed through untouched. A
+    /// port-less entry means 443 (TLS) or 80 (plain HTTP). An empty value mirrors nothing.
+    #[arg(long, env = "SPEGEL_MIRRORED_REGISTRIES", default_value_t = default_mirrored_registries())]
+    pub mirrored_registries: crate::oci::RegistryList,
     /// containerd's cgroup2 directory (absolute, or relative to the cgroup2 mount). Default: the
     /// cgroup of containerd's process (see --containerd-pid, --containerd-pidfile).
     #[arg(long, env = "SPEGEL_CONTAINERD_CGROUP")]
@@ -149,13 +144,7 @@ impl InterceptConfig {
         args: &InterceptArgs,
         containerd_socket: Option<&Path>,
     ) -> Result<Self, InterceptError> {
-        let entries: Vec<&str> = args
-            .mirrored_registries
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .collect();
-        let mirrored = MirroredRegistries::parse(&entries).map_err(InterceptError::Config)?;
+        let mirrored = MirroredRegistries::new(args.mirrored_registries.iter().cloned());
         let mut redirect_ports = args.intercept_ports.clone();
         redirect_ports.extend(mirrored.explicit_ports());
         redirect_ports.sort_unstable();
@@ -764,7 +753,11 @@ mod tests {
         let bad = |extra: &[&str]| InterceptConfig::from_args(&args(extra), None).is_err();
         assert!(bad(&["--intercept-port", "0"]));
         assert!(bad(&["--intercept-port", "443"]));
-        assert!(bad(&["--mirrored-registries", "https://ghcr.io"]));
+        // One registry grammar for every subcommand: a scheme is accepted; a bad entry is
+        // refused by the flag parser itself.
+        let c = config(&["--mirrored-registries", "https://ghcr.io"]);
+        assert!(c.mirrored.matches_name("ghcr.io", 443, true));
+        assert!(TestCli::try_parse_from(["t", "--mirrored-registries", "ftp://ghcr.io"]).is_err());
         assert!(bad(&["--intercept-max-connections", "0"]));
         assert!(
             TestCli::try_parse_from(["t", "--containerd-pid", "1", "--containerd-cgroup", "/x"])

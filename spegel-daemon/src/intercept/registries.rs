@@ -1,9 +1,10 @@
 //! Which intercepted connections are registry traffic spegel terminates: an explicit list of
-//! `host[:port]` names (no wildcards), matched against SNI / `Host`, or — for registries addressed
-//! by IP literal — against the original destination.
+//! registries (no wildcards), matched on host and port against SNI / `Host`, or — for registries
+//! addressed by IP literal — against the original destination. An entry's scheme plays no part:
+//! the connection itself says whether it is TLS.
 use std::net::SocketAddr;
 
-use super::sni::Authority;
+use crate::oci::{Host, Registry, RegistryList};
 
 /// Well-known public registries, mirrored by default. Blob CDNs the registries redirect to are
 /// deliberately absent: the registry handler follows those redirects itself.
@@ -24,6 +25,15 @@ pub const DEFAULT_MIRRORED_REGISTRIES: &[&str] = &[
     "cgr.dev",
 ];
 
+/// [`DEFAULT_MIRRORED_REGISTRIES`] as the default of `--mirrored-registries`.
+pub fn default_mirrored_registries() -> RegistryList {
+    // Constants, all valid (checked by `defaults_parse`).
+    DEFAULT_MIRRORED_REGISTRIES
+        .iter()
+        .filter_map(|entry| entry.parse().ok())
+        .collect()
+}
+
 /// The port a `host` entry without a port stands for.
 fn default_port(tls: bool) -> u16 {
     if tls { 443 } else { 80 }
@@ -32,36 +42,38 @@ fn default_port(tls: bool) -> u16 {
 /// The mirrored registries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MirroredRegistries {
-    entries: Vec<Authority>,
+    entries: Vec<Registry>,
 }
 
 impl MirroredRegistries {
-    /// Parses `host[:port]` entries; a bad entry is an error naming it.
+    /// The given registries.
+    pub fn new(entries: impl IntoIterator<Item = Registry>) -> Self {
+        Self {
+            entries: entries.into_iter().collect(),
+        }
+    }
+
+    /// Parses `[http(s)://]host[:port]` entries ([`Registry`]); a bad entry is an error naming it.
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
-        let entries = entries
+        entries
             .iter()
             .map(|e| {
                 let e = e.as_ref();
-                if e.contains('*') || e.contains('/') {
-                    return Err(format!(
-                        "mirrored registry `{e}`: expected host[:port], without scheme, path or wildcard"
-                    ));
-                }
-                Authority::parse(e)
-                    .ok_or_else(|| format!("mirrored registry `{e}`: expected host[:port]"))
+                e.parse::<Registry>()
+                    .map_err(|err| format!("mirrored registry `{e}`: {err}"))
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { entries })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self::new)
     }
 
     /// The entries.
-    pub fn entries(&self) -> &[Authority] {
+    pub fn entries(&self) -> &[Registry] {
         &self.entries
     }
 
     /// Ports named explicitly by entries: connects to them must be redirected too.
     pub fn explicit_ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.entries.iter().filter_map(|e| e.port)
+        self.entries.iter().filter_map(Registry::port)
     }
 
     /// Whether a connection that named `name` (SNI, or the `Host` header) is mirrored. `port` is
@@ -69,21 +81,21 @@ impl MirroredRegistries {
     pub fn matches_name(&self, name: &str, port: u16, tls: bool) -> bool {
         let ip = name.parse::<std::net::IpAddr>().ok();
         self.entries.iter().any(|e| {
-            let host_matches = match (ip, e.ip()) {
-                (Some(a), Some(b)) => a == b,
-                (None, None) => e.host.eq_ignore_ascii_case(name),
+            let host_matches = match (ip, e.host()) {
+                (Some(a), Host::Ip(b)) => a == *b,
+                (None, Host::Name(host)) => host.eq_ignore_ascii_case(name),
                 _ => false,
             };
-            host_matches && e.port.unwrap_or(default_port(tls)) == port
+            host_matches && e.port().unwrap_or(default_port(tls)) == port
         })
     }
 
     /// Whether a connection that named no host (TLS without SNI, HTTP without `Host`) is
     /// mirrored: only IP-literal entries can match, on the original destination.
     pub fn matches_addr(&self, dst: SocketAddr, tls: bool) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.ip() == Some(dst.ip()) && e.port.unwrap_or(default_port(tls)) == dst.port())
+        self.entries.iter().any(|e| {
+            e.ip() == Some(dst.ip()) && e.port().unwrap_or(default_port(tls)) == dst.port()
+        })
     }
 }
 
@@ -100,6 +112,10 @@ mod tests {
         assert!(!r.matches_name("example.com", 443, true));
         assert!(!r.matches_name("pkg-containers.githubusercontent.com", 443, true));
         assert_eq!(r.explicit_ports().count(), 0);
+        assert_eq!(
+            default_mirrored_registries().len(),
+            DEFAULT_MIRRORED_REGISTRIES.len()
+        );
     }
 
     #[test]
@@ -133,8 +149,12 @@ mod tests {
 
     #[test]
     fn bad_entries() {
-        for bad in ["https://ghcr.io", "*.docker.io", "ghcr.io/foo", "a:b", ""] {
+        for bad in ["ftp://ghcr.io", "*.docker.io", "ghcr.io/foo", "a:b", ""] {
             assert!(MirroredRegistries::parse(&[bad]).is_err(), "{bad}");
         }
+        // The one registry grammar: a scheme is accepted (and ignored for matching).
+        let r = MirroredRegistries::parse(&["https://ghcr.io", "http://10.1.2.3:5000/"]).unwrap();
+        assert!(r.matches_name("ghcr.io", 443, true));
+        assert!(r.matches_addr("10.1.2.3:5000".parse().unwrap(), true));
     }
 }

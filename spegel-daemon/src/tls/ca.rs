@@ -1,37 +1,37 @@
 //! The per-node CA: a name-constrained ECDSA P-256 CA kept in `<data-dir>/ca/` that mints
-//! short-lived leaf certificates for intercepted registry connections, and the `install-ca`
-//! subcommand that puts it into the host trust store.
+//! short-lived leaf certificates for intercepted registry connections. The names it may vouch
+//! for are in `names.rs`, the `install-ca` subcommand in `install.rs` (both re-exported here).
 //!
 //! The CA key never leaves the node: nothing here exports it. The CA is constrained (X.509
 //! NameConstraints, critical) to exactly the mirrored registries, so even a stolen key cannot
 //! vouch for any other name; when the mirrored set changes a new CA is minted.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     fmt, fs,
     io::{self, Write as _},
-    net::IpAddr,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
-    process::Command,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    NameConstraints, PKCS_ECDSA_P256_SHA256, PublicKeyData as _, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData as _, SanType,
+    SerialNumber,
 };
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
+
+pub use super::install::{InstallCaArgs, main};
+use super::names::{CanonicalConstraints, CanonicalSubtree};
+pub use super::names::{LeafName, PermittedNames};
 
 /// File names inside `<data-dir>/ca/`.
 const CA_DIR: &str = "ca";
 const KEY_FILE: &str = "ca.key";
 const CERT_FILE: &str = "ca.crt";
-/// The name the CA gets in the host trust store.
-const TRUST_FILE_NAME: &str = "spegel-node-ca.crt";
 
 /// How long a freshly minted CA is valid. Long, because replacing it means restarting containerd.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -44,17 +44,10 @@ const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 /// At most this many leaves are cached. Names are constrained to the mirrored registries and
 /// their subdomains, but the subdomains are unbounded, so the cache must be too.
 const LEAF_CACHE_CAP: usize = 512;
-/// The DNS subtree permitted when no DNS-named registry is mirrored. RFC 5280 constrains a name
-/// form only when a subtree of that form is present, so without it a CA for IP registries alone
-/// would be unconstrained for DNS names. `.invalid` is reserved (RFC 6761) and never resolves.
-const DNS_SENTINEL: &str = "invalid";
 
 /// Why the CA could not be created, loaded, used or installed.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    /// A `--mirrored-registries` entry is not `[http(s)://]host[:port]`.
-    #[error("invalid mirrored registry `{entry}`: {reason}")]
-    InvalidRegistry { entry: String, reason: &'static str },
     /// The node CA is name-constrained, so it needs an explicit list of registries.
     #[error(
         "no mirrored registries given: the node CA is name-constrained to an explicit list \
@@ -85,250 +78,6 @@ pub enum CaError {
 fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> CaError {
     let context = context.into();
     move |source| CaError::Io { context, source }
-}
-
-/// A name a leaf certificate can be minted for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LeafName {
-    /// A lowercase DNS name without trailing dot.
-    Dns(String),
-    Ip(IpAddr),
-}
-
-impl LeafName {
-    /// Parses a DNS name or IP literal (`[v6]` brackets allowed), normalising case and a
-    /// trailing dot.
-    pub fn parse(name: &str) -> Result<Self, CaError> {
-        let trimmed = name.trim();
-        let unbracketed = trimmed
-            .strip_prefix('[')
-            .and_then(|rest| rest.strip_suffix(']'))
-            .unwrap_or(trimmed);
-        if let Ok(ip) = unbracketed.parse::<IpAddr>() {
-            return Ok(LeafName::Ip(ip));
-        }
-        let dns = trimmed
-            .strip_suffix('.')
-            .unwrap_or(trimmed)
-            .to_ascii_lowercase();
-        // DNS names only: wildcards, underscores-as-labels and IPs were handled or are refused.
-        match ServerName::try_from(dns.as_str()) {
-            Ok(ServerName::DnsName(_)) if !dns.contains('*') && !dns.is_empty() => {
-                Ok(LeafName::Dns(dns))
-            }
-            _ => Err(CaError::InvalidName(name.to_owned())),
-        }
-    }
-}
-
-impl fmt::Display for LeafName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LeafName::Dns(name) => f.write_str(name),
-            LeafName::Ip(ip) => write!(f, "{ip}"),
-        }
-    }
-}
-
-/// The names the CA may vouch for: the mirrored registries' hosts (a DNS name covers its
-/// subdomains too, as in X.509 name constraints: `docker.io` covers `registry-1.docker.io`),
-/// and the exact IPs of IP-literal registries.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PermittedNames {
-    dns: BTreeSet<String>,
-    ips: BTreeSet<IpAddr>,
-}
-
-impl PermittedNames {
-    /// From `--mirrored-registries` entries: `host`, `host:port`, `[v6]:port`, optionally with an
-    /// `http://` or `https://` prefix; no path, query or userinfo. Ports are dropped (certificates
-    /// do not name ports). An empty list is refused: the CA must be constrained.
-    pub fn from_registries<I, S>(registries: I) -> Result<Self, CaError>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let mut permitted = PermittedNames::default();
-        for entry in registries {
-            let entry = entry.as_ref().trim();
-            if entry.is_empty() {
-                continue;
-            }
-            match registry_host(entry)? {
-                LeafName::Dns(name) => permitted.dns.insert(name),
-                LeafName::Ip(ip) => permitted.ips.insert(ip),
-            };
-        }
-        if permitted.dns.is_empty() && permitted.ips.is_empty() {
-            return Err(CaError::NoRegistries);
-        }
-        Ok(permitted)
-    }
-
-    /// The permitted DNS subtrees.
-    pub fn dns_names(&self) -> impl Iterator<Item = &str> {
-        self.dns.iter().map(String::as_str)
-    }
-
-    /// The permitted IP addresses.
-    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.ips.iter().copied()
-    }
-
-    /// Whether a leaf for `name` is inside the constraints (the same rule X.509 verifiers apply).
-    pub fn permits(&self, name: &LeafName) -> bool {
-        match name {
-            LeafName::Ip(ip) => self.ips.contains(ip),
-            LeafName::Dns(name) => self.dns.iter().any(|subtree| {
-                name == subtree
-                    || name
-                        .strip_suffix(subtree.as_str())
-                        .is_some_and(|prefix| prefix.ends_with('.'))
-            }),
-        }
-    }
-
-    /// The NameConstraints extension for this set. Beyond the permitted names it closes the
-    /// name forms that would otherwise be unconstrained (RFC 5280 §4.2.1.10 constrains a form
-    /// only when a subtree of that form is present): all IPv4 and/or IPv6 addresses are excluded
-    /// when none of that family is mirrored, and the DNS form gets a sentinel when no DNS name is.
-    fn name_constraints(&self) -> NameConstraints {
-        let mut permitted_subtrees: Vec<GeneralSubtree> = self
-            .dns
-            .iter()
-            .map(|name| GeneralSubtree::DnsName(name.clone()))
-            .collect();
-        if self.dns.is_empty() {
-            permitted_subtrees.push(GeneralSubtree::DnsName(DNS_SENTINEL.to_owned()));
-        }
-        permitted_subtrees.extend(self.ips.iter().map(|ip| {
-            let prefix = if ip.is_ipv4() { 32 } else { 128 };
-            GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(*ip, prefix))
-        }));
-        let mut excluded_subtrees = Vec::new();
-        if !self.ips.iter().any(IpAddr::is_ipv4) {
-            excluded_subtrees.push(GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])));
-        }
-        if !self.ips.iter().any(IpAddr::is_ipv6) {
-            excluded_subtrees.push(GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])));
-        }
-        NameConstraints {
-            permitted_subtrees,
-            excluded_subtrees,
-        }
-    }
-
-    /// The canonical form of [`Self::name_constraints`], to compare with a CA read from disk.
-    fn canonical_constraints(&self) -> CanonicalConstraints {
-        let constraints = self.name_constraints();
-        let canon = |subtrees: &[GeneralSubtree]| {
-            subtrees
-                .iter()
-                .filter_map(|subtree| match subtree {
-                    GeneralSubtree::DnsName(name) => Some(CanonicalSubtree::Dns(name.clone())),
-                    GeneralSubtree::IpAddress(CidrSubnet::V4(addr, mask)) => {
-                        Some(CanonicalSubtree::Ip([&addr[..], &mask[..]].concat()))
-                    }
-                    GeneralSubtree::IpAddress(CidrSubnet::V6(addr, mask)) => {
-                        Some(CanonicalSubtree::Ip([&addr[..], &mask[..]].concat()))
-                    }
-                    _ => None,
-                })
-                .collect()
-        };
-        CanonicalConstraints {
-            permitted: canon(&constraints.permitted_subtrees),
-            excluded: canon(&constraints.excluded_subtrees),
-        }
-    }
-}
-
-impl fmt::Display for PermittedNames {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        for name in self
-            .dns
-            .iter()
-            .cloned()
-            .chain(self.ips.iter().map(ToString::to_string))
-        {
-            if !first {
-                f.write_str(",")?;
-            }
-            first = false;
-            f.write_str(&name)?;
-        }
-        Ok(())
-    }
-}
-
-/// Name constraints reduced to comparable sets (order and unknown forms ignored).
-#[derive(Debug, PartialEq, Eq)]
-struct CanonicalConstraints {
-    permitted: BTreeSet<CanonicalSubtree>,
-    excluded: BTreeSet<CanonicalSubtree>,
-}
-
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum CanonicalSubtree {
-    Dns(String),
-    /// Address then mask, network byte order.
-    Ip(Vec<u8>),
-}
-
-/// The host of one `--mirrored-registries` entry.
-fn registry_host(entry: &str) -> Result<LeafName, CaError> {
-    let invalid = |reason| CaError::InvalidRegistry {
-        entry: entry.to_owned(),
-        reason,
-    };
-    if entry == "_default" || entry == "*" {
-        return Err(invalid(
-            "the node CA cannot cover all registries; list them explicitly",
-        ));
-    }
-    let lower = entry.to_ascii_lowercase();
-    let rest = if let Some(rest) = lower.strip_prefix("https://") {
-        rest
-    } else if let Some(rest) = lower.strip_prefix("http://") {
-        rest
-    } else if lower.contains("://") {
-        return Err(invalid("only http:// and https:// are supported"));
-    } else {
-        lower.as_str()
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains(['/', '?', '#', '@']) {
-        return Err(invalid(
-            "must be host[:port], without path, query or userinfo",
-        ));
-    }
-    let host = if let Some(bracketed) = rest.strip_prefix('[') {
-        let (host, after) = bracketed
-            .split_once(']')
-            .ok_or_else(|| invalid("unclosed `[`"))?;
-        check_port(after, &invalid)?;
-        host
-    } else if rest.matches(':').count() == 1 {
-        let (host, port) = rest.split_once(':').unwrap_or((rest, ""));
-        check_port(&format!(":{port}"), &invalid)?;
-        host
-    } else {
-        // No colon, or a bare IPv6 address.
-        rest
-    };
-    match LeafName::parse(host) {
-        Ok(name) => Ok(name),
-        Err(_) => Err(invalid("host is not a valid DNS name or IP address")),
-    }
-}
-
-fn check_port(after_host: &str, invalid: &impl Fn(&'static str) -> CaError) -> Result<(), CaError> {
-    match after_host.strip_prefix(':') {
-        None if after_host.is_empty() => Ok(()),
-        Some(port) if port.parse::<u16>().is_ok_and(|port| port != 0) => Ok(()),
-        _ => Err(invalid("invalid port")),
-    }
 }
 
 /// One cached leaf and when to replace it.
@@ -673,192 +422,43 @@ fn restrict_key_permissions(path: &Path) {
     }
 }
 
-/// Writes `path` via a temporary file in the same directory, created with `mode`, then renamed:
-/// readers see the old or the new content, never a mix, and the key is never briefly world-readable.
-fn write_file_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let result = (|| {
-        let _ = fs::remove_file(&tmp);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io_error(format!("cannot write {}", path.display())))
-}
-
-/// Flags of the `install-ca` subcommand.
-#[derive(Debug, Clone, clap::Args)]
-pub struct InstallCaArgs {
-    /// Where the daemon keeps its state; the CA lives in `<data-dir>/ca/`.
-    #[arg(long, env = "SPEGEL_DATA_DIR", default_value = "/var/lib/spegel")]
-    pub data_dir: PathBuf,
-    /// Registries the node CA may vouch for (`[https://]host[:port]`, comma-separated): the
-    /// same flag, environment variable and default as `spegel run`, so both mint the same CA.
-    #[arg(
-        long,
-        env = "SPEGEL_MIRRORED_REGISTRIES",
-        value_delimiter = ',',
-        default_values_t = crate::intercept::registries::DEFAULT_MIRRORED_REGISTRIES
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-    )]
-    pub mirrored_registries: Vec<String>,
-    /// Operate on the trust store under this root instead of `/` (the refresh command is then
-    /// not run: it only knows the real root).
-    #[arg(long, env = "SPEGEL_TRUST_ROOT", default_value = "/")]
-    pub trust_root: PathBuf,
-    /// Only print the CA certificate (PEM) on stdout; change nothing else.
-    #[arg(long, env = "SPEGEL_CA_PRINT", conflicts_with = "bundle")]
-    pub print: bool,
-    /// Only write a bundle of the system roots plus the node CA to this file (for
-    /// `SSL_CERT_FILE`); the trust store is left alone.
-    #[arg(long, env = "SPEGEL_CA_BUNDLE", value_name = "OUT")]
-    pub bundle: Option<PathBuf>,
-}
-
-/// Where a distribution keeps locally added CAs and how it rebuilds its bundle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TrustLayout {
-    /// Debian, Ubuntu: `update-ca-certificates`.
-    Debian,
-    /// RHEL, Fedora, Azure Linux: `update-ca-trust extract`.
-    Rhel,
-}
-
-impl TrustLayout {
-    fn detect(root: &Path) -> Option<Self> {
-        if root.join("etc/pki/ca-trust/source/anchors").is_dir() {
-            Some(TrustLayout::Rhel)
-        } else if root.join("usr/local/share/ca-certificates").is_dir() {
-            Some(TrustLayout::Debian)
-        } else {
-            None
-        }
-    }
-
-    fn anchor_path(self, root: &Path) -> PathBuf {
-        match self {
-            TrustLayout::Debian => root.join("usr/local/share/ca-certificates"),
-            TrustLayout::Rhel => root.join("etc/pki/ca-trust/source/anchors"),
-        }
-        .join(TRUST_FILE_NAME)
-    }
-
-    fn refresh_command(self) -> (&'static str, &'static [&'static str]) {
-        match self {
-            TrustLayout::Debian => ("update-ca-certificates", &[]),
-            TrustLayout::Rhel => ("update-ca-trust", &["extract"]),
-        }
-    }
-}
-
-/// System CA bundles, by distribution, relative to the trust root.
-const SYSTEM_BUNDLES: &[&str] = &[
-    "etc/ssl/certs/ca-certificates.crt",
-    "etc/pki/tls/certs/ca-bundle.crt",
-    "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-    "etc/ssl/cert.pem",
-];
-
-/// Run the `install-ca` subcommand.
-pub async fn main(args: InstallCaArgs) -> anyhow::Result<()> {
-    tokio::task::spawn_blocking(move || install(&args)).await?
-}
-
-fn install(args: &InstallCaArgs) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let permitted = PermittedNames::from_registries(&args.mirrored_registries)?;
-    let ca = NodeCa::load_or_create(&args.data_dir, permitted)?;
-    if args.print {
-        print!("{}", ca.cert_pem());
-        return Ok(());
-    }
-    if let Some(out) = &args.bundle {
-        let (source, mut bundle) = SYSTEM_BUNDLES
-            .iter()
-            .map(|rel| args.trust_root.join(rel))
-            .find_map(|path| fs::read(&path).ok().map(|bytes| (path, bytes)))
-            .with_context(|| {
-                format!(
-                    "no system CA bundle under {} (looked for {})",
-                    args.trust_root.display(),
-                    SYSTEM_BUNDLES.join(", ")
-                )
-            })?;
-        if !bundle.ends_with(b"\n") {
-            bundle.push(b'\n');
-        }
-        bundle.extend_from_slice(ca.cert_pem().as_bytes());
-        write_file_atomically(out, &bundle, 0o644)?;
-        println!(
-            "wrote {} (system roots from {} plus the spegel node CA)",
-            out.display(),
-            source.display()
-        );
-        return Ok(());
-    }
-    let layout = TrustLayout::detect(&args.trust_root).with_context(|| {
-        format!(
-            "unknown trust store layout under {}: neither usr/local/share/ca-certificates \
-             (Debian/Ubuntu) nor etc/pki/ca-trust/source/anchors (RHEL/Azure Linux) exists",
-            args.trust_root.display()
-        )
-    })?;
-    let anchor = layout.anchor_path(&args.trust_root);
-    let unchanged = fs::read(&anchor).is_ok_and(|old| old == ca.cert_pem().as_bytes());
-    if !unchanged {
-        write_file_atomically(&anchor, ca.cert_pem().as_bytes(), 0o644)?;
-    }
-    println!(
-        "{} the spegel node CA at {}",
-        if unchanged { "kept" } else { "installed" },
-        anchor.display()
-    );
-    if args.trust_root == Path::new("/") {
-        let (program, program_args) = layout.refresh_command();
-        let status = Command::new(program)
-            .args(program_args)
-            .status()
-            .with_context(|| format!("cannot run {program}"))?;
-        anyhow::ensure!(status.success(), "{program} failed: {status}");
-    } else {
-        println!(
-            "alternate trust root {}: not running {}",
-            args.trust_root.display(),
-            layout.refresh_command().0
-        );
-    }
-    if !unchanged {
-        println!(
-            "containerd must be restarted once to trust this CA (Go loads the system roots once \
-             per process): systemctl restart containerd"
-        );
-    }
+/// Writes `path` atomically: a temporary file in the same directory (created 0600, so the key is
+/// never briefly world-readable), given `mode`, synced, then renamed over `path` by
+/// [`tempfile::NamedTempFile::persist`]. Readers see the old or the new content, never a mix; a
+/// failed write leaves no temporary file behind.
+pub(super) fn write_file_atomically(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+) -> Result<(), CaError> {
+    let context = || format!("cannot write {}", path.display());
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io_error(context()))?;
+    file.write_all(contents)
+        .and_then(|()| {
+            file.as_file()
+                .set_permissions(fs::Permissions::from_mode(mode))
+        })
+        .and_then(|()| file.as_file().sync_all())
+        .map_err(io_error(context()))?;
+    file.persist(path)
+        .map_err(|err| io_error(context())(err.error))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::path::PathBuf;
 
     use rustls::client::{WebPkiServerVerifier, danger::ServerCertVerifier as _};
-    use rustls_pki_types::UnixTime;
+    use rustls_pki_types::{ServerName, UnixTime};
 
     use super::*;
 
-    fn permitted(names: &[&str]) -> PermittedNames {
-        PermittedNames::from_registries(names).unwrap()
-    }
+    use crate::tls::names::tests::permitted;
 
     fn tempdir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -884,80 +484,6 @@ mod tests {
         verifier
             .verify_server_cert(&leaf.cert[0], &[], &server_name, &[], UnixTime::now())
             .map(|_| ())
-    }
-
-    #[test]
-    fn parses_registry_entries() {
-        let p = permitted(&[
-            "docker.io",
-            "https://GHCR.io/",
-            "http://10.213.0.10:5000",
-            "[fd00::1]:5443",
-            "registry.k8s.io:443",
-            "",
-        ]);
-        assert_eq!(
-            p.dns_names().collect::<Vec<_>>(),
-            ["docker.io", "ghcr.io", "registry.k8s.io"]
-        );
-        assert_eq!(
-            p.ips().collect::<Vec<_>>(),
-            [
-                IpAddr::V4(Ipv4Addr::new(10, 213, 0, 10)),
-                IpAddr::V6("fd00::1".parse::<Ipv6Addr>().unwrap())
-            ]
-        );
-        for bad in [
-            "_default",
-            "*",
-            "ftp://x.io",
-            "docker.io/library",
-            "u@docker.io",
-            "docker.io:0",
-            "docker.io:x",
-            "[fd00::1",
-            "bad host",
-        ] {
-            assert!(
-                PermittedNames::from_registries([bad]).is_err(),
-                "{bad} was accepted"
-            );
-        }
-        assert!(matches!(
-            PermittedNames::from_registries(Vec::<String>::new()),
-            Err(CaError::NoRegistries)
-        ));
-    }
-
-    #[test]
-    fn default_registries_make_a_valid_ca() {
-        use clap::Parser as _;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: InstallCaArgs,
-        }
-        let cli = Cli::try_parse_from(["install-ca"]).unwrap();
-        let p = PermittedNames::from_registries(&cli.args.mirrored_registries).unwrap();
-        for name in ["registry-1.docker.io", "ghcr.io", "registry.k8s.io"] {
-            assert!(p.permits(&LeafName::parse(name).unwrap()), "{name}");
-        }
-        assert!(!p.permits(&LeafName::parse("example.com").unwrap()));
-        let cli =
-            Cli::try_parse_from(["install-ca", "--mirrored-registries", "a.io,b.io:5000"]).unwrap();
-        assert_eq!(cli.args.mirrored_registries, ["a.io", "b.io:5000"]);
-    }
-
-    #[test]
-    fn permits_subdomains_not_lookalikes() {
-        let p = permitted(&["docker.io", "10.0.0.1:5000"]);
-        let dns = |s: &str| LeafName::parse(s).unwrap();
-        assert!(p.permits(&dns("docker.io")));
-        assert!(p.permits(&dns("Registry-1.Docker.IO.")));
-        assert!(!p.permits(&dns("evildocker.io")));
-        assert!(!p.permits(&dns("docker.io.evil.com")));
-        assert!(p.permits(&dns("10.0.0.1")));
-        assert!(!p.permits(&dns("10.0.0.2")));
     }
 
     #[test]
@@ -1098,56 +624,5 @@ mod tests {
         let cn = cert.subject().iter_common_name().next().unwrap();
         assert_eq!(cn.as_str().unwrap(), "docker.io");
         fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn installs_into_an_alternate_root() {
-        let root = tempdir();
-        let data = tempdir();
-        fs::create_dir_all(root.join("usr/local/share/ca-certificates")).unwrap();
-        fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
-        fs::write(
-            root.join("etc/ssl/certs/ca-certificates.crt"),
-            "SYSTEM ROOTS",
-        )
-        .unwrap();
-        let args = InstallCaArgs {
-            data_dir: data.clone(),
-            mirrored_registries: vec!["docker.io".into()],
-            trust_root: root.clone(),
-            print: false,
-            bundle: None,
-        };
-        install(&args).unwrap();
-        let installed =
-            fs::read_to_string(root.join("usr/local/share/ca-certificates/spegel-node-ca.crt"))
-                .unwrap();
-        let ca = NodeCa::load_or_create(&data, permitted(&["docker.io"])).unwrap();
-        assert_eq!(installed, ca.cert_pem());
-
-        let out = data.join("bundle.pem");
-        install(&InstallCaArgs {
-            bundle: Some(out.clone()),
-            ..args.clone()
-        })
-        .unwrap();
-        let bundle = fs::read_to_string(&out).unwrap();
-        assert!(bundle.starts_with("SYSTEM ROOTS\n"));
-        assert!(bundle.ends_with(ca.cert_pem()));
-
-        // No known layout: a clear error.
-        let empty = tempdir();
-        let err = install(&InstallCaArgs {
-            trust_root: empty.clone(),
-            ..args
-        })
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("unknown trust store layout"),
-            "{err}"
-        );
-        for dir in [root, data, empty] {
-            fs::remove_dir_all(dir).unwrap();
-        }
     }
 }

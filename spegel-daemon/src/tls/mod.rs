@@ -2,6 +2,8 @@
 //! the name the client asked for (SNI, or the original destination IP when it sent none).
 
 pub mod ca;
+mod install;
+mod names;
 use std::{fmt, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use rustls::{
@@ -230,7 +232,6 @@ mod tests {
     use tokio_rustls::TlsConnector;
 
     use super::*;
-    use crate::tls::ca::PermittedNames;
 
     struct Fixture {
         dir: PathBuf,
@@ -249,7 +250,7 @@ mod tests {
             std::process::id(),
             rand::random::<u64>()
         ));
-        let permitted = PermittedNames::from_registries(["docker.io", "10.213.0.10:5443"]).unwrap();
+        let permitted = crate::tls::names::tests::permitted(&["docker.io", "10.213.0.10:5443"]);
         let ca = Arc::new(NodeCa::load_or_create(&dir, permitted).unwrap());
         Fixture { dir, ca }
     }
