@@ -3,6 +3,8 @@
 //! - `cargo xtask prereqs` — install what building and testing need (idempotent).
 //! - `cargo xtask test`    — prereqs, build everything (eBPF included), run every test, e2e too,
 //!   then check that a release build of the daemon carries no test-only fault switch.
+//! - `cargo xtask no-faults [binary]` — fail if a daemon binary (default: the release one) has a
+//!   test-only fault switch compiled in (the check `test` ends with).
 //! - `cargo xtask demo`    — prereqs, build, bring up a local multi-node cluster and pull through it.
 //! - `cargo xtask bench`   — prereqs, build, run the benchmarks (ratios against a baseline run).
 //!
@@ -40,7 +42,7 @@ const APT_PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | demo | bench [name]>";
+const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | no-faults [binary] | demo | bench [name]>";
 
 fn main() -> ExitCode {
     let mut args = env::args_os().skip(1);
@@ -52,6 +54,12 @@ fn main() -> ExitCode {
     let result = match command.to_str() {
         Some("prereqs") => prereqs().map(|_| ()),
         Some("test") => test(&rest),
+        Some("no-faults") => no_faults(
+            &rest
+                .first()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target/release/spegel")),
+        ),
         Some("demo") => run_tool("spegel-demo", &rest),
         Some("bench") => run_tool("spegel-bench", &rest),
         _ => {
@@ -204,15 +212,19 @@ fn test(extra: &[OsString]) -> anyhow::Result<()> {
             .env("SPEGEL_BIN", &bin),
     )?;
     status(cargo(&path).args(["build", "--release", "--locked", "-p", "spegel-daemon"]))?;
-    let release = workspace_root().join("target/release/spegel");
-    let found = fault_switches_in(&release)?;
+    no_faults(&workspace_root().join("target/release/spegel"))
+}
+
+/// Fails if the daemon binary at `binary` has any test-only fault switch compiled in.
+fn no_faults(binary: &Path) -> anyhow::Result<()> {
+    let found = fault_switches_in(binary)?;
     if !found.is_empty() {
         bail!(
             "{} has test-only fault switches compiled in: {found:?}",
-            release.display()
+            binary.display()
         );
     }
-    eprintln!("xtask: {} has no fault-injection switch", release.display());
+    eprintln!("xtask: {} has no fault-injection switch", binary.display());
     Ok(())
 }
 

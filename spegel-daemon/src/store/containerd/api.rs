@@ -4,7 +4,7 @@ use std::{collections::HashMap, future::Future, path::PathBuf, time::Duration};
 
 use containerd_client::{
     services::v1::{
-        InfoRequest, ListContentRequest, ListImagesRequest, PluginsRequest,
+        GetImageRequest, InfoRequest, ListContentRequest, ListImagesRequest, PluginsRequest,
         content_client::ContentClient, images_client::ImagesClient,
         introspection_client::IntrospectionClient,
     },
@@ -86,6 +86,23 @@ impl Inner {
             })
     }
 
+    /// The digest the image record `name` points at; `None` when it names no (servable) digest.
+    pub(super) async fn image_target(&self, name: &str) -> Result<Option<Digest>, ContainerdError> {
+        let mut client = ImagesClient::new(self.channel.clone());
+        let response = call(
+            "images.get",
+            client.get(self.request(GetImageRequest {
+                name: name.to_owned(),
+            })),
+        )
+        .await?;
+        Ok(response
+            .image
+            .and_then(|image| image.target)
+            .and_then(|target| target.digest.parse().ok()))
+    }
+
+    /// The size of a present object.
     pub(super) async fn info(&self, digest: &Digest) -> Result<u64, ContainerdError> {
         let mut client = ContentClient::new(self.channel.clone());
         let response = call(

@@ -14,10 +14,7 @@ use std::{
     time::Duration,
 };
 
-use containerd_client::{
-    services::v1::{GetImageRequest, images_client::ImagesClient},
-    tonic::{metadata::AsciiMetadataValue, transport::Channel},
-};
+use containerd_client::tonic::{metadata::AsciiMetadataValue, transport::Channel};
 use tokio::{
     sync::{Notify, watch},
     time::{Instant, timeout},
@@ -25,13 +22,13 @@ use tokio::{
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument as _;
 
-pub use self::{api::ContainerdError, args::ContainerdArgs};
 use self::{
-    api::{CALL_TIMEOUT, call},
+    api::CALL_TIMEOUT,
     args::parse_namespace,
     events::{refresh_loop, watch_events},
     reads::ContentBlobs,
 };
+pub use self::{api::ContainerdError, args::ContainerdArgs};
 use crate::{
     oci::digest::Digest, store::Descriptor, store::Keys, store::Reader, store::Store,
     store::StoreError, store::walk, store::walk::Index, store::walk::ParseCache,
@@ -198,22 +195,13 @@ impl Store for ContainerdStore {
         // Asked live rather than from the index: a tag moved by a pull a moment ago must not
         // resolve to the old digest until the next walk.
         let name = walk::tag_reference(reference).ok_or(StoreError::NotFound)?;
-        let inner = &self.inner;
-        let mut client = ImagesClient::new(inner.channel.clone());
-        let response = call(
-            "images.get",
-            client.get(inner.request(GetImageRequest {
-                name: name.to_owned(),
-            })),
-        )
-        .await?;
-        let digest: Digest = response
-            .image
-            .and_then(|image| image.target)
-            .and_then(|target| target.digest.parse().ok())
+        let digest = self
+            .inner
+            .image_target(name)
+            .await?
             .ok_or(StoreError::NotFound)?;
         // An image record whose content is gone (or still arriving) is not ours to serve.
-        inner.info(&digest).await?;
+        self.inner.info(&digest).await?;
         Ok(digest)
     }
 
