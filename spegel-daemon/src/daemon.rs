@@ -7,10 +7,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
-    body::buffered::Buffered, config::RunArgs, fault::FaultySource, intercept,
-    intercept::InterceptConfig, metrics::Instrumented, metrics::Metrics, p2p::P2pRouter,
-    peers::FetchConfig, peers::PeerSource, routing::Router, serve::api, serve::api::Registry,
-    serve::api::StoreReadiness, serve::policy::ServePolicy, serve::transparent::RegistryHandler,
+    body::buffered::Buffered, config::RunArgs, intercept, intercept::InterceptConfig,
+    metrics::Instrumented, metrics::Metrics, p2p::P2pRouter, peers::FetchConfig, peers::PeerSource,
+    routing::Router, serve::api, serve::api::Registry, serve::api::StoreReadiness,
+    serve::policy::ServePolicy, serve::transparent::RegistryHandler,
     serve::transparent::UpstreamPassthrough, source::Source, source::local::LocalSource,
     store::Store, store::containerd::ContainerdStore, tls::TlsTerminator, tls::ca::NodeCa,
     tls::ca::PermittedNames, upstream::UpstreamClient, upstream::UpstreamSource,
@@ -54,9 +54,6 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         .to_config(&args.data_dir, args.registry.registry_addr.port())
         .context("invalid router flags")?;
     let upstream_client = UpstreamClient::new(&args.upstream).context("invalid upstream flags")?;
-    if args.fault.any() {
-        tracing::warn!(?args.fault, "TEST FAULTS ARE ON: this node misbehaves towards its peers");
-    }
 
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -99,10 +96,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         transparent.then(|| Arc::clone(&intercept_stats)),
         Some(router),
     ));
-    let mut local: Arc<dyn Source> = Arc::new(LocalSource::new(Arc::clone(&store)));
-    if args.fault.any() {
-        local = Arc::new(FaultySource::new(local, args.fault.clone()));
-    }
+    let local: Arc<dyn Source> = Arc::new(LocalSource::new(Arc::clone(&store)));
+    #[cfg(feature = "fault-injection")]
+    let local = crate::fault::inject(local, &args.fault);
     // Small enough peer blobs are verified whole before containerd sees a byte of them.
     let peers: Arc<dyn Source> = Arc::new(Buffered::new(Arc::new(peers), &args.buffer));
     let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first);

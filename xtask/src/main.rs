@@ -1,7 +1,10 @@
 //! Chores for spegel, in Rust so they run wherever cargo does:
 //!
 //! - `cargo xtask prereqs` — install what building and testing need (idempotent).
-//! - `cargo xtask test`    — prereqs, build everything (eBPF included), run every test, e2e too.
+//! - `cargo xtask test`    — prereqs, build everything (eBPF included), run every test, e2e too,
+//!   then check that a release build of the daemon carries no test-only fault switch.
+//! - `cargo xtask no-faults [binary]` — fail if a daemon binary (default: the release one) has a
+//!   test-only fault switch compiled in (the check `test` ends with).
 //! - `cargo xtask demo`    — prereqs, build, bring up a local multi-node cluster and pull through it.
 //! - `cargo xtask bench`   — prereqs, build, run the benchmarks (ratios against a baseline run).
 //!
@@ -14,6 +17,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+/// The names of the daemon's test-only fault switches (one list, shared with the daemon).
+// `pub` is for the daemon, where the module is public.
+#[allow(unreachable_pub)]
+#[path = "../../spegel-daemon/src/fault/switches.rs"]
+mod fault_switches;
 
 /// Debian packages the build, the rig and the daemon need.
 const APT_PACKAGES: &[&str] = &[
@@ -35,7 +44,7 @@ const APT_PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | demo | bench [name]>";
+const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | no-faults [binary] | demo | bench [name]>";
 
 fn main() -> ExitCode {
     let mut args = env::args_os().skip(1);
@@ -47,6 +56,12 @@ fn main() -> ExitCode {
     let result = match command.to_str() {
         Some("prereqs") => prereqs().map(|_| ()),
         Some("test") => test(&rest),
+        Some("no-faults") => no_faults(
+            &rest
+                .first()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target/release/spegel")),
+        ),
         Some("demo") => run_tool("spegel-demo", &rest),
         Some("bench") => run_tool("spegel-bench", &rest),
         _ => {
@@ -180,8 +195,10 @@ fn cargo(path: &OsString) -> Command {
 }
 
 /// Builds every default member once, in one profile (the eBPF crate comes in through the daemon's
-/// build script; the daemon binary the end-to-end tests run is the one just built), then runs every
-/// test with the end-to-end suite enabled.
+/// build script; the daemon binary the end-to-end tests run is the one just built, with fault
+/// injection, which the suite's dependency turns on), then runs every test with the end-to-end
+/// suite enabled. Last, builds the release binary the way an operator does and fails if it has
+/// any fault-injection switch.
 fn test(extra: &[OsString]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the end-to-end tests need root (network namespaces, cgroups, eBPF)");
@@ -195,7 +212,42 @@ fn test(extra: &[OsString]) -> anyhow::Result<()> {
             .args(extra)
             .env("SPEGEL_E2E", "1")
             .env("SPEGEL_BIN", &bin),
-    )
+    )?;
+    status(cargo(&path).args(["build", "--release", "--locked", "-p", "spegel-daemon"]))?;
+    no_faults(&workspace_root().join("target/release/spegel"))
+}
+
+/// Fails if the daemon binary at `binary` has any test-only fault switch compiled in.
+fn no_faults(binary: &Path) -> anyhow::Result<()> {
+    let found = fault_switches_in(binary)?;
+    if !found.is_empty() {
+        bail!(
+            "{} has test-only fault switches compiled in: {found:?}",
+            binary.display()
+        );
+    }
+    eprintln!("xtask: {} has no fault-injection switch", binary.display());
+    Ok(())
+}
+
+/// The fault switch names found in the file at `binary` (like `strings | grep`, on raw bytes).
+fn fault_switches_in(binary: &Path) -> anyhow::Result<Vec<&'static str>> {
+    let bytes =
+        std::fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
+    Ok(switches_in(&bytes))
+}
+
+/// The fault switch names occurring anywhere in `bytes`.
+fn switches_in(bytes: &[u8]) -> Vec<&'static str> {
+    fault_switches::ALL
+        .iter()
+        .copied()
+        .filter(|name| {
+            bytes
+                .windows(name.len())
+                .any(|window| window == name.as_bytes())
+        })
+        .collect()
 }
 
 /// Runs one of the tools of the `spegel-tests` crate (the demo, the benchmarks).
@@ -227,4 +279,38 @@ fn run_tool(bin: &str, extra: &[OsString]) -> anyhow::Result<()> {
             .env("PATH", &path)
             .env("SPEGEL_BIN", target.join("spegel")),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_fault_switches_in_bytes() {
+        let cases: &[(&[u8], &[&str])] = &[
+            (b"", &[]),
+            (b"\0\0run --registry-addr SPEGEL_LOG\0", &[]),
+            (
+                b"\x7fELF\0test-corrupt-peer-blobs\0",
+                &[fault_switches::CORRUPT_PEER_BLOBS_FLAG],
+            ),
+            (
+                b"SPEGEL_TEST_THROTTLE_PEER_BYTESSPEGEL_TEST_CORRUPT_PEER_BLOBS",
+                &[
+                    fault_switches::CORRUPT_PEER_BLOBS_ENV,
+                    fault_switches::THROTTLE_PEER_BYTES_ENV,
+                ],
+            ),
+            // A prefix is not a name.
+            (b"test-throttle-peer-byte", &[]),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                switches_in(bytes),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
 }

@@ -140,10 +140,7 @@ impl CgroupFinder {
     /// The cgroup2 directory of `pid`.
     fn cgroup_of(&self, pid: u32) -> Result<PathBuf, CgroupError> {
         let file = self.proc_root.join(pid.to_string()).join("cgroup");
-        let content = fs::read_to_string(&file).map_err(|source| CgroupError::Read {
-            path: file.clone(),
-            source,
-        })?;
+        let content = read_to_string(&file)?;
         let cgroup = content
             .lines()
             .find_map(|line| line.strip_prefix("0::"))
@@ -215,10 +212,7 @@ impl CgroupFinder {
     /// Inodes of listening unix sockets bound to `path`, from `/proc/net/unix`.
     fn socket_inodes(&self, path: &Path) -> Result<Vec<u64>, CgroupError> {
         let file = self.proc_root.join("net/unix");
-        let content = fs::read_to_string(&file).map_err(|source| CgroupError::Read {
-            path: file.clone(),
-            source,
-        })?;
+        let content = read_to_string(&file)?;
         let canonical = fs::canonicalize(path).ok();
         Ok(content
             .lines()
@@ -283,11 +277,16 @@ impl CgroupFinder {
     }
 }
 
-fn read_pidfile(path: &Path) -> Result<u32, CgroupError> {
-    let content = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+/// The content of `path`, or a [`CgroupError::Read`] naming it.
+fn read_to_string(path: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(path).map_err(|source| CgroupError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+fn read_pidfile(path: &Path) -> Result<u32, CgroupError> {
+    let content = read_to_string(path)?;
     content
         .trim()
         .parse()
@@ -302,10 +301,7 @@ fn read_pidfile(path: &Path) -> Result<u32, CgroupError> {
 /// The first cgroup2 mount point listed in a `/proc/mounts`-format file: `/sys/fs/cgroup` on
 /// pure-v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones.
 fn find_cgroup2_mount(mounts: &Path) -> Result<PathBuf, CgroupError> {
-    let content = fs::read_to_string(mounts).map_err(|source| CgroupError::Read {
-        path: mounts.to_path_buf(),
-        source,
-    })?;
+    let content = read_to_string(mounts)?;
     content
         .lines()
         .find_map(|line| {

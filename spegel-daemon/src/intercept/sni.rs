@@ -1,9 +1,17 @@
-//! Hand-written, panic-free parsers for the first bytes of an intercepted connection: the TLS
-//! ClientHello's server name (SNI) and the HTTP/1.x `Host` header.
+//! The TLS ClientHello's server name (SNI), from the first bytes of an intercepted connection:
+//! a hand-written, panic-free parser over a prefix of the stream (what `peek` returned so far)
+//! that says whether more bytes could change the answer (`NeedMore`), so the caller can wait for
+//! them within its own bounds.
 //!
-//! Both work on a prefix of the stream (what `peek` returned so far) and say whether more bytes
-//! could change the answer (`NeedMore`), so the caller can wait for them within its own bounds.
-use std::{fmt, net::IpAddr};
+//! Hand-written on purpose: the TLS crates at hand (rustls' `Acceptor`, `tls-parser`) either
+//! consume the bytes they read or need the whole, unfragmented message, while the interceptor
+//! must only peek, so the TLS stack that later terminates (or the upstream that receives a
+//! spliced connection) still sees every byte.
+use std::net::IpAddr;
+
+/// Kept at this path for the modules that name it here.
+pub use crate::intercept::authority::Authority;
+use crate::intercept::authority::normalize_host;
 
 /// TLS record content type `handshake`.
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -15,92 +23,6 @@ const EXT_SERVER_NAME: u16 = 0;
 const NAME_TYPE_HOST: u8 = 0;
 /// The largest plaintext record a peer may send (RFC 8446 §5.1).
 const MAX_RECORD_LEN: usize = 1 << 14;
-/// Longest DNS name (without the trailing dot).
-const MAX_HOST_LEN: usize = 253;
-/// Longest HTTP method we accept; real ones are far shorter.
-const MAX_METHOD_LEN: usize = 24;
-
-/// A host with an optional port, as in `Host:` or a `host[:port]` list entry. The host is
-/// lowercased, without a trailing dot, and without brackets for IPv6 literals.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Authority {
-    pub host: String,
-    pub port: Option<u16>,
-}
-
-impl Authority {
-    /// Parses `host`, `host:port`, `[v6]`, `[v6]:port`. A bare IPv6 address without brackets is
-    /// accepted too (there is no port then). Host names must be DNS-like: letters, digits, `-`,
-    /// `_`, `.`.
-    pub fn parse(s: &str) -> Option<Self> {
-        let s = s.trim();
-        if let Some(rest) = s.strip_prefix('[') {
-            let (inner, after) = rest.split_once(']')?;
-            let ip: std::net::Ipv6Addr = inner.parse().ok()?;
-            let port = match after {
-                "" => None,
-                p => Some(parse_port(p.strip_prefix(':')?)?),
-            };
-            return Some(Self {
-                host: ip.to_string(),
-                port,
-            });
-        }
-        if let Ok(ip) = s.parse::<std::net::Ipv6Addr>() {
-            return Some(Self {
-                host: ip.to_string(),
-                port: None,
-            });
-        }
-        let (host, port) = match s.rsplit_once(':') {
-            Some((host, port)) => (host, Some(parse_port(port)?)),
-            None => (s, None),
-        };
-        Some(Self {
-            host: normalize_host(host)?,
-            port,
-        })
-    }
-
-    /// The host as an IP address, when it is an IP literal.
-    pub fn ip(&self) -> Option<IpAddr> {
-        self.host.parse().ok()
-    }
-}
-
-impl fmt::Display for Authority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]", self.host)?;
-        } else {
-            f.write_str(&self.host)?;
-        }
-        if let Some(port) = self.port {
-            write!(f, ":{port}")?;
-        }
-        Ok(())
-    }
-}
-
-fn parse_port(s: &str) -> Option<u16> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok().filter(|&p| p != 0)
-}
-
-/// Lowercases a DNS-like name and drops one trailing dot; `None` if it is not one.
-fn normalize_host(host: &str) -> Option<String> {
-    let host = host.strip_suffix('.').unwrap_or(host);
-    let valid = !host.is_empty()
-        && host.len() <= MAX_HOST_LEN
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !host.starts_with('.')
-        && !host.contains("..");
-    valid.then(|| host.to_ascii_lowercase())
-}
 
 /// What the first bytes of a TLS connection say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -370,106 +292,6 @@ fn parse_server_name_list(list: &mut Reader<'_>) -> Result<Option<String>, Stop>
     }
 }
 
-/// What the first bytes of a plain-text connection say.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HttpRequest {
-    /// A prefix of what may still become an HTTP/1.x request head.
-    NeedMore,
-    /// Not HTTP/1.x.
-    NotHttp,
-    /// An HTTP/1.x request line, but a broken head.
-    Malformed(&'static str),
-    /// A request head; its `Host`, if it has one.
-    Head { host: Option<Authority> },
-}
-
-/// Parses an HTTP/1.x request line and headers up to the `Host` header (or the end of the head).
-/// Lines may end in CRLF or a bare LF.
-pub fn parse_http_host(buf: &[u8]) -> HttpRequest {
-    // The method: a token followed by a space; decide "not HTTP" as early as possible.
-    let method_len = buf.iter().take_while(|&&b| is_tchar(b)).count();
-    if method_len > MAX_METHOD_LEN {
-        return HttpRequest::NotHttp;
-    }
-    match buf.get(method_len) {
-        None => return HttpRequest::NeedMore,
-        Some(b' ') if method_len > 0 => {}
-        Some(_) => return HttpRequest::NotHttp,
-    }
-    let mut lines = Lines { buf, pos: 0 };
-    let Some(request_line) = lines.next_line() else {
-        return HttpRequest::NeedMore;
-    };
-    if !is_http1_request_line(request_line) {
-        return HttpRequest::NotHttp;
-    }
-    let mut host = None;
-    loop {
-        let Some(line) = lines.next_line() else {
-            return match host {
-                Some(host) => HttpRequest::Head { host: Some(host) },
-                None => HttpRequest::NeedMore,
-            };
-        };
-        if line.is_empty() {
-            return HttpRequest::Head { host };
-        }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return HttpRequest::Malformed("header line without a colon");
-        };
-        let (name, value) = (&line[..colon], &line[colon + 1..]);
-        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
-            return HttpRequest::Malformed("bad header name");
-        }
-        if !name.eq_ignore_ascii_case(b"host") {
-            continue;
-        }
-        if host.is_some() {
-            return HttpRequest::Malformed("more than one Host header");
-        }
-        let parsed = std::str::from_utf8(value).ok().and_then(Authority::parse);
-        match parsed {
-            Some(authority) => host = Some(authority),
-            None => return HttpRequest::Malformed("bad Host header"),
-        }
-    }
-}
-
-/// RFC 9110 `tchar`.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// `METHOD SP target SP HTTP/1.x`.
-fn is_http1_request_line(line: &[u8]) -> bool {
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    !method.is_empty()
-        && !target.is_empty()
-        && target.iter().all(|b| b.is_ascii_graphic())
-        && matches!(version, b"HTTP/1.1" | b"HTTP/1.0")
-}
-
-/// Complete lines of a buffer, without their terminator; an unterminated tail is not a line.
-struct Lines<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Lines<'a> {
-    fn next_line(&mut self) -> Option<&'a [u8]> {
-        let rest = self.buf.get(self.pos..)?;
-        let lf = rest.iter().position(|&b| b == b'\n')?;
-        self.pos += lf + 1;
-        let line = &rest[..lf];
-        Some(line.strip_suffix(b"\r").unwrap_or(line))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -714,7 +536,7 @@ mod tests {
                 }
             }
             let _ = parse_tls_client_hello(&buf);
-            let _ = parse_http_host(&buf);
+            let _ = crate::intercept::http_host::parse_http_host(&buf);
             // Flip bytes of a real hello.
             let mut mutated = real.clone();
             for _ in 0..rng.random_range(1..4) {
@@ -722,109 +544,6 @@ mod tests {
                 mutated[at] = rng.random();
             }
             let _ = parse_tls_client_hello(&mutated);
-        }
-    }
-
-    #[test]
-    fn http_host_header() {
-        let head = |host: &str, port| HttpRequest::Head {
-            host: Some(Authority {
-                host: host.to_owned(),
-                port,
-            }),
-        };
-        assert_eq!(
-            parse_http_host(
-                b"GET /v2/ HTTP/1.1\r\nUser-Agent: x\r\nHOST: Registry.Local:5000\r\n\r\n"
-            ),
-            head("registry.local", Some(5000))
-        );
-        assert_eq!(
-            parse_http_host(b"HEAD /v2/ HTTP/1.1\nhost:  [fd00::1]:80 \n\n"),
-            head("fd00::1", Some(80))
-        );
-        // The Host line is enough; the rest of the head need not have arrived.
-        assert_eq!(
-            parse_http_host(b"GET / HTTP/1.1\r\nHost: docker.io\r\nAccept: */"),
-            head("docker.io", None)
-        );
-        assert_eq!(
-            parse_http_host(b"GET / HTTP/1.0\r\nAccept: */*\r\n\r\n"),
-            HttpRequest::Head { host: None }
-        );
-    }
-
-    #[test]
-    fn http_prefixes_and_garbage() {
-        let full = b"GET /v2/ HTTP/1.1\r\nAccept: */*\r\nHost: ghcr.io\r\n\r\n";
-        for end in 0..full.len() {
-            let got = parse_http_host(&full[..end]);
-            assert!(
-                got == HttpRequest::NeedMore
-                    || got
-                        == (HttpRequest::Head {
-                            host: Some(Authority::parse("ghcr.io").unwrap())
-                        }),
-                "{end}: {got:?}"
-            );
-        }
-        assert_eq!(parse_http_host(b"\x16\x03\x01"), HttpRequest::NotHttp);
-        assert_eq!(
-            parse_http_host(b"SSH-2.0-OpenSSH\r\n"),
-            HttpRequest::NotHttp
-        );
-        assert_eq!(parse_http_host(b" GET"), HttpRequest::NotHttp);
-        assert_eq!(parse_http_host(b"GET / HTTP/2\r\n"), HttpRequest::NotHttp);
-        assert_eq!(
-            parse_http_host(b"GET  / HTTP/1.1\r\n"),
-            HttpRequest::NotHttp
-        );
-        assert_eq!(parse_http_host(&[b'A'; 100]), HttpRequest::NotHttp);
-        assert!(matches!(
-            parse_http_host(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
-            HttpRequest::Malformed(_)
-        ));
-        assert!(matches!(
-            parse_http_host(b"GET / HTTP/1.1\r\nHost: a:b:c\r\n\r\n"),
-            HttpRequest::Malformed(_)
-        ));
-        assert!(matches!(
-            parse_http_host(b"GET / HTTP/1.1\r\nno colon\r\n\r\n"),
-            HttpRequest::Malformed(_)
-        ));
-        assert!(matches!(
-            parse_http_host(b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n"),
-            HttpRequest::Malformed(_)
-        ));
-        // An oversized head without Host just keeps asking; the caller's cap decides.
-        let mut big = b"GET / HTTP/1.1\r\n".to_vec();
-        for _ in 0..2000 {
-            big.extend_from_slice(b"X-Filler: aaaaaaaa\r\n");
-        }
-        assert_eq!(parse_http_host(&big), HttpRequest::NeedMore);
-    }
-
-    #[test]
-    fn authorities() {
-        let a = |s: &str| Authority::parse(s);
-        assert_eq!(
-            a("Docker.IO."),
-            Some(Authority {
-                host: "docker.io".into(),
-                port: None
-            })
-        );
-        assert_eq!(
-            a("10.1.2.3:5000").unwrap().ip(),
-            Some("10.1.2.3".parse().unwrap())
-        );
-        assert_eq!(a("[::1]:443").unwrap().to_string(), "[::1]:443");
-        assert_eq!(a("fd00::1").unwrap().to_string(), "[fd00::1]");
-        assert_eq!(a("ghcr.io:443").unwrap().to_string(), "ghcr.io:443");
-        for bad in [
-            "", ":80", "a:", "a:0", "a:65536", "a b", "[::1", "[x]:1", "a..b", ".a", "[::1]x",
-        ] {
-            assert_eq!(a(bad), None, "{bad}");
         }
     }
 }

@@ -202,8 +202,11 @@ struct RawDescriptor {
 }
 
 /// The union of the index, manifest and image-config shapes (Docker schema 2 uses the same
-/// field names as OCI). oci-spec's types reject a whole document over one odd descriptor and
-/// accept digest algorithms we cannot serve, so the walk reads only these fields itself.
+/// field names as OCI). Not oci-spec's `ImageManifest` / `ImageIndex`: they reject a whole
+/// document over one odd descriptor (a descriptor without `mediaType` or `size`, a digest
+/// oci-spec does not accept such as a short `sha512:`) or a missing `schemaVersion`, where the
+/// walk keeps every child it can serve; and they accept digest algorithms we cannot serve. So
+/// the walk reads only these fields itself.
 #[derive(Deserialize)]
 struct Document {
     #[serde(default, rename = "mediaType")]

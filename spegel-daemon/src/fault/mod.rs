@@ -1,6 +1,12 @@
 //! Test-only fault injection on what this node serves to *peers*: corrupt blob bytes, or throttle
 //! them so a test can kill the daemon mid-stream. Wraps a [`Source`]; requests from containerd
-//! itself (not `mirrored`) are never touched. Off unless a hidden flag turns it on.
+//! itself (not `mirrored`) are never touched. Off unless a hidden flag turns it on, and compiled
+//! only with the `fault-injection` cargo feature (the end-to-end suite enables it; release
+//! builds of the daemon alone do not), so a release binary has no such switch at all.
+#![cfg(feature = "fault-injection")]
+
+pub mod switches;
+
 use std::{sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
@@ -14,10 +20,10 @@ use crate::{
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct FaultArgs {
     /// TEST ONLY: flip bytes in every blob served to peers.
-    #[arg(long, env = "SPEGEL_TEST_CORRUPT_PEER_BLOBS", hide = true)]
+    #[arg(long = switches::CORRUPT_PEER_BLOBS_FLAG, env = switches::CORRUPT_PEER_BLOBS_ENV, hide = true)]
     pub test_corrupt_peer_blobs: bool,
     /// TEST ONLY: serve blobs to peers at most this many bytes per second.
-    #[arg(long, env = "SPEGEL_TEST_THROTTLE_PEER_BYTES", hide = true)]
+    #[arg(long = switches::THROTTLE_PEER_BYTES_FLAG, env = switches::THROTTLE_PEER_BYTES_ENV, hide = true)]
     pub test_throttle_peer_bytes: Option<u64>,
 }
 
@@ -28,6 +34,19 @@ impl FaultArgs {
     }
 }
 
+/// `local` wrapped in a [`FaultySource`] when any fault is switched on (warning loudly), else
+/// `local` itself.
+pub fn inject(local: Arc<dyn Source>, args: &FaultArgs) -> Arc<dyn Source> {
+    if !args.any() {
+        return local;
+    }
+    tracing::warn!(
+        ?args,
+        "TEST FAULTS ARE ON: this node misbehaves towards its peers"
+    );
+    Arc::new(FaultySource::new(local, args.clone()))
+}
+
 /// A [`Source`] that misbehaves towards peers as configured.
 pub struct FaultySource {
     inner: Arc<dyn Source>,
@@ -35,6 +54,7 @@ pub struct FaultySource {
 }
 
 impl FaultySource {
+    /// Wraps `inner`, misbehaving as `args` say.
     pub fn new(inner: Arc<dyn Source>, args: FaultArgs) -> Self {
         Self { inner, args }
     }
@@ -150,6 +170,28 @@ mod tests {
         let corrupted = body_of(&source, true).await;
         assert_eq!(corrupted.len(), data.len());
         assert_ne!(corrupted, data);
+    }
+
+    /// Every hidden flag and env twin is in [`switches::ALL`], the list the release check uses.
+    #[test]
+    fn every_switch_is_listed() {
+        #[derive(clap::Parser)]
+        struct TestCli {
+            #[command(flatten)]
+            fault: FaultArgs,
+        }
+        use clap::CommandFactory as _;
+        let command = TestCli::command();
+        let mut names: Vec<String> = Vec::new();
+        for arg in command.get_arguments() {
+            assert!(arg.is_hide_set(), "{:?} is not hidden", arg.get_id());
+            names.extend(arg.get_long().map(str::to_owned));
+            names.extend(arg.get_env().map(|e| e.to_string_lossy().into_owned()));
+        }
+        names.sort();
+        let mut listed: Vec<String> = switches::ALL.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        assert_eq!(names, listed);
     }
 
     #[tokio::test(start_paused = true)]

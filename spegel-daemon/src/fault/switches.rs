@@ -1,0 +1,20 @@
+//! The names of the test-only fault switches, written once: the daemon's hidden flags and their
+//! env twins are declared with these, and `cargo xtask test` fails when a release binary contains
+//! any of them. xtask compiles this file too (`#[path]`), so it must stay free of dependencies.
+
+/// Flag (without `--`) that corrupts blobs served to peers.
+pub const CORRUPT_PEER_BLOBS_FLAG: &str = "test-corrupt-peer-blobs";
+/// Environment twin of [`CORRUPT_PEER_BLOBS_FLAG`].
+pub const CORRUPT_PEER_BLOBS_ENV: &str = "SPEGEL_TEST_CORRUPT_PEER_BLOBS";
+/// Flag (without `--`) that throttles blobs served to peers.
+pub const THROTTLE_PEER_BYTES_FLAG: &str = "test-throttle-peer-bytes";
+/// Environment twin of [`THROTTLE_PEER_BYTES_FLAG`].
+pub const THROTTLE_PEER_BYTES_ENV: &str = "SPEGEL_TEST_THROTTLE_PEER_BYTES";
+
+/// Every fault flag and env name; none of them may appear in a release binary.
+pub const ALL: &[&str] = &[
+    CORRUPT_PEER_BLOBS_FLAG,
+    CORRUPT_PEER_BLOBS_ENV,
+    THROTTLE_PEER_BYTES_FLAG,
+    THROTTLE_PEER_BYTES_ENV,
+];

@@ -1,0 +1,449 @@
+//! The loopback listener of intercepted connections: accepts, looks up each connection's
+//! original destination, classifies its first bytes, and either hands it to the
+//! [`MirroredHandler`] (a mirrored registry) or splices it to where it was going.
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
+
+use crate::{
+    intercept::InterceptConfig, intercept::InterceptError, intercept::MirroredHandler,
+    intercept::OriginalDst, intercept::registries::MirroredRegistries, intercept::sniff::Sniffed,
+    intercept::sniff::sniff, intercept::splice, intercept::stats::InterceptStats, source::Origin,
+};
+
+/// The loopback listeners: 127.0.0.1 always, [::1] when IPv6 is available.
+#[derive(Debug)]
+pub struct Listener {
+    v4: TcpListener,
+    v6: Option<TcpListener>,
+    port: u16,
+}
+
+impl Listener {
+    /// Binds 127.0.0.1:`port` and, best-effort, [::1]:`port`. Port 0 picks a free port (for
+    /// tests); IPv6 then uses the same one.
+    pub async fn bind(port: u16) -> Result<Self, InterceptError> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let v4 = TcpListener::bind(addr)
+            .await
+            .map_err(|source| InterceptError::Bind { addr, source })?;
+        let port = v4
+            .local_addr()
+            .map_err(|source| InterceptError::Bind { addr, source })?
+            .port();
+        let addr6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+        let v6 = match TcpListener::bind(addr6).await {
+            Ok(l) => Some(l),
+            Err(error) => {
+                tracing::warn!(%error, addr = %addr6, "no IPv6 interception listener; IPv6 connects will not be redirected");
+                None
+            }
+        };
+        Ok(Self { v4, v6, port })
+    }
+
+    /// The port both listeners are bound to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the [::1] listener is bound.
+    pub fn has_ipv6(&self) -> bool {
+        self.v6.is_some()
+    }
+}
+
+/// Decides, per accepted connection, between the mirrored handler and a splice.
+pub struct Interceptor {
+    orig: Arc<dyn OriginalDst>,
+    mirrored: MirroredRegistries,
+    handler: Arc<dyn MirroredHandler>,
+    peek_timeout: Duration,
+    connect_timeout: Duration,
+    max_connections: usize,
+    stats: Arc<InterceptStats>,
+}
+
+impl Interceptor {
+    /// Routes connections whose original destination `orig` knows, handing mirrored ones to
+    /// `handler`.
+    pub fn new(
+        config: &InterceptConfig,
+        orig: Arc<dyn OriginalDst>,
+        handler: Arc<dyn MirroredHandler>,
+    ) -> Self {
+        Self {
+            orig,
+            mirrored: config.mirrored.clone(),
+            handler,
+            peek_timeout: config.peek_timeout,
+            connect_timeout: config.connect_timeout,
+            max_connections: config.max_connections,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Counts into `stats` (e.g. counters the metrics endpoint already holds).
+    pub fn with_stats(mut self, stats: Arc<InterceptStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// The counters this interceptor counts into.
+    pub fn stats(&self) -> Arc<InterceptStats> {
+        self.stats.clone()
+    }
+
+    /// Accepts until `shutdown` is cancelled, then lets open connections finish for up to
+    /// `grace` and drops the rest.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: Listener,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) {
+        let tracker = TaskTracker::new();
+        let abort = CancellationToken::new();
+        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let mut loops = Vec::new();
+        for l in std::iter::once(listener.v4).chain(listener.v6) {
+            let this = self.clone();
+            let (tracker, abort, limit, shutdown) = (
+                tracker.clone(),
+                abort.clone(),
+                limit.clone(),
+                shutdown.clone(),
+            );
+            loops.push(tokio::spawn(async move {
+                this.accept_loop(l, tracker, abort, limit, shutdown).await;
+            }));
+        }
+        for l in loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::info!(
+                open = tracker.len(),
+                "closing intercepted connections still open"
+            );
+            abort.cancel();
+            tracker.wait().await;
+        }
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tracker: TaskTracker,
+        abort: CancellationToken,
+        limit: Arc<Semaphore>,
+        shutdown: CancellationToken,
+    ) {
+        let local = listener.local_addr().ok();
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return, // never closed
+                },
+            };
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, ?local, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            let this = self.clone();
+            let abort = abort.clone();
+            let span = tracing::debug_span!("intercept", %peer);
+            tracker.spawn(
+                async move {
+                    tokio::select! {
+                        _ = abort.cancelled() => {}
+                        _ = this.handle(stream, peer) => {}
+                    }
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// One accepted connection.
+    async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
+        let dst = match self.orig.take(peer) {
+            Ok(Some(dst)) => dst,
+            Ok(None) => {
+                self.stats.no_origin.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("no original destination recorded; closing");
+                return;
+            }
+            Err(error) => {
+                self.stats.no_origin.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "original destination lookup failed; closing");
+                return;
+            }
+        };
+        let sniffed = sniff(&stream, self.peek_timeout).await;
+        tracing::debug!(%dst, ?sniffed, "intercepted");
+        match self.decide(dst, &sniffed) {
+            Some(origin) => {
+                self.stats.mirrored.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(host = %origin.host, tls = origin.tls, "mirrored registry");
+                self.handler.handle(stream, origin).await;
+            }
+            None if sniffed == Sniffed::Closed => {}
+            None => {
+                self.stats.spliced.fetch_add(1, Ordering::Relaxed);
+                match splice::splice(stream, dst, self.connect_timeout).await {
+                    Ok(done) => {
+                        tracing::debug!(%dst, up = done.up, down = done.down, "splice done")
+                    }
+                    Err(error) => tracing::debug!(%dst, %error, "splice failed"),
+                }
+            }
+        }
+    }
+
+    /// The origin to hand to the mirrored handler, or `None` to splice.
+    fn decide(&self, dst: SocketAddr, sniffed: &Sniffed) -> Option<Origin> {
+        let (name, port, tls) = match sniffed {
+            Sniffed::Tls { sni } => (sni.clone(), dst.port(), true),
+            Sniffed::Http { host } => (
+                host.as_ref().map(|h| h.host.clone()),
+                host.as_ref().and_then(|h| h.port).unwrap_or(dst.port()),
+                false,
+            ),
+            Sniffed::Opaque(_) | Sniffed::TimedOut | Sniffed::Oversized | Sniffed::Closed => {
+                return None;
+            }
+        };
+        let mirrored = match &name {
+            Some(name) => self.mirrored.matches_name(name, port, tls),
+            None => self.mirrored.matches_addr(dst, tls),
+        };
+        mirrored.then(|| Origin {
+            addr: dst,
+            host: name.unwrap_or_else(|| dst.ip().to_string()),
+            tls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::intercept::{authority::Authority, ebpf::EbpfError, tests::config};
+
+    /// Original destinations handed out by the test instead of the eBPF map.
+    #[derive(Default)]
+    struct FakeOrig(Mutex<std::collections::HashMap<u16, SocketAddr>>);
+
+    impl OriginalDst for FakeOrig {
+        fn take(&self, peer: SocketAddr) -> Result<Option<SocketAddr>, EbpfError> {
+            Ok(self.0.lock().unwrap().remove(&peer.port()))
+        }
+    }
+
+    /// Records what it was handed and answers with a fixed body.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Origin>>);
+
+    #[async_trait::async_trait]
+    impl MirroredHandler for Recorder {
+        async fn handle(&self, mut stream: TcpStream, origin: Origin) {
+            self.0.lock().unwrap().push(origin);
+            let mut head = [0u8; 256];
+            let n = stream.read(&mut head).await.unwrap_or(0);
+            let reply = format!("mirrored {} bytes", n);
+            let _ = stream.write_all(reply.as_bytes()).await;
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let c = config(&[
+            "--mirrored-registries",
+            "ghcr.io,reg.local:5000,10.1.2.3:5000",
+        ]);
+        let i = Interceptor::new(
+            &c,
+            Arc::new(FakeOrig::default()),
+            Arc::new(Recorder::default()),
+        );
+        let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let tls = |sni: Option<&str>| Sniffed::Tls {
+            sni: sni.map(str::to_owned),
+        };
+        let http = |host: &str| Sniffed::Http {
+            host: Authority::parse(host),
+        };
+        let origin = i
+            .decide(dst("140.82.1.1:443"), &tls(Some("ghcr.io")))
+            .unwrap();
+        assert_eq!(
+            origin,
+            Origin {
+                addr: dst("140.82.1.1:443"),
+                host: "ghcr.io".into(),
+                tls: true
+            }
+        );
+        assert!(
+            i.decide(dst("140.82.1.1:443"), &tls(Some("github.com")))
+                .is_none()
+        );
+        assert!(
+            i.decide(dst("10.0.0.9:5000"), &tls(Some("reg.local")))
+                .is_some()
+        );
+        assert!(
+            i.decide(dst("10.0.0.9:5000"), &http("reg.local:5000"))
+                .is_some()
+        );
+        assert!(i.decide(dst("10.0.0.9:80"), &http("reg.local")).is_none());
+        // IP literal registries: no SNI, matched on the destination.
+        let o = i.decide(dst("10.1.2.3:5000"), &tls(None)).unwrap();
+        assert_eq!(o.host, "10.1.2.3");
+        assert!(i.decide(dst("10.1.2.4:5000"), &tls(None)).is_none());
+        assert!(
+            i.decide(dst("10.1.2.3:5000"), &http("10.1.2.3:5000"))
+                .is_some()
+        );
+        for other in [
+            Sniffed::Opaque("x"),
+            Sniffed::TimedOut,
+            Sniffed::Oversized,
+            Sniffed::Closed,
+        ] {
+            assert!(i.decide(dst("10.1.2.3:5000"), &other).is_none());
+        }
+    }
+
+    /// A listener with fake original destinations: unknown peers are closed, non-mirrored
+    /// connections are spliced, mirrored ones reach the handler with the bytes still unread.
+    #[tokio::test]
+    async fn listener_routes_connections() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = upstream.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let _ = s.write_all(b"upstream saw: ").await;
+                    let _ = s.write_all(&buf[..n]).await;
+                });
+            }
+        });
+        let c = config(&[
+            "--mirrored-registries",
+            "mirror.test",
+            "--intercept-peek-timeout",
+            "300ms",
+        ]);
+        let orig = Arc::new(FakeOrig::default());
+        let recorder = Arc::new(Recorder::default());
+        let interceptor = Arc::new(Interceptor::new(&c, orig.clone(), recorder.clone()));
+        let stats = interceptor.stats();
+        let listener = Listener::bind(0).await.unwrap();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, listener.port()));
+        let stop = CancellationToken::new();
+        let server =
+            tokio::spawn(interceptor.serve(listener, stop.clone(), Duration::from_secs(1)));
+
+        // Binds the client first so the fake map can be keyed by its port.
+        let connect = |orig_dst: Option<SocketAddr>| {
+            let orig = orig.clone();
+            async move {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                let port = socket.local_addr().unwrap().port();
+                if let Some(d) = orig_dst {
+                    orig.0.lock().unwrap().insert(port, d);
+                }
+                socket.connect(addr).await.unwrap()
+            }
+        };
+        let exchange = |mut s: TcpStream, send: &'static [u8]| async move {
+            if !send.is_empty() {
+                s.write_all(send).await.unwrap();
+            }
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        };
+
+        // No original destination: closed without a byte.
+        let s = connect(None).await;
+        assert_eq!(exchange(s, b"GET / HTTP/1.1\r\n\r\n").await, "");
+        // Plain HTTP to a non-mirrored host: spliced, the request arrives intact.
+        let req = b"GET /x HTTP/1.1\r\nHost: other.test\r\n\r\n";
+        let s = connect(Some(upstream_addr)).await;
+        let got = exchange(s, req).await;
+        assert_eq!(
+            got,
+            format!("upstream saw: {}", String::from_utf8_lossy(req))
+        );
+        // Opaque bytes: spliced.
+        let s = connect(Some(upstream_addr)).await;
+        assert_eq!(
+            exchange(s, b"\x00\x01binary").await,
+            "upstream saw: \x00\x01binary"
+        );
+        // Mirrored host: the handler gets the connection with the head unread.
+        let req = b"GET /v2/ HTTP/1.1\r\nHost: mirror.test\r\n\r\n";
+        let s = connect(Some(SocketAddr::from(([10, 231, 0, 9], 80)))).await;
+        assert_eq!(
+            exchange(s, req).await,
+            format!("mirrored {} bytes", req.len())
+        );
+        // A client that sends nothing first: spliced once the peek times out.
+        let mut s = connect(Some(upstream_addr)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(b"late").await.unwrap();
+        assert_eq!(exchange(s, b"").await, "upstream saw: late");
+
+        let recorded = recorder.0.lock().unwrap().clone();
+        assert_eq!(
+            recorded,
+            [Origin {
+                addr: SocketAddr::from(([10, 231, 0, 9], 80)),
+                host: "mirror.test".into(),
+                tls: false
+            }]
+        );
+        assert_eq!(stats.accepted.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.no_origin.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.spliced.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.mirrored.load(Ordering::Relaxed), 1);
+        stop.cancel();
+        server.await.unwrap();
+    }
+}

@@ -1,0 +1,124 @@
+//! The interception lifecycle: listen, load the eBPF programs, keep them attached to
+//! containerd's current cgroup, serve until shutdown, then detach and drain.
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::intercept::{
+    InterceptConfig, InterceptError, InterceptStats, Interceptor, Listener, MirroredHandler,
+    cgroup::CgroupFinder,
+    ebpf::{EbpfError, RedirectConfig, Redirector},
+};
+
+/// Runs transparent interception until `shutdown`: binds the listener, loads the eBPF programs,
+/// attaches them to containerd's cgroup (and re-attaches whenever containerd moves to another
+/// cgroup or its cgroup is recreated), and serves intercepted connections. On shutdown the
+/// programs are detached first, so new connects go direct while open ones drain for `grace`.
+pub async fn run(
+    config: InterceptConfig,
+    handler: Arc<dyn MirroredHandler>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), InterceptError> {
+    run_with_stats(config, handler, Arc::default(), shutdown, grace).await
+}
+
+/// [`run`], counting connections into `stats`.
+pub async fn run_with_stats(
+    config: InterceptConfig,
+    handler: Arc<dyn MirroredHandler>,
+    stats: Arc<InterceptStats>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), InterceptError> {
+    // Listen before attaching, so a redirected connect never meets a closed port.
+    let listener = Listener::bind(config.listener_port).await?;
+    let mut redirector = Redirector::load(&RedirectConfig {
+        listener_port: listener.port(),
+        ipv6_listener: listener.has_ipv6(),
+        ports: config.redirect_ports.clone(),
+        ips: config.redirect_ips.clone(),
+        own_tgid: std::process::id(),
+    })?;
+    let mut finder = CgroupFinder::new(config.locator.clone(), config.cgroup2_mount.clone())?;
+    let mut watcher = CgroupWatcher::default();
+    // A first attach that fails for lack of privileges or a verifier error will not get better:
+    // report it. A cgroup that vanished between finding and attaching is retried like any other.
+    match watcher.check(&mut finder, &mut redirector) {
+        Ok(()) => {}
+        Err(error @ EbpfError::Cgroup { .. }) => {
+            tracing::warn!(%error, "cannot attach the eBPF redirect yet; retrying");
+        }
+        Err(error) => return Err(error.into()),
+    }
+
+    let interceptor = Arc::new(
+        Interceptor::new(&config, Arc::new(redirector.orig_dst_table()), handler).with_stats(stats),
+    );
+    tracing::info!(
+        port = listener.port(),
+        ipv6 = listener.has_ipv6(),
+        ports = ?config.redirect_ports,
+        ips = ?config.redirect_ips,
+        mirrored = config.mirrored.entries().len(),
+        "transparent interception listening"
+    );
+    let serve_stop = CancellationToken::new();
+    let server = tokio::spawn(interceptor.serve(listener, serve_stop.clone(), grace));
+
+    let mut tick = tokio::time::interval(config.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                if let Err(error) = watcher.check(&mut finder, &mut redirector) {
+                    tracing::warn!(%error, "cannot attach the eBPF redirect; retrying");
+                }
+            }
+        }
+    }
+    drop(redirector); // detach: from here on connects go direct
+    serve_stop.cancel();
+    let _ = server.await;
+    Ok(())
+}
+
+/// Keeps the programs attached to containerd's current cgroup.
+#[derive(Debug, Default)]
+pub struct CgroupWatcher {
+    /// The last "cannot find" message, so a lasting condition is logged once.
+    last_error: Option<String>,
+}
+
+impl CgroupWatcher {
+    /// Finds containerd's cgroup and attaches there if it is not where the programs are. Not
+    /// finding it is logged (once per distinct reason) and retried later; failing to attach is
+    /// an error.
+    pub fn check(
+        &mut self,
+        finder: &mut CgroupFinder,
+        redirector: &mut Redirector,
+    ) -> Result<(), EbpfError> {
+        let found = match finder.find() {
+            Ok(found) => {
+                if self.last_error.take().is_some() {
+                    tracing::info!(cgroup = %found.path.display(), "containerd's cgroup found again");
+                }
+                found
+            }
+            Err(error) => {
+                let message = error.to_string();
+                if self.last_error.as_ref() != Some(&message) {
+                    tracing::warn!(%error, "cannot find containerd's cgroup; connections go direct until it is found");
+                    self.last_error = Some(message);
+                }
+                return Ok(());
+            }
+        };
+        if redirector.attached() == Some(&found) {
+            return Ok(());
+        }
+        redirector.attach(&found)
+    }
+}
