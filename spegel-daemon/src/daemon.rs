@@ -7,13 +7,25 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
-    body::buffered::Buffered, config::RunArgs, intercept, intercept::InterceptConfig,
-    metrics::Instrumented, metrics::Metrics, p2p::P2pRouter, peers::FetchConfig, peers::PeerSource,
-    routing::Router, serve::api, serve::api::Registry, serve::api::StoreReadiness,
-    serve::policy::ServePolicy, serve::transparent::RegistryHandler,
-    serve::transparent::UpstreamPassthrough, source::Source, source::local::LocalSource,
-    store::Store, store::containerd::ContainerdStore, tls::TlsTerminator, tls::ca::NodeCa,
-    tls::ca::PermittedNames, upstream::UpstreamClient, upstream::UpstreamSource,
+    body::buffered::Buffered,
+    config::RunArgs,
+    intercept::{self, InterceptConfig},
+    metrics::{Instrumented, Metrics},
+    p2p::P2pRouter,
+    peers::{FetchConfig, PeerSource},
+    routing::Router,
+    serve::{
+        api::{self, Registry, StoreReadiness},
+        policy::ServePolicy,
+        transparent::{RegistryHandler, UpstreamPassthrough},
+    },
+    source::{Source, local::LocalSource},
+    store::{Store, containerd::ContainerdStore},
+    tls::{
+        TlsTerminator,
+        ca::{NodeCa, PermittedNames},
+    },
+    upstream::{UpstreamClient, UpstreamSource},
 };
 
 /// Resolves on SIGTERM or SIGINT.

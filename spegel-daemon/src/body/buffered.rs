@@ -15,7 +15,8 @@ use tokio::sync::Semaphore;
 
 use super::verify::{BodyCheck, ReadError, read_whole};
 use crate::{
-    oci::Kind, source::Object, source::ObjectRequest, source::Source, source::SourceError,
+    oci::Kind,
+    source::{Object, ObjectRequest, Source, SourceError},
 };
 
 /// Flags of verify-before-send buffering.
@@ -103,7 +104,7 @@ mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{oci::ByteRange, oci::Reference, oci::digest::Digest};
+    use crate::oci::{ByteRange, Reference, digest::Digest};
 
     /// Serves `data` in 1 KiB chunks, failing before the last chunk when `fail`.
     struct Chunked {

@@ -13,7 +13,8 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 
 use crate::{
-    oci::Kind, source::Object, source::ObjectRequest, source::Source, source::SourceError,
+    oci::Kind,
+    source::{Object, ObjectRequest, Source, SourceError},
 };
 
 /// Hidden flags: for the end-to-end suite only.
@@ -115,7 +116,7 @@ mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{oci::Reference, oci::digest::Digest};
+    use crate::oci::{Reference, digest::Digest};
 
     struct Fixed(Bytes);
 

@@ -15,9 +15,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
-    intercept::InterceptConfig, intercept::InterceptError, intercept::MirroredHandler,
-    intercept::OriginalDst, intercept::registries::MirroredRegistries, intercept::sniff::Sniffed,
-    intercept::sniff::sniff, intercept::splice, intercept::stats::InterceptStats, source::Origin,
+    intercept::{
+        InterceptConfig, InterceptError, MirroredHandler, OriginalDst,
+        registries::MirroredRegistries,
+        sniff::{Sniffed, sniff},
+        splice,
+        stats::InterceptStats,
+    },
+    source::Origin,
 };
 
 /// The loopback listeners: 127.0.0.1 always, [::1] when IPv6 is available.

@@ -2,7 +2,10 @@
 //! recorded, and the registry name it stands for.
 use std::net::SocketAddr;
 
-use crate::{intercept::ebpf::EbpfError, intercept::ebpf::OrigDstTable, source::Origin};
+use crate::{
+    intercept::ebpf::{EbpfError, OrigDstTable},
+    source::Origin,
+};
 
 /// The registry name an intercepted connection stands for, as image references spell it:
 /// `host` when the port is the default for the protocol, else `host:port`.

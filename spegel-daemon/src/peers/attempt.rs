@@ -13,7 +13,9 @@ use tokio::{
 
 use super::{Inner, book::Active, bump, wire, wire::Span};
 use crate::{
-    oci::ByteRange, oci::Reference, oci::digest::Digest, routing::Peer, source::ObjectRequest,
+    oci::{ByteRange, Reference, digest::Digest},
+    routing::Peer,
+    source::ObjectRequest,
 };
 
 /// Why one request to one peer did not produce a usable answer.

@@ -13,8 +13,10 @@ use super::{
     bump,
 };
 use crate::{
-    body::BodyCheck, body::VerifyError, oci::ByteRange, oci::digest::Digest, routing::Peer,
-    source::Body, source::ObjectRequest,
+    body::{BodyCheck, VerifyError},
+    oci::{ByteRange, digest::Digest},
+    routing::Peer,
+    source::{Body, ObjectRequest},
 };
 
 /// Where the bytes currently come from.

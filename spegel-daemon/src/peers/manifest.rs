@@ -8,8 +8,9 @@ use super::{
     once_body, race_error,
 };
 use crate::{
-    body::BodyCheck, body::VerifyError, oci::digest::Digest, source::Object, source::ObjectRequest,
-    source::SourceError,
+    body::{BodyCheck, VerifyError},
+    oci::digest::Digest,
+    source::{Object, ObjectRequest, SourceError},
 };
 
 /// The largest manifest accepted from a peer (as Spegel's `ManifestMaxSize`).

@@ -56,8 +56,9 @@ pub use self::{
     metrics::{FetchMetrics, FetchMetricsSnapshot},
 };
 use crate::{
-    oci::ByteRange, oci::Kind, oci::Reference, oci::digest::Digest, routing::Router, source::Body,
-    source::Object, source::ObjectRequest, source::Source, source::SourceError,
+    oci::{ByteRange, Kind, Reference, digest::Digest},
+    routing::Router,
+    source::{Body, Object, ObjectRequest, Source, SourceError},
 };
 
 /// What a request is looked up and asked for as.

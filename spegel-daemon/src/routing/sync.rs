@@ -146,8 +146,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        oci::digest::Digest, routing::Peer, routing::RouterError, routing::memory::MemoryRouter,
-        store::Descriptor, store::Reader, store::StoreError,
+        oci::digest::Digest,
+        routing::{Peer, RouterError, memory::MemoryRouter},
+        store::{Descriptor, Reader, StoreError},
     };
 
     /// A store whose key listing the test sets, optionally failing the next few reads.

@@ -14,10 +14,14 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::{BodyExt as _, Empty, Full};
 
 use crate::{
-    body::BoxBody as HttpBody, body::BoxError, metrics, oci, oci::API_VERSION_HEADER,
-    oci::CONTENT_DIGEST_HEADER, oci::ErrorBody, oci::ErrorCode, oci::Kind, oci::MIRRORED_HEADER,
-    oci::ParseError, oci::Reference, source::Object, source::ObjectRequest, source::Origin,
-    source::Source, source::SourceError, store::Store, store::StoreError,
+    body::{BoxBody as HttpBody, BoxError},
+    metrics,
+    oci::{
+        self, API_VERSION_HEADER, CONTENT_DIGEST_HEADER, ErrorBody, ErrorCode, Kind,
+        MIRRORED_HEADER, ParseError, Reference,
+    },
+    source::{Object, ObjectRequest, Origin, Source, SourceError},
+    store::{Store, StoreError},
 };
 
 mod body;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use crate::{
-    oci::Reference, source::Chain, source::Object, source::ObjectRequest, source::Source,
-    source::SourceError,
+    oci::Reference,
+    source::{Chain, Object, ObjectRequest, Source, SourceError},
 };
 
 /// Tries sources in the order a request needs.
@@ -67,7 +67,7 @@ mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{oci::Kind, oci::digest::Digest};
+    use crate::oci::{Kind, digest::Digest};
 
     /// Answers with its name, or the configured error; counts calls.
     struct Named {

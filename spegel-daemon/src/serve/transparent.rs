@@ -8,9 +8,12 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    body::BoxBody as HttpBody, intercept::MirroredHandler, intercept::origin_registry,
-    serve::api::Passthrough, serve::api::Registry, serve::api::RequestContext, source::Origin,
-    tls::TlsTerminator, upstream::UpstreamClient,
+    body::BoxBody as HttpBody,
+    intercept::{MirroredHandler, origin_registry},
+    serve::api::{Passthrough, Registry, RequestContext},
+    source::Origin,
+    tls::TlsTerminator,
+    upstream::UpstreamClient,
 };
 
 /// The registry name images use for the host an intercepted connection went to. Docker Hub is

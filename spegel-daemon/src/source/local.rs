@@ -4,9 +4,9 @@ use std::sync::Arc;
 use tokio_util::io::ReaderStream;
 
 use crate::{
-    oci, oci::Kind, oci::Reference, oci::digest::Digest, source::Body, source::Object,
-    source::ObjectRequest, source::Source, source::SourceError, store::Descriptor, store::Store,
-    store::StoreError,
+    oci::{self, Kind, Reference, digest::Digest},
+    source::{Body, Object, ObjectRequest, Source, SourceError},
+    store::{Descriptor, Store, StoreError},
 };
 
 /// How much one read of a local object hands to the HTTP layer.
@@ -113,7 +113,10 @@ pub(crate) mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::{oci::ByteRange, store::Keys, store::Reader};
+    use crate::{
+        oci::ByteRange,
+        store::{Keys, Reader},
+    };
 
     /// A store held in a map, for the local source's and the registry's tests.
     #[derive(Default)]

@@ -7,7 +7,10 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::io::AsyncReadExt as _;
 
-use crate::{oci::digest::Digest, oci::digest::Verifier, store::Store, store::StoreError};
+use crate::{
+    oci::digest::{Digest, Verifier},
+    store::{Store, StoreError},
+};
 
 /// What a store loaded with some content must answer.
 #[derive(Debug, Clone, Default)]

@@ -9,9 +9,11 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::{
-    oci::digest::Digest, store::Descriptor, store::Keys, store::Reader, store::Store,
-    store::StoreError, store::walk, store::walk::Blobs, store::walk::ImageRecord,
-    store::walk::Index, store::walk::MAX_DOCUMENT_SIZE, store::walk::ParseCache,
+    oci::digest::Digest,
+    store::{
+        Descriptor, Keys, Reader, Store, StoreError,
+        walk::{self, Blobs, ImageRecord, Index, MAX_DOCUMENT_SIZE, ParseCache},
+    },
 };
 
 /// Blobs and image records held in memory. Every change re-walks the images and moves

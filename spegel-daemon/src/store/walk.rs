@@ -11,7 +11,10 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::{oci::digest::Digest, store::Keys, store::StoreError};
+use crate::{
+    oci::digest::Digest,
+    store::{Keys, StoreError},
+};
 
 /// Manifests, indexes and blobs sniffed for their media type are read whole only up to this size
 /// (Spegel's cap too): anything larger is not a manifest any registry would accept.

@@ -15,7 +15,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 
-use crate::{tls::ca::CaError, tls::ca::NodeCa};
+use crate::tls::ca::{CaError, NodeCa};
 
 /// How long a client may take to complete the handshake before the connection is dropped.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

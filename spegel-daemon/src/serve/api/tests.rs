@@ -15,9 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::{
-    oci::ByteRange, oci::digest::Digest, source::Body, source::Chain, source::Object,
-    source::ObjectRequest, source::Origin, source::SourceError, source::local::LocalSource,
-    source::local::tests::FakeStore,
+    oci::{ByteRange, digest::Digest},
+    source::{
+        Body, Chain, Object, ObjectRequest, Origin, SourceError,
+        local::{LocalSource, tests::FakeStore},
+    },
 };
 
 const MANIFEST: &[u8] = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;

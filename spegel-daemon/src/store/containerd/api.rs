@@ -13,7 +13,10 @@ use containerd_client::{
 use tokio::time::timeout;
 
 use super::Inner;
-use crate::{oci::digest::Digest, store::StoreError, store::walk::ImageRecord};
+use crate::{
+    oci::digest::Digest,
+    store::{StoreError, walk::ImageRecord},
+};
 
 /// Unary calls and the walk's listings must not hang the daemon on a wedged containerd.
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(10);

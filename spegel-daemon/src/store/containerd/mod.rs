@@ -30,8 +30,11 @@ use self::{
 };
 pub use self::{api::ContainerdError, args::ContainerdArgs};
 use crate::{
-    oci::digest::Digest, store::Descriptor, store::Keys, store::Reader, store::Store,
-    store::StoreError, store::walk, store::walk::Index, store::walk::ParseCache,
+    oci::digest::Digest,
+    store::{
+        Descriptor, Keys, Reader, Store, StoreError,
+        walk::{self, Index, ParseCache},
+    },
 };
 
 /// The node's containerd. Cheap to clone; the background tasks (event subscription, resync)
