@@ -127,6 +127,7 @@ async fn scrape(accept: Option<&str>) -> (String, String) {
         )
         .await;
     assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(response.headers()[header::VARY], "accept");
     let content_type = response.headers()[header::CONTENT_TYPE]
         .to_str()
         .unwrap()

@@ -254,10 +254,13 @@ impl Registry {
         match encoder() {
             Ok(text) => {
                 let mut response = full_response(StatusCode::OK, Bytes::from(format.render(text)));
-                response.headers_mut().insert(
+                let headers = response.headers_mut();
+                headers.insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(format.content_type()),
                 );
+                // The format depends on `Accept`: caches must not hand one client's to another.
+                headers.insert(header::VARY, HeaderValue::from_static("accept"));
                 response
             }
             Err(err) => {
