@@ -1,6 +1,7 @@
 //! The order in which sources answer a request: local containerd, then peers, then upstream — except
 //! manifests by tag on an intercepted connection, which ask upstream first (tags move) and fall
-//! back to what this node and its peers know only when upstream fails or times out.
+//! back to what this node and its peers know only when upstream fails, times out, answers with a
+//! server error or rate-limits.
 use std::sync::Arc;
 
 use crate::{
@@ -53,11 +54,35 @@ impl Source for ServePolicy {
                     tracing::info!(%reason, repository = %request.repository, "upstream failed for a tag; asking local store and peers");
                     fallback.fetch(request).await
                 }
+                // Upstream answered, but with a failure of its own (5xx, rate limited): same as
+                // down. If nobody here has the tag either, the client sees upstream's answer
+                // (with its `Retry-After`), not ours.
+                Err(SourceError::Upstream {
+                    status,
+                    headers,
+                    body,
+                }) if upstream_failed(status) => {
+                    tracing::info!(%status, repository = %request.repository, "upstream failed for a tag; asking local store and peers");
+                    fallback
+                        .fetch(request)
+                        .await
+                        .map_err(|_| SourceError::Upstream {
+                            status,
+                            headers,
+                            body,
+                        })
+                }
                 other => other,
             };
         }
         self.by_digest.fetch(request).await
     }
+}
+
+/// Whether an upstream's answer means it failed rather than answered: a server error or rate
+/// limiting. 401, 403 and 404 are answers and go back to the client as they are.
+fn upstream_failed(status: http::StatusCode) -> bool {
+    status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS
 }
 
 #[cfg(test)]
@@ -190,6 +215,71 @@ mod tests {
             before,
             "a 401 challenge must reach the client"
         );
+    }
+
+    #[tokio::test]
+    async fn tags_fall_back_when_upstream_fails_with_5xx_or_429() {
+        fn answer(status: http::StatusCode) -> SourceError {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("7"),
+            );
+            SourceError::Upstream {
+                status,
+                headers,
+                body: bytes::Bytes::from_static(b"busy"),
+            }
+        }
+        let unavailable = || answer(http::StatusCode::SERVICE_UNAVAILABLE);
+        let limited = || answer(http::StatusCode::TOO_MANY_REQUESTS);
+        let failing: [fn() -> SourceError; 2] = [unavailable, limited];
+        for fail in failing {
+            let SourceError::Upstream { status, .. } = fail() else {
+                unreachable!("every case is an upstream answer")
+            };
+            let local = Named::failing("local", || SourceError::NotFound);
+            let peers = Named::ok("peer");
+            let upstream = Named::failing("upstream", fail);
+            let policy = ServePolicy::new(local.clone(), peers.clone(), Some(upstream), true);
+            let object = policy.fetch(&request(tag(), true)).await.unwrap();
+            assert_eq!(object.source, "peer", "{status}: the peers' answer");
+
+            // Nobody here has it: the client sees upstream's own answer, Retry-After included.
+            let nobody = Named::failing("peer", || SourceError::NotFound);
+            let upstream = Named::failing("upstream", fail);
+            let policy = ServePolicy::new(local, nobody, Some(upstream), true);
+            match policy.fetch(&request(tag(), true)).await {
+                Err(SourceError::Upstream {
+                    status: got,
+                    headers,
+                    body,
+                }) => {
+                    assert_eq!(got, status);
+                    assert_eq!(headers[http::header::RETRY_AFTER], "7");
+                    assert_eq!(&body[..], b"busy");
+                }
+                other => panic!("{status}: expected upstream's answer, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn which_upstream_answers_are_failures() {
+        use http::StatusCode;
+        for (status, failed) in [
+            (StatusCode::INTERNAL_SERVER_ERROR, true),
+            (StatusCode::BAD_GATEWAY, true),
+            (StatusCode::SERVICE_UNAVAILABLE, true),
+            (StatusCode::GATEWAY_TIMEOUT, true),
+            (StatusCode::TOO_MANY_REQUESTS, true),
+            (StatusCode::UNAUTHORIZED, false),
+            (StatusCode::FORBIDDEN, false),
+            (StatusCode::NOT_FOUND, false),
+            (StatusCode::BAD_REQUEST, false),
+        ] {
+            assert_eq!(upstream_failed(status), failed, "{status}");
+        }
     }
 
     #[tokio::test]
