@@ -1,7 +1,8 @@
 //! A registry's address, parsed once: [`Registry`] is `[http(s)://]host[:port][/]`, the one
 //! grammar of `--mirrored-registries` / `SPEGEL_MIRRORED_REGISTRIES` for `run`, `install-ca` and
 //! `configure-mirror` alike, of `--mirror-targets` (scheme mandatory), and of the `?ns=` parameter
-//! (`host[:port]` only). [`RegistryList`] is the comma-separated flag value.
+//! (`host[:port]` only). [`RegistryList`] is one comma-separated flag value (the flag may be
+//! repeated: each occurrence is one list, concatenated with `collect`).
 //!
 //! Hosts are normalised: DNS names lowercased, IPv4 and IPv6 literals in canonical form (IPv6
 //! always bracketed when written). Each user takes what it needs: configure-mirror the scheme
@@ -334,6 +335,13 @@ impl From<Vec<Registry>> for RegistryList {
 impl FromIterator<Registry> for RegistryList {
     fn from_iter<I: IntoIterator<Item = Registry>>(iter: I) -> Self {
         Self(iter.into_iter().collect())
+    }
+}
+
+/// Concatenation: the lists of a repeated `--mirrored-registries`, in the given order.
+impl FromIterator<RegistryList> for RegistryList {
+    fn from_iter<I: IntoIterator<Item = RegistryList>>(iter: I) -> Self {
+        Self(iter.into_iter().flat_map(|list| list.0).collect())
     }
 }
 
