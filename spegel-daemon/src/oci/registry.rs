@@ -501,7 +501,8 @@ mod tests {
     #[test]
     fn splits_authorities() {
         let v6 = |s: &str| SplitHost::Bracketed(s.parse().unwrap());
-        let cases: &[(&str, Option<(SplitHost<'_>, Option<u16>)>)] = &[
+        type Split<'a> = Option<(SplitHost<'a>, Option<u16>)>;
+        let cases: &[(&str, Split<'_>)] = &[
             ("docker.io", Some((SplitHost::Text("docker.io"), None))),
             (
                 "Docker.IO.:443",
