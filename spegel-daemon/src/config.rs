@@ -112,12 +112,23 @@ mod tests {
     /// Set for the child process of `mirrored_registries_mean_the_same_to_every_subcommand`.
     const CHILD_MARK: &str = "SPEGEL_TEST_MIRRORED_REGISTRIES_CHILD";
 
-    /// The registries each subcommand parsed from `MIRRORED`, from the flag or the environment.
-    fn registries_of_every_subcommand(flag: bool) -> Vec<Vec<crate::oci::Registry>> {
+    /// The same registries as `MIRRORED`, given by repeating the flag (with an empty and a
+    /// comma-separated occurrence).
+    const MIRRORED_REPEATED: &[&str] = &[
+        "--mirrored-registries",
+        "docker.io",
+        "--mirrored-registries",
+        "",
+        "--mirrored-registries",
+        " https://GHCR.io/,http://10.1.2.3:5000",
+        "--mirrored-registries=[fd00::1]:5443,",
+    ];
+
+    /// The registries each subcommand parsed from the flags `flags` (none: from the
+    /// environment).
+    fn registries_of_every_subcommand(flags: &[&'static str]) -> Vec<Vec<crate::oci::Registry>> {
         let with_flag = |mut argv: Vec<&'static str>| {
-            if flag {
-                argv.extend(["--mirrored-registries", MIRRORED]);
-            }
+            argv.extend(flags);
             Cli::try_parse_from(argv).unwrap().command
         };
         let mut parsed = Vec::new();
@@ -131,11 +142,17 @@ mod tests {
                 "http://127.0.0.1:5000",
             ]),
         ] {
-            parsed.push(match command {
-                Command::Run(args) => args.intercept.mirrored_registries.to_vec(),
-                Command::InstallCa(args) => args.mirrored_registries.to_vec(),
-                Command::ConfigureMirror(args) => args.mirrored_registries.to_vec(),
-            });
+            parsed.push(
+                match command {
+                    Command::Run(args) => args.intercept.mirrored_registries,
+                    Command::InstallCa(args) => args.mirrored_registries,
+                    Command::ConfigureMirror(args) => args.mirrored_registries,
+                }
+                .iter()
+                .flatten()
+                .cloned()
+                .collect(),
+            );
         }
         parsed
     }
@@ -159,7 +176,11 @@ mod tests {
 
     #[test]
     fn mirrored_registries_mean_the_same_to_every_subcommand() {
-        check_same_registries(registries_of_every_subcommand(true));
+        check_same_registries(registries_of_every_subcommand(&[
+            "--mirrored-registries",
+            MIRRORED,
+        ]));
+        check_same_registries(registries_of_every_subcommand(MIRRORED_REPEATED));
         // The environment variable: clap reads it when the command is built, so the check runs
         // in a child process of this test binary with the variable set.
         let output = std::process::Command::new(std::env::current_exe().unwrap())
@@ -187,6 +208,6 @@ mod tests {
         if std::env::var_os(CHILD_MARK).is_none() {
             return;
         }
-        check_same_registries(registries_of_every_subcommand(false));
+        check_same_registries(registries_of_every_subcommand(&[]));
     }
 }

@@ -135,8 +135,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
 
     if let Some(config) = intercept_config {
         // The same list `install-ca` reads, so both derive the same CA.
-        let permitted = PermittedNames::from_registries(args.intercept.mirrored_registries.iter())
-            .context("cannot derive the CA's permitted names from the mirrored registries")?;
+        let permitted =
+            PermittedNames::from_registries(args.intercept.mirrored_registries.iter().flatten())
+                .context("cannot derive the CA's permitted names from the mirrored registries")?;
         let data_dir = args.data_dir.clone();
         let ca = tokio::task::spawn_blocking(move || NodeCa::load_or_create(&data_dir, permitted))
             .await

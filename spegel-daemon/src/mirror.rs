@@ -27,16 +27,16 @@ pub struct MirrorArgs {
         default_value = "/etc/containerd/certs.d"
     )]
     pub containerd_registry_config_path: PathBuf,
-    /// Registries to mirror, as `[http(s)://]host[:port]` (comma-separated; `https` unless
-    /// `http://` is given): the same grammar as `run` and `install-ca`. None: every registry,
-    /// through `_default/hosts.toml`.
+    /// Registries to mirror, as `[http(s)://]host[:port]` (comma-separated or the flag repeated;
+    /// `https` unless `http://` is given): the same grammar as `run` and `install-ca`. None:
+    /// every registry, through `_default/hosts.toml`.
     #[arg(
         long,
         env = "SPEGEL_MIRRORED_REGISTRIES",
         default_value = "",
         hide_default_value = true
     )]
-    pub mirrored_registries: RegistryList,
+    pub mirrored_registries: Vec<RegistryList>,
     /// The daemons containerd tries first, in order, e.g. `http://127.0.0.1:5000` (comma-separated).
     #[arg(
         long,
@@ -115,7 +115,11 @@ pub async fn main(args: MirrorArgs) -> anyhow::Result<()> {
     let path = args.containerd_registry_config_path.clone();
     let undo = args.undo;
     let config = MirrorConfig {
-        registries: args.mirrored_registries.into_vec(),
+        registries: args
+            .mirrored_registries
+            .into_iter()
+            .flat_map(RegistryList::into_vec)
+            .collect(),
         targets: args.mirror_targets,
         resolve_tags: args.resolve_tags,
     };
@@ -823,11 +827,12 @@ mod tests {
             cli.args.containerd_registry_config_path,
             Path::new("/etc/containerd/certs.d")
         );
-        assert_eq!(cli.args.mirrored_registries.len(), 2);
-        assert_eq!(cli.args.mirrored_registries[1].authority(), "10.1.2.3:5000");
+        let registries: RegistryList = cli.args.mirrored_registries.into_iter().collect();
+        assert_eq!(registries.len(), 2);
+        assert_eq!(registries[1].authority(), "10.1.2.3:5000");
         assert!(!cli.args.resolve_tags);
         let cli = Cli::try_parse_from(["x", "--mirror-targets", "http://127.0.0.1:5000"]).unwrap();
-        assert!(cli.args.resolve_tags && cli.args.mirrored_registries.is_empty());
+        assert!(cli.args.resolve_tags && cli.args.mirrored_registries.iter().all(|l| l.is_empty()));
         assert!(Cli::try_parse_from(["x"]).is_err(), "targets are required");
         assert!(Cli::try_parse_from(["x", "--undo"]).is_ok());
         assert!(Cli::try_parse_from(["x", "--mirror-targets", "http://127.0.0.1:5000/x"]).is_err());

@@ -1,6 +1,17 @@
-//! `host[:port]` authorities as the `Host` header, SNI and the mirrored-registry list spell them:
-//! parsed, normalised (lowercase, no trailing dot, IPv6 without brackets) and printed back.
-use std::{fmt, net::IpAddr};
+//! `host[:port]` authorities as the wire spells them (the `Host` header, SNI): parsed,
+//! normalised (lowercase, no trailing dot, IPv6 without brackets) and printed back.
+//!
+//! Deliberately more lenient than the registry grammar ([`crate::oci::Registry`], used for what
+//! an operator configures): what a client sends is only matched against the configured
+//! registries, never trusted, so underscores, a trailing dot and a bare IPv6 address are
+//! accepted here. The port and bracket handling is the registry grammar's
+//! ([`split_authority`]); only the host check differs.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use crate::oci::{Host, SplitHost, split_authority};
 
 /// Longest DNS name (without the trailing dot).
 const MAX_HOST_LEN: usize = 253;
@@ -16,35 +27,21 @@ pub struct Authority {
 impl Authority {
     /// Parses `host`, `host:port`, `[v6]`, `[v6]:port`. A bare IPv6 address without brackets is
     /// accepted too (there is no port then). Host names must be DNS-like: letters, digits, `-`,
-    /// `_`, `.`.
+    /// `_`, `.` (see [`normalize_host`]).
     pub fn parse(s: &str) -> Option<Self> {
         let s = s.trim();
-        if let Some(rest) = s.strip_prefix('[') {
-            let (inner, after) = rest.split_once(']')?;
-            let ip: std::net::Ipv6Addr = inner.parse().ok()?;
-            let port = match after {
-                "" => None,
-                p => Some(parse_port(p.strip_prefix(':')?)?),
-            };
-            return Some(Self {
-                host: ip.to_string(),
-                port,
-            });
-        }
-        if let Ok(ip) = s.parse::<std::net::Ipv6Addr>() {
+        if let Ok(ip) = s.parse::<Ipv6Addr>() {
             return Some(Self {
                 host: ip.to_string(),
                 port: None,
             });
         }
-        let (host, port) = match s.rsplit_once(':') {
-            Some((host, port)) => (host, Some(parse_port(port)?)),
-            None => (s, None),
+        let (host, port) = split_authority(s).ok()?;
+        let host = match host {
+            SplitHost::Bracketed(ip) => ip.to_string(),
+            SplitHost::Text(name) => normalize_host(name)?,
         };
-        Some(Self {
-            host: normalize_host(host)?,
-            port,
-        })
+        Some(Self { host, port })
     }
 
     /// The host as an IP address, when it is an IP literal.
@@ -54,11 +51,11 @@ impl Authority {
 }
 
 impl fmt::Display for Authority {
+    /// `host[:port]`, an IPv6 host bracketed as in [`Host`]'s display.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]", self.host)?;
-        } else {
-            f.write_str(&self.host)?;
+        match self.ip() {
+            Some(ip) => write!(f, "{}", Host::Ip(ip))?,
+            None => f.write_str(&self.host)?,
         }
         if let Some(port) = self.port {
             write!(f, ":{port}")?;
@@ -67,14 +64,9 @@ impl fmt::Display for Authority {
     }
 }
 
-fn parse_port(s: &str) -> Option<u16> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok().filter(|&p| p != 0)
-}
-
-/// Lowercases a DNS-like name and drops one trailing dot; `None` if it is not one.
+/// Lowercases a DNS-like name and drops one trailing dot; `None` if it is not one. Lenient on
+/// purpose (underscores, a trailing dot, labels of any length): the wire's names, not the
+/// registry grammar's.
 pub(crate) fn normalize_host(host: &str) -> Option<String> {
     let host = host.strip_suffix('.').unwrap_or(host);
     let valid = !host.is_empty()

@@ -70,11 +70,12 @@ pub struct InterceptArgs {
     /// Destination addresses whose connects are redirected whatever the port.
     #[arg(long, env = "SPEGEL_INTERCEPT_IPS", value_delimiter = ',')]
     pub intercept_ips: Vec<IpAddr>,
-    /// Registries (`[http(s)://]host[:port]`, comma-separated, no wildcards) whose intercepted
-    /// connections this daemon serves; every other connection is passed through untouched. A
-    /// port-less entry means 443 (TLS) or 80 (plain HTTP). An empty value mirrors nothing.
-    #[arg(long, env = "SPEGEL_MIRRORED_REGISTRIES", default_value_t = default_mirrored_registries())]
-    pub mirrored_registries: crate::oci::RegistryList,
+    /// Registries (`[http(s)://]host[:port]`, comma-separated or the flag repeated, no
+    /// wildcards) whose intercepted connections this daemon serves; every other connection is
+    /// passed through untouched. A port-less entry means 443 (TLS) or 80 (plain HTTP). An empty
+    /// value mirrors nothing.
+    #[arg(long, env = "SPEGEL_MIRRORED_REGISTRIES", default_values_t = [default_mirrored_registries()])]
+    pub mirrored_registries: Vec<crate::oci::RegistryList>,
     /// containerd's cgroup2 directory (absolute, or relative to the cgroup2 mount). Default: the
     /// cgroup of containerd's process (see --containerd-pid, --containerd-pidfile).
     #[arg(long, env = "SPEGEL_CONTAINERD_CGROUP")]
@@ -149,7 +150,7 @@ impl InterceptConfig {
         args: &InterceptArgs,
         containerd_socket: Option<&Path>,
     ) -> Result<Self, InterceptError> {
-        let mirrored = MirroredRegistries::new(args.mirrored_registries.iter().cloned());
+        let mirrored = MirroredRegistries::new(args.mirrored_registries.iter().flatten().cloned());
         let mut redirect_ports = args.intercept_ports.clone();
         redirect_ports.extend(mirrored.explicit_ports());
         redirect_ports.sort_unstable();

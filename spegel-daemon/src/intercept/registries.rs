@@ -30,7 +30,7 @@ pub fn default_mirrored_registries() -> RegistryList {
     // Constants, all valid (checked by `defaults_parse`).
     DEFAULT_MIRRORED_REGISTRIES
         .iter()
-        .filter_map(|entry| entry.parse().ok())
+        .filter_map(|entry| entry.parse::<Registry>().ok())
         .collect()
 }
 

@@ -34,4 +34,7 @@ pub use name::{
 pub use ns::parse_ns_query;
 pub use object::{Kind, Reference};
 pub use range::{ByteRange, parse_range};
-pub use registry::{Host, Registry, RegistryError, RegistryList, RegistryListError, Scheme};
+pub use registry::{
+    Host, Registry, RegistryError, RegistryList, RegistryListError, Scheme, SplitHost,
+    split_authority,
+};

@@ -1,7 +1,8 @@
 //! A registry's address, parsed once: [`Registry`] is `[http(s)://]host[:port][/]`, the one
 //! grammar of `--mirrored-registries` / `SPEGEL_MIRRORED_REGISTRIES` for `run`, `install-ca` and
 //! `configure-mirror` alike, of `--mirror-targets` (scheme mandatory), and of the `?ns=` parameter
-//! (`host[:port]` only). [`RegistryList`] is the comma-separated flag value.
+//! (`host[:port]` only). [`RegistryList`] is one comma-separated flag value (the flag may be
+//! repeated: each occurrence is one list, concatenated with `collect`).
 //!
 //! Hosts are normalised: DNS names lowercased, IPv4 and IPv6 literals in canonical form (IPv6
 //! always bracketed when written). Each user takes what it needs: configure-mirror the scheme
@@ -204,6 +205,30 @@ fn parse_authority(s: &str) -> Result<(Host, Option<u16>), RegistryError> {
     if s.contains(['/', '?', '#']) {
         return Err(RegistryError::new("no path, query or fragment allowed"));
     }
+    let (host, port) = split_authority(s)?;
+    let host = match host {
+        SplitHost::Bracketed(ip) => Host::Ip(IpAddr::V6(ip)),
+        SplitHost::Text(name) => parse_host(name)?,
+    };
+    Ok((host, port))
+}
+
+/// The host part of a `host[:port]` authority, as [`split_authority`] leaves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitHost<'a> {
+    /// A bracketed IPv6 literal (`[fd00::1]`), parsed.
+    Bracketed(Ipv6Addr),
+    /// Anything else, as written and not yet validated: a name, an IPv4 literal, or junk.
+    Text(&'a str),
+}
+
+/// Splits `host[:port]` or `[v6][:port]` at the port: brackets are opened (their content must
+/// be an IPv6 address) and the port checked (decimal, 1..=65535), but an unbracketed host is
+/// returned as written. The one port and bracket logic, shared by the strict [`Registry`]
+/// grammar and the deliberately lenient parsers of names seen on the wire (SNI, `Host`), which
+/// validate the host text their own way. A bare IPv6 address (`fd00::1`) is refused (its colons
+/// are not a port); a caller that accepts one checks for it first.
+pub fn split_authority(s: &str) -> Result<(SplitHost<'_>, Option<u16>), RegistryError> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (v6, after) = rest
             .split_once(']')
@@ -219,13 +244,12 @@ fn parse_authority(s: &str) -> Result<(Host, Option<u16>), RegistryError> {
                     .ok_or(RegistryError::new("junk after the IPv6 address"))?,
             ),
         };
-        (Host::Ip(IpAddr::V6(ip)), port)
+        (SplitHost::Bracketed(ip), port)
     } else {
-        let (name, port) = match s.split_once(':') {
-            Some((name, port)) => (name, Some(port)),
-            None => (s, None),
-        };
-        (parse_host(name)?, port)
+        match s.split_once(':') {
+            Some((name, port)) => (SplitHost::Text(name), Some(port)),
+            None => (SplitHost::Text(s), None),
+        }
     };
     let port = port.map(parse_port).transpose()?;
     Ok((host, port))
@@ -334,6 +358,13 @@ impl From<Vec<Registry>> for RegistryList {
 impl FromIterator<Registry> for RegistryList {
     fn from_iter<I: IntoIterator<Item = Registry>>(iter: I) -> Self {
         Self(iter.into_iter().collect())
+    }
+}
+
+/// Concatenation: the lists of a repeated `--mirrored-registries`, in the given order.
+impl FromIterator<RegistryList> for RegistryList {
+    fn from_iter<I: IntoIterator<Item = RegistryList>>(iter: I) -> Self {
+        Self(iter.into_iter().flat_map(|list| list.0).collect())
     }
 }
 
@@ -463,6 +494,40 @@ mod tests {
         );
         for bad in ["127.0.0.1:5000", "docker.io", "HTTP://x.io"] {
             assert!(Registry::parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// (input, host, port) for `split_authority`; `None` when refused.
+    #[test]
+    fn splits_authorities() {
+        let v6 = |s: &str| SplitHost::Bracketed(s.parse().unwrap());
+        type Split<'a> = Option<(SplitHost<'a>, Option<u16>)>;
+        let cases: &[(&str, Split<'_>)] = &[
+            ("docker.io", Some((SplitHost::Text("docker.io"), None))),
+            (
+                "Docker.IO.:443",
+                Some((SplitHost::Text("Docker.IO."), Some(443))),
+            ),
+            ("a_b:5000", Some((SplitHost::Text("a_b"), Some(5000)))),
+            ("10.0.0.1:1", Some((SplitHost::Text("10.0.0.1"), Some(1)))),
+            ("", Some((SplitHost::Text(""), None))),
+            (":80", Some((SplitHost::Text(""), Some(80)))),
+            ("[fd00::1]", Some((v6("fd00::1"), None))),
+            ("[FD00:0::1]:65535", Some((v6("fd00::1"), Some(65535)))),
+            ("fd00::1", None),
+            ("a:", None),
+            ("a:0", None),
+            ("a:65536", None),
+            ("a:+1", None),
+            ("a:1:2", None),
+            ("[::1", None),
+            ("[::1]x", None),
+            ("[::1]:", None),
+            ("[x]:1", None),
+            ("[10.0.0.1]", None),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(split_authority(input).ok(), *expected, "{input:?}");
         }
     }
 

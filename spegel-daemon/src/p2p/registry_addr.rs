@@ -35,7 +35,9 @@ pub(super) fn agent_version(registry: RegistryAdvertise) -> String {
 }
 
 /// The registry announced in a peer's agent version; `None` for other software or a malformed
-/// field.
+/// field. The `registry=` value is a [`RegistryAdvertise`] (`:port`, or a socket address
+/// `IP:port` / `[v6]:port`), deliberately not the `host[:port]` registry grammar of
+/// [`crate::oci::Registry`]: a peer is reached at an IP, never through a DNS name it announces.
 pub(super) fn parse_agent_version(agent: &str) -> Option<RegistryAdvertise> {
     agent
         .strip_prefix(AGENT_PREFIX)?
@@ -45,7 +47,8 @@ pub(super) fn parse_agent_version(agent: &str) -> Option<RegistryAdvertise> {
         .ok()
 }
 
-/// The IP of a multiaddr that starts with one (`/ip4/…`, `/ip6/…`).
+/// The IP of a multiaddr that starts with one (`/ip4/…`, `/ip6/…`): a multiaddr component, not
+/// a textual host, so no `host[:port]` parsing is involved.
 pub(super) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),

@@ -21,15 +21,15 @@ pub struct InstallCaArgs {
     /// Where the daemon keeps its state; the CA lives in `<data-dir>/ca/`.
     #[arg(long, env = "SPEGEL_DATA_DIR", default_value = "/var/lib/spegel")]
     pub data_dir: PathBuf,
-    /// Registries the node CA may vouch for (`[http(s)://]host[:port]`, comma-separated): the
-    /// same flag, environment variable, grammar and default as `spegel run`, so both mint the
-    /// same CA.
+    /// Registries the node CA may vouch for (`[http(s)://]host[:port]`, comma-separated or the
+    /// flag repeated): the same flag, environment variable, grammar and default as `spegel run`,
+    /// so both mint the same CA.
     #[arg(
         long,
         env = "SPEGEL_MIRRORED_REGISTRIES",
-        default_value_t = crate::intercept::registries::default_mirrored_registries()
+        default_values_t = [crate::intercept::registries::default_mirrored_registries()]
     )]
-    pub mirrored_registries: RegistryList,
+    pub mirrored_registries: Vec<RegistryList>,
     /// Operate on the trust store under this root instead of `/` (the refresh command is then
     /// not run: it only knows the real root).
     #[arg(long, env = "SPEGEL_TRUST_ROOT", default_value = "/")]
@@ -94,7 +94,7 @@ pub async fn main(args: InstallCaArgs) -> anyhow::Result<()> {
 
 fn install(args: &InstallCaArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let permitted = PermittedNames::from_registries(&args.mirrored_registries)?;
+    let permitted = PermittedNames::from_registries(args.mirrored_registries.iter().flatten())?;
     let ca = NodeCa::load_or_create(&args.data_dir, permitted)?;
     if args.print {
         print!("{}", ca.cert_pem());
@@ -182,14 +182,16 @@ mod tests {
             args: InstallCaArgs,
         }
         let cli = Cli::try_parse_from(["install-ca"]).unwrap();
-        let p = PermittedNames::from_registries(&cli.args.mirrored_registries).unwrap();
+        let p =
+            PermittedNames::from_registries(cli.args.mirrored_registries.iter().flatten()).unwrap();
         for name in ["registry-1.docker.io", "ghcr.io", "registry.k8s.io"] {
             assert!(p.permits(&LeafName::parse(name).unwrap()), "{name}");
         }
         assert!(!p.permits(&LeafName::parse("example.com").unwrap()));
         let cli =
             Cli::try_parse_from(["install-ca", "--mirrored-registries", "a.io,b.io:5000"]).unwrap();
-        assert_eq!(cli.args.mirrored_registries.to_string(), "a.io,b.io:5000");
+        let list: RegistryList = cli.args.mirrored_registries.into_iter().collect();
+        assert_eq!(list.to_string(), "a.io,b.io:5000");
     }
 
     #[test]
@@ -205,7 +207,7 @@ mod tests {
         .unwrap();
         let args = InstallCaArgs {
             data_dir: data.clone(),
-            mirrored_registries: "docker.io".parse().unwrap(),
+            mirrored_registries: vec!["docker.io".parse().unwrap()],
             trust_root: root.clone(),
             print: false,
             bundle: None,

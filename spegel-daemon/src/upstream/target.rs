@@ -1,6 +1,7 @@
 //! Where one upstream request goes ([`Target`]), and its encoding into the synthetic authority
 //! that keys hyper-util's connection pool and that only our connector understands.
 use std::{
+    borrow::Cow,
     fmt, io,
     net::{IpAddr, SocketAddr},
 };
@@ -9,7 +10,10 @@ use http::{HeaderValue, Uri};
 use rustls_pki_types::ServerName;
 
 use super::UpstreamError;
-use crate::source::Origin;
+use crate::{
+    oci::{Host, SplitHost, split_authority},
+    source::Origin,
+};
 
 /// Suffix of the synthetic authorities encoding a [`Target`] (`.invalid` never resolves).
 const SYNTHETIC_SUFFIX: &str = ".spegel.invalid";
@@ -77,8 +81,8 @@ impl Target {
     /// `host[:port]` as it belongs in `Host` and URLs (IPv6 bracketed, default port omitted).
     pub(super) fn authority(&self) -> String {
         let host = match self.host.parse::<IpAddr>() {
-            Ok(IpAddr::V6(ip)) => format!("[{ip}]"),
-            _ => self.host.clone(),
+            Ok(ip) => Host::Ip(ip).to_string(),
+            Err(_) => self.host.clone(),
         };
         let default_port = if self.tls { 443 } else { 80 };
         if self.port == default_port {
@@ -168,14 +172,14 @@ impl fmt::Display for Target {
     }
 }
 
-/// `registry:5000` → `registry`, `[fd00::1]:5000` → `fd00::1`; other forms are returned as is.
-fn host_only(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split_once(']').map_or(rest, |(ip, _)| ip);
-    }
-    match host.split_once(':') {
-        Some((name, port)) if !port.contains(':') => name,
-        _ => host,
+/// The host of an origin's `host[:port]` (the registry grammar's port and bracket handling,
+/// [`split_authority`]): `registry:5000` → `registry`, `[fd00::1]:5000` → `fd00::1`. Anything
+/// that does not split (a bare IPv6 address, junk) is returned as is, for the caller's check.
+fn host_only(host: &str) -> Cow<'_, str> {
+    match split_authority(host) {
+        Ok((SplitHost::Bracketed(ip), _)) => Cow::Owned(ip.to_string()),
+        Ok((SplitHost::Text(name), _)) => Cow::Borrowed(name),
+        Err(_) => Cow::Borrowed(host),
     }
 }
 
