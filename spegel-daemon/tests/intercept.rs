@@ -411,6 +411,7 @@ async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
         poll_interval: Duration::from_millis(200),
         peek_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(5),
+        splice_idle_timeout: Duration::from_secs(600),
         max_connections: 64,
     };
     let mut redirector = Redirector::load(&RedirectConfig {

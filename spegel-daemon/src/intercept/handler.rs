@@ -1,7 +1,5 @@
 //! What serves a connection to a mirrored registry: the [`MirroredHandler`] seam, and the
 //! fallback that passes such connections through like any other.
-use std::time::Duration;
-
 use tokio::net::TcpStream;
 
 use crate::{intercept::splice, source::Origin};
@@ -19,14 +17,14 @@ pub trait MirroredHandler: Send + Sync + 'static {
 /// The fallback handler: passes mirrored connections through like any other.
 #[derive(Debug, Clone)]
 pub struct SpliceHandler {
-    /// Timeout for connecting to the original destination.
-    pub connect_timeout: Duration,
+    /// Time limits of the splice to the original destination.
+    pub timeouts: splice::SpliceTimeouts,
 }
 
 #[async_trait::async_trait]
 impl MirroredHandler for SpliceHandler {
     async fn handle(&self, stream: TcpStream, origin: Origin) {
-        match splice::splice(stream, origin.addr, self.connect_timeout).await {
+        match splice::splice(stream, origin.addr, self.timeouts).await {
             Ok(done) => tracing::debug!(up = done.up, down = done.down, "spliced"),
             Err(error) => tracing::debug!(%error, "splice failed"),
         }

@@ -73,7 +73,7 @@ pub struct Interceptor {
     mirrored: MirroredRegistries,
     handler: Arc<dyn MirroredHandler>,
     peek_timeout: Duration,
-    connect_timeout: Duration,
+    splice: splice::SpliceTimeouts,
     max_connections: usize,
     stats: Arc<InterceptStats>,
 }
@@ -91,7 +91,10 @@ impl Interceptor {
             mirrored: config.mirrored.clone(),
             handler,
             peek_timeout: config.peek_timeout,
-            connect_timeout: config.connect_timeout,
+            splice: splice::SpliceTimeouts {
+                connect: config.connect_timeout,
+                idle: config.splice_idle_timeout,
+            },
             max_connections: config.max_connections,
             stats: Arc::default(),
         }
@@ -219,7 +222,7 @@ impl Interceptor {
             None if sniffed == Sniffed::Closed => {}
             None => {
                 self.stats.spliced.fetch_add(1, Ordering::Relaxed);
-                match splice::splice(stream, dst, self.connect_timeout).await {
+                match splice::splice(stream, dst, self.splice).await {
                     Ok(done) => {
                         tracing::debug!(%dst, up = done.up, down = done.down, "splice done")
                     }

@@ -104,6 +104,11 @@ pub struct InterceptArgs {
     /// Timeout for connecting to a passed-through connection's original destination.
     #[arg(long, env = "SPEGEL_INTERCEPT_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub intercept_connect_timeout: Duration,
+    /// A passed-through (spliced) connection that moves no byte either way for this long is
+    /// closed on both sides, so parked or dead connections do not hold a slot forever. A
+    /// humantime duration ("90s", "10m"); must not be zero.
+    #[arg(long, env = "SPEGEL_SPLICE_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub splice_idle_timeout: Duration,
     /// Intercepted connections handled at once; more wait in the listen backlog.
     #[arg(long, env = "SPEGEL_INTERCEPT_MAX_CONNECTIONS", default_value_t = 4096)]
     pub intercept_max_connections: usize,
@@ -139,6 +144,8 @@ pub struct InterceptConfig {
     pub poll_interval: Duration,
     pub peek_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long a splice may move no byte before it is ended.
+    pub splice_idle_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -171,6 +178,11 @@ impl InterceptConfig {
                 "--intercept-max-connections must be at least 1".into(),
             ));
         }
+        if args.splice_idle_timeout.is_zero() {
+            return Err(InterceptError::Config(
+                "--splice-idle-timeout must not be zero".into(),
+            ));
+        }
         let locator = if let Some(path) = &args.containerd_cgroup {
             Locator::Cgroup(path.clone())
         } else if let Some(pid) = args.containerd_pid {
@@ -195,6 +207,7 @@ impl InterceptConfig {
             poll_interval: args.cgroup_poll_interval.max(Duration::from_millis(100)),
             peek_timeout: args.intercept_peek_timeout,
             connect_timeout: args.intercept_connect_timeout,
+            splice_idle_timeout: args.splice_idle_timeout,
             max_connections: args.intercept_max_connections,
         })
     }
@@ -259,6 +272,10 @@ pub(crate) mod tests {
         assert!(c.mirrored.matches_name("ghcr.io", 443, true));
         assert!(TestCli::try_parse_from(["t", "--mirrored-registries", "ftp://ghcr.io"]).is_err());
         assert!(bad(&["--intercept-max-connections", "0"]));
+        assert_eq!(c.splice_idle_timeout, Duration::from_secs(600));
+        let c = config(&["--splice-idle-timeout", "90s"]);
+        assert_eq!(c.splice_idle_timeout, Duration::from_secs(90));
+        assert!(bad(&["--splice-idle-timeout", "0s"]));
         assert!(
             TestCli::try_parse_from(["t", "--containerd-pid", "1", "--containerd-cgroup", "/x"])
                 .is_err()

@@ -1,9 +1,21 @@
 //! Passes an intercepted connection through to its original destination untouched: bytes are
 //! copied both ways, TLS is never decrypted. Whatever the client already sent is still in the
-//! socket (it was only peeked at), so nothing needs replaying.
-use std::{io, net::SocketAddr, time::Duration};
+//! socket (it was only peeked at), so nothing needs replaying. A splice that moves no byte either
+//! way for its idle timeout is ended, so a dead or parked connection does not hold a slot forever.
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::Instant,
+};
 
 /// Copy buffer per direction; large enough that image layers move in few syscalls.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -19,6 +31,8 @@ pub enum SpliceError {
         #[source]
         source: io::Error,
     },
+    #[error("no byte moved to or from {dst} for {}", humantime::format_duration(*idle))]
+    Idle { dst: SocketAddr, idle: Duration },
     #[error("copying to or from {dst}: {source}")]
     Copy {
         dst: SocketAddr,
@@ -36,15 +50,26 @@ pub struct Spliced {
     pub down: u64,
 }
 
-/// Connects to `dst` and copies bytes both ways until both sides are done. When `dst` cannot be
-/// reached, the client's connection is reset, so it fails as fast as a direct connect would have.
+/// The time limits of a splice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpliceTimeouts {
+    /// Limit for connecting to the original destination.
+    pub connect: Duration,
+    /// A splice with no byte read or written either way for this long is ended (both sides
+    /// closed).
+    pub idle: Duration,
+}
+
+/// Connects to `dst` and copies bytes both ways until both sides are done, or until nothing has
+/// moved for `timeouts.idle`. When `dst` cannot be reached, the client's connection is reset, so
+/// it fails as fast as a direct connect would have.
 pub async fn splice(
-    mut client: TcpStream,
+    client: TcpStream,
     dst: SocketAddr,
-    connect_timeout: Duration,
+    timeouts: SpliceTimeouts,
 ) -> Result<Spliced, SpliceError> {
-    let connected = tokio::time::timeout(connect_timeout, TcpStream::connect(dst)).await;
-    let mut upstream = match connected {
+    let connected = tokio::time::timeout(timeouts.connect, TcpStream::connect(dst)).await;
+    let upstream = match connected {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(source)) => {
             reset(&client);
@@ -58,10 +83,94 @@ pub async fn splice(
     // Registry traffic is request/response: don't let Nagle hold back small writes.
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
-        .await
-        .map(|(up, down)| Spliced { up, down })
-        .map_err(|source| SpliceError::Copy { dst, source })
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let mut client = Active::new(client, &last);
+    let mut upstream = Active::new(upstream, &last);
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    );
+    tokio::select! {
+        copied = copy => copied
+            .map(|(up, down)| Spliced { up, down })
+            .map_err(|source| SpliceError::Copy { dst, source }),
+        () = idle_for(&last, timeouts.idle) => Err(SpliceError::Idle { dst, idle: timeouts.idle }),
+    }
+    // Both streams drop here, closing both sides.
+}
+
+/// Completes once `last` (the time of the latest transfer) is `idle` in the past.
+async fn idle_for(last: &Mutex<Instant>, idle: Duration) {
+    loop {
+        let deadline = *last.lock().unwrap_or_else(PoisonError::into_inner) + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A stream that notes in `last` when it last read or wrote a byte.
+struct Active {
+    stream: TcpStream,
+    last: Arc<Mutex<Instant>>,
+}
+
+impl Active {
+    fn new(stream: TcpStream, last: &Arc<Mutex<Instant>>) -> Self {
+        Self {
+            stream,
+            last: Arc::clone(last),
+        }
+    }
+
+    /// Notes a transfer when `moved` bytes is non-zero; passes `poll` through.
+    fn note<T>(
+        &self,
+        poll: Poll<io::Result<T>>,
+        moved: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Ok(value)) = &poll
+            && moved(value)
+        {
+            *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        }
+        poll
+    }
+}
+
+impl AsyncRead for Active {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let after = buf.filled().len();
+        self.note(poll, |()| after > before)
+    }
+}
+
+impl AsyncWrite for Active {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note(poll, |n| *n > 0)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// Makes the drop of `stream` send RST instead of FIN.
@@ -80,6 +189,11 @@ mod tests {
 
     use super::*;
 
+    const TIMEOUTS: SpliceTimeouts = SpliceTimeouts {
+        connect: Duration::from_secs(5),
+        idle: Duration::from_secs(60),
+    };
+
     #[tokio::test]
     async fn copies_both_ways_and_half_closes() {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -94,7 +208,7 @@ mod tests {
         let front_addr = front.local_addr().unwrap();
         let proxy = tokio::spawn(async move {
             let (s, _) = front.accept().await.unwrap();
-            splice(s, dst, Duration::from_secs(5)).await
+            splice(s, dst, TIMEOUTS).await
         });
         let mut client = TcpStream::connect(front_addr).await.unwrap();
         client.write_all(b"hello").await.unwrap();
@@ -116,7 +230,7 @@ mod tests {
         let front_addr = front.local_addr().unwrap();
         let proxy = tokio::spawn(async move {
             let (s, _) = front.accept().await.unwrap();
-            splice(s, dst, Duration::from_secs(5)).await
+            splice(s, dst, TIMEOUTS).await
         });
         let mut client = TcpStream::connect(front_addr).await.unwrap();
         assert!(matches!(
@@ -126,5 +240,52 @@ mod tests {
         let mut buf = [0u8; 8];
         let err = client.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn idle_splice_ends_both_sides() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = upstream.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut got = [0u8; 5];
+            s.read_exact(&mut got).await.unwrap();
+            s.write_all(b"pong").await.unwrap();
+            // Then silence; the splice must end this side too.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let idle = Duration::from_millis(200);
+        let proxy = tokio::spawn(async move {
+            let (s, _) = front.accept().await.unwrap();
+            splice(s, dst, SpliceTimeouts { idle, ..TIMEOUTS }).await
+        });
+        let mut client = TcpStream::connect(front_addr).await.unwrap();
+        let started = Instant::now();
+        client.write_all(b"hello").await.unwrap();
+        let mut pong = [0u8; 4];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"pong");
+        // Neither side sends more: the client sees EOF once the splice gives up.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
+            .await
+            .expect("idle splice was not ended");
+        read.unwrap();
+        assert!(rest.is_empty());
+        assert!(started.elapsed() >= idle);
+        assert!(matches!(
+            proxy.await.unwrap(),
+            Err(SpliceError::Idle { .. })
+        ));
+        // The destination side was closed as well.
+        let rest = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("destination side still open")
+            .unwrap();
+        assert!(rest.is_empty());
     }
 }
