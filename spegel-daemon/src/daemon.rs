@@ -122,7 +122,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         Registry::new(source)
             .with_readiness(Arc::new(StoreReadiness::new(Arc::clone(&store))))
             .with_metrics(Arc::new(move || encoder_metrics.encode()))
-            .with_max_connections(args.registry.registry_max_connections),
+            .with_max_connections(args.registry.registry_max_connections)
+            .with_max_connections_per_client(args.registry.registry_max_connections_per_client)
+            .with_idle_timeout(args.registry.registry_idle_timeout),
     );
     let listener = tokio::net::TcpListener::bind(args.registry.registry_addr)
         .await

@@ -25,6 +25,7 @@ use crate::{
 };
 
 mod body;
+mod bounds;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -37,6 +38,12 @@ pub type MetricsEncoder = Arc<dyn Fn() -> Result<String, std::fmt::Error> + Send
 
 /// Connections served at once unless told otherwise (the flag's default too).
 const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
+/// Connections one client IP may hold at once unless told otherwise (the flag's default too).
+const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: NonZeroUsize = NonZeroUsize::new(64).unwrap();
+/// How long a connection may go without a request in flight unless told otherwise (the flag's
+/// default too): longer than clients' own idle pool timeouts (Go's and hyper's are 90s), so
+/// they, not we, close idle connections and never reuse one we are closing.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long `/readyz` waits for the readiness check before saying no.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -49,6 +56,27 @@ pub struct RegistryArgs {
     /// Most client connections served at once; further ones wait in the listen backlog.
     #[arg(long, env = "SPEGEL_REGISTRY_MAX_CONNECTIONS", default_value = "1024")]
     pub registry_max_connections: NonZeroUsize,
+    /// Most connections one client IP may hold at once; a further one is closed at once (and
+    /// counted), so one host cannot hold every slot.
+    #[arg(
+        long,
+        env = "SPEGEL_REGISTRY_MAX_CONNECTIONS_PER_CLIENT",
+        default_value = "64"
+    )]
+    pub registry_max_connections_per_client: NonZeroUsize,
+    /// A connection (HTTP/1.1 keep-alive or h2c) with no request in flight for this long is
+    /// closed. A humantime duration ("90s", "2m"); must not be zero.
+    #[arg(long, env = "SPEGEL_REGISTRY_IDLE_TIMEOUT", value_parser = parse_idle_timeout, default_value = "2m")]
+    pub registry_idle_timeout: Duration,
+}
+
+/// A humantime duration that is not zero.
+fn parse_idle_timeout(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(duration) if duration.is_zero() => Err("must not be zero".into()),
+        Ok(duration) => Ok(duration),
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 /// Whether this node can serve. `/readyz` answers 200 when [`Readiness::check`] is `Ok`.
@@ -122,6 +150,9 @@ pub struct Registry {
     readiness: Option<Arc<dyn Readiness>>,
     metrics: Option<MetricsEncoder>,
     max_connections: NonZeroUsize,
+    max_connections_per_client: NonZeroUsize,
+    client_slots: Arc<bounds::ClientSlots>,
+    idle_timeout: Duration,
     builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
@@ -152,6 +183,9 @@ impl Registry {
             readiness: None,
             metrics: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            client_slots: bounds::ClientSlots::new(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             builder: server::builder(),
         }
     }
@@ -172,6 +206,24 @@ impl Registry {
     pub fn with_max_connections(mut self, max: NonZeroUsize) -> Self {
         self.max_connections = max;
         self
+    }
+
+    /// In [`serve`], let one client IP hold at most `max` connections at once.
+    pub fn with_max_connections_per_client(mut self, max: NonZeroUsize) -> Self {
+        self.max_connections_per_client = max;
+        self.client_slots = bounds::ClientSlots::new(max);
+        self
+    }
+
+    /// In [`serve`], close a connection with no request in flight for `idle`.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+
+    /// Connections [`serve`] refused so far because their client held its share.
+    pub fn refused_connections(&self) -> u64 {
+        self.client_slots.refused()
     }
 
     /// Answer one request. Never fails: every problem is an HTTP answer. A response body may

@@ -1115,6 +1115,7 @@ async fn within<F: Future>(future: F, what: &str) -> F::Output {
 /// `<held>` sends `first`, then `second` when `release` is notified.
 struct Server {
     addr: SocketAddr,
+    registry: Arc<Registry>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     fixture: Fixture,
@@ -1140,6 +1141,11 @@ fn two_part_body(
 }
 
 async fn start(max_connections: usize) -> Server {
+    start_with(max_connections, |registry| registry).await
+}
+
+/// [`start`], with `bounds` setting further limits on the registry.
+async fn start_with(max_connections: usize, bounds: impl FnOnce(Registry) -> Registry) -> Server {
     let fixture = fixture();
     let poisoned = Digest::of(b"poisoned");
     let instant_poison = Digest::of(b"instant poison");
@@ -1176,16 +1182,17 @@ async fn start(max_connections: usize) -> Server {
         special,
         Arc::new(LocalSource::new(fixture.store.clone())),
     ]);
-    let registry = Arc::new(
+    let registry = Arc::new(bounds(
         Registry::new(Arc::new(chain))
             .with_max_connections(NonZeroUsize::new(max_connections).unwrap()),
-    );
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(serve(listener, registry, shutdown.clone()));
+    let task = tokio::spawn(serve(listener, registry.clone(), shutdown.clone()));
     Server {
         addr,
+        registry,
         shutdown,
         task,
         fixture,
@@ -1431,6 +1438,125 @@ async fn connections_beyond_the_limit_wait() {
     server.task.await.unwrap();
 }
 
+/// One connection's sender and the task driving it, which ends when the server closes it.
+async fn raw_connection(
+    stream: TcpStream,
+    h2: bool,
+) -> (Client, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let io = hyper_util::rt::TokioIo::new(stream);
+    if h2 {
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        (Client::H2(send), tokio::spawn(conn))
+    } else {
+        let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        (Client::H1(send), tokio::spawn(conn))
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_but_busy_ones_are_not() {
+    let idle = std::time::Duration::from_millis(300);
+    let server = start_with(16, |registry| registry.with_idle_timeout(idle)).await;
+    let held = server.held.to_string();
+    for h2 in [false, true] {
+        let what = if h2 { "h2c" } else { "http/1.1" };
+        let (mut client, conn) =
+            raw_connection(TcpStream::connect(server.addr).await.unwrap(), h2).await;
+        assert_eq!(
+            client.send(GET, "/livez", &[]).await.status(),
+            200,
+            "{what}"
+        );
+
+        // A response still being sent keeps the connection open past the idle timeout.
+        let path = format!("/v2/a/blobs/{held}");
+        let response = client.send(GET, &path, &[]).await;
+        assert_eq!(response.status(), 200, "{what}");
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first", "{what}");
+        tokio::time::sleep(idle * 3).await;
+        assert!(
+            !conn.is_finished(),
+            "{what}: closed with a response in flight"
+        );
+        server.release.notify_one();
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "second", "{what}");
+
+        // Then nothing: the server closes the connection.
+        let quiet = std::time::Instant::now();
+        tokio::time::timeout(std::time::Duration::from_secs(10), conn)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: idle connection still open"))
+            .unwrap()
+            .unwrap_or_else(|err| panic!("{what}: {err}"));
+        assert!(quiet.elapsed() >= idle / 2, "{what}: closed too early");
+    }
+    server.shutdown.cancel();
+    server.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_beyond_its_share_is_refused_while_others_are_served() {
+    let per_client = NonZeroUsize::new(2).unwrap();
+    let server = start_with(16, |registry| {
+        registry.with_max_connections_per_client(per_client)
+    })
+    .await;
+    let mut held = Vec::new();
+    for h2 in [false, true] {
+        let (mut client, conn) =
+            raw_connection(TcpStream::connect(server.addr).await.unwrap(), h2).await;
+        assert_eq!(client.send(GET, "/livez", &[]).await.status(), 200);
+        held.push((client, conn));
+    }
+
+    // The third connection from 127.0.0.1 is closed without an answer.
+    let mut extra = TcpStream::connect(server.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut extra, b"GET /livez HTTP/1.1\r\nhost: spegel\r\n\r\n")
+        .await
+        .ok();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut extra, &mut answer),
+    )
+    .await
+    .expect("the extra connection was left open");
+    assert!(read.is_err() || answer.is_empty(), "answered: {answer:?}");
+    assert_eq!(server.registry.refused_connections(), 1);
+
+    // Another client address is still served.
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let (mut client, _conn) =
+        raw_connection(other.connect(server.addr).await.unwrap(), false).await;
+    assert_eq!(client.send(GET, "/livez", &[]).await.status(), 200);
+
+    // A slot given back can be taken again.
+    drop(held.pop());
+    let again = async {
+        loop {
+            let (mut client, _conn) =
+                raw_connection(TcpStream::connect(server.addr).await.unwrap(), false).await;
+            if let Ok(response) = client.try_send(GET, "/livez", &[]).await {
+                return response.status();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), again)
+        .await
+        .expect("the freed slot was not given back");
+    assert_eq!(status, 200);
+    server.shutdown.cancel();
+    server.task.await.unwrap();
+}
+
 #[tokio::test]
 async fn serve_connection_uses_the_context_of_the_connection() {
     let f = fixture();
@@ -1629,4 +1755,27 @@ fn flags() {
     assert_eq!(set.registry_max_connections.get(), 3);
     assert!(Cli::try_parse_from(["spegel", "--registry-max-connections", "0"]).is_err());
     assert!(Cli::try_parse_from(["spegel", "--registry-addr", "localhost"]).is_err());
+    assert_eq!(defaults.registry_max_connections_per_client.get(), 64);
+    assert_eq!(defaults.registry_idle_timeout, Duration::from_secs(120));
+    let set = Cli::try_parse_from([
+        "spegel",
+        "--registry-max-connections-per-client",
+        "5",
+        "--registry-idle-timeout",
+        "90s",
+    ])
+    .unwrap()
+    .registry;
+    assert_eq!(set.registry_max_connections_per_client.get(), 5);
+    assert_eq!(set.registry_idle_timeout, Duration::from_secs(90));
+    for bad in [
+        ["--registry-max-connections-per-client", "0"],
+        ["--registry-idle-timeout", "0s"],
+        ["--registry-idle-timeout", "soon"],
+    ] {
+        assert!(
+            Cli::try_parse_from(["spegel", bad[0], bad[1]]).is_err(),
+            "{bad:?}"
+        );
+    }
 }
