@@ -1,7 +1,9 @@
 //! The protocols the swarm speaks — Kademlia in server mode over this node's provider store, and
-//! Identify carrying the registry announcement — and the swarm built around them.
+//! Identify carrying the registry announcement — within connection limits, and the swarm built
+//! around them.
 use libp2p::{
-    StreamProtocol, Swarm, identify, identity::Keypair, kad, swarm, swarm::NetworkBehaviour,
+    StreamProtocol, Swarm, connection_limits, identify, identity::Keypair, kad, swarm,
+    swarm::NetworkBehaviour,
 };
 
 use super::{
@@ -9,14 +11,17 @@ use super::{
     store::ProviderStore, transport,
 };
 
-/// The protocols the swarm speaks.
+/// The protocols the swarm speaks, and the connection limits it keeps.
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    /// Denies connections beyond the configured limits; first, so it decides before the others
+    /// set anything up.
+    pub(super) limits: connection_limits::Behaviour,
     pub(super) kad: kad::Behaviour<ProviderStore>,
     pub(super) identify: identify::Behaviour,
 }
 
-/// Builds the swarm (transport, Kademlia, Identify) and binds the listen addresses.
+/// Builds the swarm (transport, connection limits, Kademlia, Identify) and binds the listen addresses.
 pub(super) fn build_swarm(
     config: &P2pConfig,
     keypair: &Keypair,
@@ -49,9 +54,19 @@ pub(super) fn build_swarm(
             .with_agent_version(registry_addr::agent_version(config.registry))
             .with_push_listen_addr_updates(true),
     );
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(tunables.max_connections.get()))
+            .with_max_established_per_peer(Some(tunables.max_connections_per_peer.get()))
+            .with_max_pending_incoming(Some(tunables.max_pending_incoming.get())),
+    );
     let mut swarm = Swarm::new(
         transport,
-        Behaviour { kad, identify },
+        Behaviour {
+            limits,
+            kad,
+            identify,
+        },
         local,
         swarm::Config::with_tokio_executor()
             .with_idle_connection_timeout(tunables.idle_connection_timeout),
@@ -65,4 +80,98 @@ pub(super) fn build_swarm(
             })?;
     }
     Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{num::NonZeroU32, time::Duration};
+
+    use futures::StreamExt as _;
+    use libp2p::{
+        Multiaddr,
+        swarm::{ListenError, SwarmEvent},
+    };
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::p2p::{NodeKey, RegistryAdvertise, TransportKind, Tunables};
+
+    /// A memory-transport swarm listening on a fresh address, with `limits` applied.
+    fn swarm(limits: impl FnOnce(&mut Tunables)) -> Swarm<Behaviour> {
+        let mut config = P2pConfig::new(
+            NodeKey::Ephemeral,
+            TransportKind::Memory,
+            RegistryAdvertise::Port(5000),
+        );
+        config.listen_addrs = vec!["/memory/0".parse().unwrap()];
+        limits(&mut config.tunables);
+        build_swarm(&config, &Keypair::generate_ed25519()).unwrap()
+    }
+
+    /// Drives `swarm` in the background until the task is aborted.
+    fn drive(mut swarm: Swarm<Behaviour>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        })
+    }
+
+    async fn listen_addr(swarm: &mut Swarm<Behaviour>) -> Multiaddr {
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                return address;
+            }
+        }
+    }
+
+    /// Drives `target` until the connection limits deny an incoming connection; the limit hit.
+    async fn until_denied(target: &mut Swarm<Behaviour>) -> u32 {
+        let denied = async {
+            loop {
+                if let SwarmEvent::IncomingConnectionError {
+                    error: ListenError::Denied { cause },
+                    ..
+                } = target.select_next_some().await
+                {
+                    let exceeded = cause
+                        .downcast::<connection_limits::Exceeded>()
+                        .expect("denied by something other than the connection limits");
+                    return exceeded.limit();
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), denied)
+            .await
+            .expect("no connection was denied")
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_total_limit_are_denied() {
+        let mut target = swarm(|t| t.max_connections = NonZeroU32::MIN);
+        let addr = listen_addr(&mut target).await;
+        let dialers: Vec<_> = (0..2)
+            .map(|_| {
+                let mut dialer = swarm(|_| {});
+                dialer.dial(addr.clone()).unwrap();
+                drive(dialer)
+            })
+            .collect();
+        assert_eq!(until_denied(&mut target).await, 1);
+        assert_eq!(target.connected_peers().count(), 1);
+        dialers.iter().for_each(JoinHandle::abort);
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_per_peer_limit_are_denied() {
+        let mut target = swarm(|t| t.max_connections_per_peer = NonZeroU32::MIN);
+        let addr = listen_addr(&mut target).await;
+        let mut dialer = swarm(|_| {});
+        dialer.dial(addr.clone()).unwrap();
+        dialer.dial(addr).unwrap();
+        let dialer = drive(dialer);
+        assert_eq!(until_denied(&mut target).await, 1);
+        assert_eq!(target.connected_peers().count(), 1);
+        dialer.abort();
+    }
 }

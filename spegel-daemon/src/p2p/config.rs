@@ -3,7 +3,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    num::NonZeroUsize,
+    num::{NonZeroU32, NonZeroUsize},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -49,7 +49,24 @@ pub struct RouterArgs {
     /// Provide queries in flight at once.
     #[arg(long, env = "SPEGEL_MAX_CONCURRENT_PROVIDES", default_value_t = NonZeroUsize::new(32).unwrap_or(NonZeroUsize::MIN))]
     pub max_concurrent_provides: NonZeroUsize,
+    /// Most libp2p connections established at once, in and out; further ones are denied.
+    #[arg(long, env = "SPEGEL_ROUTER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub router_max_connections: NonZeroU32,
+    /// Most libp2p connections established with one peer at once (two when both sides dial at
+    /// the same moment is normal).
+    #[arg(long, env = "SPEGEL_ROUTER_MAX_CONNECTIONS_PER_PEER", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_PEER)]
+    pub router_max_connections_per_peer: NonZeroU32,
+    /// Most incoming libp2p connections still being set up (handshake) at once.
+    #[arg(long, env = "SPEGEL_ROUTER_MAX_PENDING_INCOMING", default_value_t = DEFAULT_MAX_PENDING_INCOMING)]
+    pub router_max_pending_incoming: NonZeroU32,
 }
+
+/// Established connections at once unless told otherwise (the flag's default too).
+const DEFAULT_MAX_CONNECTIONS: NonZeroU32 = NonZeroU32::new(1024).unwrap();
+/// Established connections per peer unless told otherwise (the flag's default too).
+const DEFAULT_MAX_CONNECTIONS_PER_PEER: NonZeroU32 = NonZeroU32::new(8).unwrap();
+/// Incoming connections in their handshake unless told otherwise (the flag's default too).
+const DEFAULT_MAX_PENDING_INCOMING: NonZeroU32 = NonZeroU32::new(256).unwrap();
 
 /// How other nodes reach this node's registry API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +154,12 @@ pub struct Tunables {
     pub registry_addr_ttl: Duration,
     /// Granularity of lookup deadlines and the provide schedule.
     pub tick: Duration,
+    /// Connections established at once, at most.
+    pub max_connections: NonZeroU32,
+    /// Connections established with one peer at once, at most.
+    pub max_connections_per_peer: NonZeroU32,
+    /// Incoming connections in their handshake at once, at most.
+    pub max_pending_incoming: NonZeroU32,
 }
 
 /// Why the router could not be built.
@@ -176,6 +199,9 @@ impl RouterArgs {
             reprovide_interval: self.reprovide_interval,
             reprovide_jitter: self.reprovide_interval / 9,
             max_concurrent_provides: self.max_concurrent_provides,
+            max_connections: self.router_max_connections,
+            max_connections_per_peer: self.router_max_connections_per_peer,
+            max_pending_incoming: self.router_max_pending_incoming,
             ..Tunables::default()
         };
         let registry = match self.registry_advertise_addr {
@@ -335,6 +361,9 @@ impl Default for Tunables {
             max_stored_keys: 200_000,
             registry_addr_ttl: Duration::from_secs(30 * 60),
             tick: Duration::from_millis(100),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_pending_incoming: DEFAULT_MAX_PENDING_INCOMING,
         }
     }
 }
@@ -406,6 +435,26 @@ mod tests {
             config.tunables.provider_record_ttl,
             Duration::from_secs(1140)
         );
+        let limits = |t: &Tunables| {
+            [
+                t.max_connections.get(),
+                t.max_connections_per_peer.get(),
+                t.max_pending_incoming.get(),
+            ]
+        };
+        assert_eq!(limits(&config.tunables), [1024, 8, 256]);
+        let cli = Cli::try_parse_from([
+            "spegel",
+            "--router-max-connections",
+            "10",
+            "--router-max-connections-per-peer",
+            "2",
+            "--router-max-pending-incoming",
+            "3",
+        ])
+        .unwrap();
+        let config = cli.router.to_config(Path::new("/tmp"), 5000).unwrap();
+        assert_eq!(limits(&config.tunables), [10, 2, 3]);
 
         let cli = Cli::try_parse_from([
             "spegel",
@@ -423,6 +472,7 @@ mod tests {
             "a TTL shorter than the reprovide interval is refused"
         );
         assert!(Cli::try_parse_from(["spegel", "--bootstrap-peers", "not-a-multiaddr"]).is_err());
+        assert!(Cli::try_parse_from(["spegel", "--router-max-connections", "0"]).is_err());
         assert!(Cli::try_parse_from(["spegel", "--registry-advertise-addr", "x"]).is_err());
     }
 
