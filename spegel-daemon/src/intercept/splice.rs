@@ -194,6 +194,23 @@ mod tests {
         idle: Duration::from_secs(60),
     };
 
+    /// A client connected to a listener that splices its one connection to `dst`.
+    async fn front(
+        dst: SocketAddr,
+        timeouts: SpliceTimeouts,
+    ) -> (
+        TcpStream,
+        tokio::task::JoinHandle<Result<Spliced, SpliceError>>,
+    ) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let proxy = tokio::spawn(async move {
+            let (s, _) = front.accept().await.unwrap();
+            splice(s, dst, timeouts).await
+        });
+        (TcpStream::connect(front_addr).await.unwrap(), proxy)
+    }
+
     #[tokio::test]
     async fn copies_both_ways_and_half_closes() {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -204,13 +221,7 @@ mod tests {
             s.read_to_end(&mut got).await.unwrap();
             s.write_all(&got.repeat(2)).await.unwrap();
         });
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
-        let proxy = tokio::spawn(async move {
-            let (s, _) = front.accept().await.unwrap();
-            splice(s, dst, TIMEOUTS).await
-        });
-        let mut client = TcpStream::connect(front_addr).await.unwrap();
+        let (mut client, proxy) = front(dst, TIMEOUTS).await;
         client.write_all(b"hello").await.unwrap();
         client.shutdown().await.unwrap();
         let mut back = Vec::new();
@@ -226,13 +237,7 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dst = closed.local_addr().unwrap();
         drop(closed);
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
-        let proxy = tokio::spawn(async move {
-            let (s, _) = front.accept().await.unwrap();
-            splice(s, dst, TIMEOUTS).await
-        });
-        let mut client = TcpStream::connect(front_addr).await.unwrap();
+        let (mut client, proxy) = front(dst, TIMEOUTS).await;
         assert!(matches!(
             proxy.await.unwrap(),
             Err(SpliceError::Connect { .. })
@@ -256,14 +261,8 @@ mod tests {
             s.read_to_end(&mut rest).await.unwrap();
             rest
         });
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
         let idle = Duration::from_millis(200);
-        let proxy = tokio::spawn(async move {
-            let (s, _) = front.accept().await.unwrap();
-            splice(s, dst, SpliceTimeouts { idle, ..TIMEOUTS }).await
-        });
-        let mut client = TcpStream::connect(front_addr).await.unwrap();
+        let (mut client, proxy) = front(dst, SpliceTimeouts { idle, ..TIMEOUTS }).await;
         let started = Instant::now();
         client.write_all(b"hello").await.unwrap();
         let mut pong = [0u8; 4];
