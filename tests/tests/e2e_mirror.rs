@@ -91,6 +91,10 @@ fn read_tree(dir: &Path) -> BTreeMap<PathBuf, (Option<Vec<u8>>, u32)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn skopeo_reads_identical_content_by_digest() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -105,6 +109,10 @@ async fn skopeo_reads_identical_content_by_digest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn tags_resolve_with_ns() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -117,6 +125,10 @@ async fn tags_resolve_with_ns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn node_b_pulls_everything_through_a() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -131,6 +143,10 @@ async fn node_b_pulls_everything_through_a() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn misses_are_fast_404s_and_containerd_falls_back() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -145,6 +161,10 @@ async fn misses_are_fast_404s_and_containerd_falls_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn dead_and_restarted_daemon() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;

@@ -102,6 +102,10 @@ impl Suite {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn pulls_fetch_each_blob_once() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -112,6 +116,10 @@ async fn pulls_fetch_each_blob_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn pull_by_registry_ip() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -123,6 +131,10 @@ async fn pull_by_registry_ip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn splices_what_is_not_mirrored() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -133,6 +145,10 @@ async fn splices_what_is_not_mirrored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn fails_open_and_resumes() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -143,6 +159,10 @@ async fn fails_open_and_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn peers_serve_while_the_registry_is_down() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
