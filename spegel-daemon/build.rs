@@ -4,6 +4,12 @@ use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
 fn main() -> anyhow::Result<()> {
+    // `SPEGEL_E2E=1` at build time un-ignores the privileged integration tests (`tests/`).
+    println!("cargo::rustc-check-cfg=cfg(spegel_e2e)");
+    println!("cargo::rerun-if-env-changed=SPEGEL_E2E");
+    if std::env::var("SPEGEL_E2E").as_deref() == Ok("1") {
+        println!("cargo::rustc-cfg=spegel_e2e");
+    }
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

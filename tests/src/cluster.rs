@@ -1,45 +1,139 @@
-//! Ready-made clusters on the rig, shared by the demo and the benchmarks.
-use std::path::Path;
+//! Ready-made clusters on the rig, shared by the end-to-end tests, the demo and the benchmarks:
+//! the one way to bring up spegel in transparent mode on every node.
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 
 use crate::rig::{
-    Rig,
-    spegel::{Spegel, SpegelOptions, rig_registry_hosts},
+    Node, Rig,
+    spegel::{LogMark, Spegel, SpegelOptions, rig_registry_hosts},
+    spegel_bin,
 };
 
-/// Runs spegel in transparent mode on every node of `rig`, as an operator would deploy it: the
-/// rig's default `hosts.toml` files are removed (containerd has no mirror configuration at all),
-/// and each node's containerd is restarted once trusting the system roots, the registry's CA and
-/// that node's spegel CA (`SSL_CERT_FILE`, read once per process by Go).
-pub async fn transparent(rig: &Rig, options: SpegelOptions) -> Result<Vec<Spegel>> {
-    for node in rig.nodes() {
-        let dir = node.certs_dir();
-        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let daemons = rig.start_spegel_everywhere(options).await?;
-    let registries = rig_registry_hosts(rig);
-    for (node, daemon) in rig.nodes().iter().zip(&daemons) {
-        let bundle = node.dir().join("ca-bundle.pem");
-        daemon.write_ca_bundle(&registries, &bundle).await?;
-        append(&bundle, rig.ca().cert_path())?;
-        node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)])
-            .await?;
-    }
-    Ok(daemons)
+/// Transparent spegel on every node of a rig, as [`transparent_for`] set it up.
+pub struct Transparent {
+    /// Per node (in node order): its daemon, intercepting containerd's registry connections.
+    pub daemons: Vec<Spegel>,
+    /// Per node: the CA bundle containerd trusts (`SSL_CERT_FILE`): the system roots, the node's
+    /// spegel CA and the rig's test CA.
+    pub bundles: Vec<PathBuf>,
 }
 
-fn append(bundle: &Path, pem: &Path) -> Result<()> {
-    use std::io::Write as _;
-    let extra = std::fs::read(pem).with_context(|| format!("reading {}", pem.display()))?;
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(bundle)
-        .with_context(|| format!("opening {}", bundle.display()))?;
-    file.write_all(b"\n")?;
-    file.write_all(&extra)?;
+/// Runs spegel in transparent mode on every node of `rig` for the rig registry's listeners (by
+/// name and by IP); see [`transparent_for`]. Any `mirrored_registries` in `options` is replaced.
+pub async fn transparent(rig: &Rig, options: SpegelOptions) -> Result<Vec<Spegel>> {
+    let cluster = transparent_for(rig, &rig_registry_hosts(rig), options).await?;
+    Ok(cluster.daemons)
+}
+
+/// Runs spegel in transparent mode on every node of `rig`, mirroring `mirrored` (`host:port`),
+/// as an operator would deploy it: the rig's default `hosts.toml` files are removed (containerd
+/// has no mirror configuration at all); `spegel install-ca --bundle` creates each node's CA, and
+/// each node's containerd is restarted once trusting that bundle plus the rig's CA
+/// (`SSL_CERT_FILE`, read once per process by Go); then the daemons start, and this returns once
+/// every daemon's redirect is attached. Any `mirrored_registries` in `options` is replaced.
+pub async fn transparent_for(
+    rig: &Rig,
+    mirrored: &[String],
+    options: SpegelOptions,
+) -> Result<Transparent> {
+    for node in rig.nodes() {
+        remove_hosts_toml(node)?;
+    }
+    let bundles = futures::future::try_join_all(
+        rig.nodes()
+            .iter()
+            .map(|node| trust_node_ca(rig, node, mirrored)),
+    )
+    .await?;
+    let options = options.mirrored_registries(mirrored.iter().cloned());
+    let daemons = rig.start_spegel_everywhere(options).await?;
+    for daemon in &daemons {
+        wait_attached(daemon, LogMark::default()).await?;
+    }
+    Ok(Transparent { daemons, bundles })
+}
+
+/// Deletes everything under the node's `certs.d` (the rig writes a default `hosts.toml` per
+/// registry listener): transparent mode must work without any.
+fn remove_hosts_toml(node: &Node) -> Result<()> {
+    let dir = node.certs_dir();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| format!("removing {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// `spegel install-ca --bundle` for the node's daemon data dir (creating its CA), plus the rig
+/// CA, as containerd's `SSL_CERT_FILE`; containerd is restarted to load it (Go reads the roots
+/// once per process). Returns the bundle's path.
+async fn trust_node_ca(rig: &Rig, node: &Node, mirrored: &[String]) -> Result<PathBuf> {
+    let data_dir = node.dir().join("spegel");
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let bundle = node.dir().join("ca-bundle.pem");
+    let mut data_arg = OsString::from("--data-dir=");
+    data_arg.push(&data_dir);
+    let mut bundle_arg = OsString::from("--bundle=");
+    bundle_arg.push(&bundle);
+    let output = tokio::process::Command::new(spegel_bin()?)
+        .arg("install-ca")
+        .arg(data_arg)
+        .arg(format!("--mirrored-registries={}", mirrored.join(",")))
+        .arg(bundle_arg)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("spawning spegel install-ca")?;
+    ensure!(
+        output.status.success(),
+        "spegel install-ca failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let node_ca = data_dir.join("ca");
+    ensure!(
+        node_ca.is_dir(),
+        "install-ca did not create {}",
+        node_ca.display()
+    );
+    append_rig_ca(&bundle, rig.ca().cert_pem())?;
+    node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)])
+        .await?;
+    Ok(bundle)
+}
+
+/// Appends the rig CA's PEM to the bundle at `bundle`, on a line of its own.
+fn append_rig_ca(bundle: &Path, ca_pem: &str) -> Result<()> {
+    let mut pem =
+        std::fs::read_to_string(bundle).with_context(|| format!("reading {}", bundle.display()))?;
+    if !pem.ends_with('\n') {
+        pem.push('\n');
+    }
+    pem.push_str(ca_pem);
+    std::fs::write(bundle, pem).with_context(|| format!("writing {}", bundle.display()))
+}
+
+/// Waits until `daemon` logged (after `mark`) that its redirect programs are attached.
+pub async fn wait_attached(daemon: &Spegel, mark: LogMark) -> Result<()> {
+    daemon
+        .wait_for_event(mark, Duration::from_secs(30), |event| {
+            event.message.starts_with("eBPF redirect attached")
+                || event.message.starts_with("eBPF redirect re-attached")
+        })
+        .await
+        .map(drop)
 }
 
 /// Waits until `daemon` can find `digest` among its peers (content is advertised a moment after

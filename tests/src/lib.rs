@@ -5,7 +5,9 @@
 //! - [`rig`]: [`rig::Rig`] brings up N "nodes" (a network namespace, a bridge port and an own
 //!   containerd 1.6 each) plus a CNCF distribution registry (plain HTTP and TLS), pushes
 //!   deterministic test images, and tears everything down again (also on panic, via `Drop`).
-//! - [`e2e_enabled`] / [`require_e2e!`]: the gate every end-to-end test starts with.
+//! - [`e2e_enabled`] / [`require_e2e!`]: the check every end-to-end test starts with. The tests
+//!   themselves are `#[cfg_attr(not(spegel_e2e), ignore = ...)]`: `build.rs` sets `spegel_e2e`
+//!   when `SPEGEL_E2E=1` at build time, so a plain `cargo test` lists them as ignored.
 //! - [`serial`]: a process-wide lock so end-to-end tests in one binary never overlap (two rigs
 //!   pulling at once would saturate a 2-core CI machine and make timings meaningless).
 //!
@@ -46,7 +48,7 @@ const REQUIRED_PROGRAMS: &[&str] = &[
     "sh",
 ];
 
-/// Returns whether end-to-end tests should run, printing a one-line skip reason when not.
+/// Returns whether end-to-end tests may run, printing a one-line reason when not.
 ///
 /// End-to-end tests run only when `SPEGEL_E2E=1`. Setting it is a promise that the machine can run
 /// them (root, the Debian packages containerd, runc, docker-registry, skopeo and iproute2): if that
@@ -57,7 +59,7 @@ pub fn e2e_enabled() -> bool {
         Ok(value) if value == "1" => {}
         _ => {
             eprintln!(
-                "skipping end-to-end test: set {E2E_ENV}=1 (as root, with containerd, docker-registry and skopeo installed) to run it"
+                "end-to-end test not enabled: set {E2E_ENV}=1 (as root, with containerd, docker-registry and skopeo installed) to run it"
             );
             return false;
         }
@@ -68,13 +70,16 @@ pub fn e2e_enabled() -> bool {
     true
 }
 
-/// Returns early from the calling test (which must return `()`) unless [`e2e_enabled`] says yes.
+/// Panics unless [`e2e_enabled`] says yes: an end-to-end test only runs when built with
+/// `SPEGEL_E2E=1` or asked for with `--ignored`, and then must not pass without running.
 #[macro_export]
 macro_rules! require_e2e {
     () => {
-        if !$crate::e2e_enabled() {
-            return;
-        }
+        assert!(
+            $crate::e2e_enabled(),
+            "end-to-end test run without {}=1",
+            $crate::E2E_ENV
+        );
     };
 }
 

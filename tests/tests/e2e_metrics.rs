@@ -91,6 +91,10 @@ async fn by_node(prometheus: &Prometheus, promql: &str) -> Result<BTreeMap<Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn prometheus_scrapes_every_daemon_and_sees_bytes_served_by_peers() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;

@@ -248,6 +248,10 @@ fn event_for(daemon: &Spegel, mark: LogMark, message: &str, digest: &str) -> Opt
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn peers_share_content_survive_registry_outage_dead_and_corrupt_peers() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -860,6 +864,10 @@ async fn fresh_node_pulls_despite_a_corrupt_peer(rig: &Rig, daemons: &[Spegel]) 
 /// retry then succeeds. One pull can only complete if the daemon verifies a whole blob from
 /// peers before sending containerd its first byte (e.g. by spooling it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn corrupt_layer_streamed_to_containerd_still_pulls_in_one_go() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;

@@ -20,6 +20,10 @@ fn once_each(image: &TestImage) -> BTreeMap<String, usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn three_nodes_pull_through_cri_and_ctr_then_teardown_leaves_nothing() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -152,6 +156,10 @@ async fn three_nodes_pull_through_cri_and_ctr_then_teardown_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn registry_restart_node_env_processes_and_drop_teardown() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;

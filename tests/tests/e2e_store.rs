@@ -121,6 +121,10 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn containerd_store_conforms_after_real_cri_pulls() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;

@@ -4,31 +4,39 @@
 //! `hosts.toml`; containerd only trusts a bundle (`SSL_CERT_FILE`) with the system roots, the
 //! rig's test CA (the registry's real certificate) and its node's spegel CA.
 //!
-//! One 3-node rig runs the scenarios in order (each builds on what the previous pulled):
+//! Each scenario is its own test on its own 3-node rig (set up by
+//! [`spegel_tests::cluster::transparent_for`]), so a failure hides no other:
 //!
-//! 1. A (`n1`) pulls through its daemon from the registry, then B and C from their peers: the
-//!    registry serves every blob once in total. The same for an image referenced by the
-//!    registry's IP (no SNI: the daemon matches the original destination, the leaf names the IP).
-//! 2. From inside A's containerd cgroup, TLS to what is not mirrored (another port, another
-//!    name on the mirrored address, the plain port) is spliced: the client sees the real server
-//!    certificate. Connections from outside the cgroup are not redirected at all.
-//! 3. `kill -9` of A's daemon: A still pulls, straight from the registry (fail-open); a restarted
-//!    daemon intercepts the next pull again.
-//! 4. With the registry stopped, B pulls images only A has, by digest and by tag.
+//! - `pulls_fetch_each_blob_once`: A (`n1`) pulls through its daemon from the registry, then B
+//!   and C from their peers: the registry serves every blob once in total.
+//! - `pull_by_registry_ip`: the same for an image referenced by the registry's IP (no SNI: the
+//!   daemon matches the original destination, the leaf names the IP).
+//! - `splices_what_is_not_mirrored`: from inside A's containerd cgroup, TLS to what is not
+//!   mirrored (another port, another name on the mirrored address, the plain port) is spliced:
+//!   the client sees the real server certificate. Connections from outside the cgroup are not
+//!   redirected at all.
+//! - `fails_open_and_resumes`: `kill -9` of A's daemon: A still pulls, straight from the
+//!   registry (fail-open); a restarted daemon intercepts the next pull again.
+//! - `peers_serve_while_the_registry_is_down`: A pulls two images; with the registry stopped,
+//!   B pulls them (only A has them), by digest and by tag.
+//!
+//! Every test ends by checking that no node has a `hosts.toml` and no daemon logged an error.
+//! The tests hold [`spegel_tests::serial`]: rigs are kept apart by their random prefixes and
+//! subnets, but several at once would saturate a small CI machine and make the timeouts flaky.
 //!
 //! Run with `SPEGEL_E2E=1 cargo test -p spegel-tests --test e2e_transparent -- --nocapture` as
 //! root, after `cargo build -p spegel-daemon`.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, ensure};
 use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use spegel_tests::cluster::{self, wait_attached};
 use spegel_tests::rig::spegel::{Metrics, Spegel, SpegelOptions, http_get};
-use spegel_tests::rig::{Endpoint, ImageSpec, KIB, Node, ProcessSpec, Rig, TestImage, spegel_bin};
+use spegel_tests::rig::{Endpoint, ImageSpec, KIB, Node, ProcessSpec, Rig, TestImage};
 
 /// A TLS port on the registry's address that is redirected but not mirrored.
 const ALT_TLS_PORT: u16 = 8443;
@@ -50,7 +58,7 @@ fn once_each(image: &TestImage) -> BTreeMap<String, usize> {
         .collect()
 }
 
-/// The shared state of the scenarios.
+/// One scenario's rig with transparent spegel on every node.
 struct Suite {
     rig: Rig,
     daemons: Vec<Spegel>,
@@ -94,39 +102,132 @@ impl Suite {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transparent_interception_without_hosts_toml() {
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn pulls_fetch_each_blob_once() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
+    run_scenario("pulls_fetch_each_blob_once", [], |suite: &Suite| {
+        scenario_pulls_fetch_each_blob_once(suite).boxed()
+    })
+    .await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn pull_by_registry_ip() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let images = [ImageSpec::new("byip").layers([300 * KIB]).seed(7101)];
+    run_scenario("pull_by_registry_ip", images, |suite: &Suite| {
+        scenario_pull_by_registry_ip(suite).boxed()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn splices_what_is_not_mirrored() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    run_scenario("splices_what_is_not_mirrored", [], |suite: &Suite| {
+        scenario_splices_what_is_not_mirrored(suite).boxed()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn fails_open_and_resumes() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    run_scenario("fails_open_and_resumes", two_images(), |suite: &Suite| {
+        scenario_fails_open_and_resumes(suite).boxed()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn peers_serve_while_the_registry_is_down() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    run_scenario(
+        "peers_serve_while_the_registry_is_down",
+        two_images(),
+        |suite: &Suite| scenario_peers_serve_while_the_registry_is_down(suite).boxed(),
+    )
+    .await;
+}
+
+/// `failopen` and `resumed`: images no node has pulled yet.
+fn two_images() -> [ImageSpec; 2] {
+    [
+        ImageSpec::new("failopen")
+            .layers([64 * KIB, 700 * KIB])
+            .seed(7102),
+        ImageSpec::new("resumed").layers([600 * KIB]).seed(7103),
+    ]
+}
+
+/// Starts a 3-node rig with `images` (besides the default ones) and transparent spegel on every
+/// node, runs `scenario` on it, then checks that no node has a `hosts.toml` and no daemon
+/// logged an error. On failure, dumps the logs (and keeps them, see [`keep_logs`]).
+async fn run_scenario<const N: usize>(
+    name: &str,
+    images: [ImageSpec; N],
+    scenario: impl for<'a> FnOnce(&'a Suite) -> BoxFuture<'a, ()>,
+) {
     let started = Instant::now();
-    let rig = Rig::builder()
-        .nodes(3)
-        .image(ImageSpec::new("byip").layers([300 * KIB]).seed(7101))
-        .image(
-            ImageSpec::new("failopen")
-                .layers([64 * KIB, 700 * KIB])
-                .seed(7102),
-        )
-        .image(ImageSpec::new("resumed").layers([600 * KIB]).seed(7103))
-        .start()
-        .await
-        .expect("rig starts");
+    let mut builder = Rig::builder().nodes(3);
+    for image in images {
+        builder = builder.image(image);
+    }
+    let rig = builder.start().await.expect("rig starts");
     eprintln!(
-        "rig {} ({}) up in {:?}",
+        "{name}: rig {} ({}) up in {:?}",
         rig.prefix(),
         rig.subnet(),
         started.elapsed()
     );
 
-    let suite = set_up(rig).await.expect("transparent set-up");
-    eprintln!("daemons intercepting after {:?}", started.elapsed());
+    let registry = rig.registry();
+    let mirrored = vec![
+        registry.host(Endpoint::Tls),
+        registry.ip_host(Endpoint::Tls),
+    ];
+    let options = SpegelOptions::transparent().intercept_ports([ALT_TLS_PORT]);
+    let cluster = match cluster::transparent_for(&rig, &mirrored, options).await {
+        Ok(cluster) => cluster,
+        Err(error) => {
+            keep_logs(&rig);
+            panic!("transparent set-up: {error:#}");
+        }
+    };
+    let suite = Suite {
+        rig,
+        daemons: cluster.daemons,
+        bundles: cluster.bundles,
+    };
+    no_hosts_toml_anywhere(&suite);
+    eprintln!("{name}: daemons intercepting after {:?}", started.elapsed());
 
     let outcome = std::panic::AssertUnwindSafe(async {
-        pulls_fetch_each_blob_once(&suite).await;
-        pull_by_registry_ip(&suite).await;
-        splices_what_is_not_mirrored(&suite).await;
-        fails_open_and_resumes(&suite).await;
-        peers_serve_while_the_registry_is_down(&suite).await;
+        scenario(&suite).await;
         no_hosts_toml_anywhere(&suite);
         no_daemon_errors(&suite);
     })
@@ -138,10 +239,7 @@ async fn transparent_interception_without_hosts_toml() {
         std::panic::resume_unwind(panic);
     }
 
-    eprintln!(
-        "all transparent scenarios passed in {:?}",
-        started.elapsed()
-    );
+    eprintln!("{name}: passed in {:?}", started.elapsed());
     let Suite { rig, .. } = suite;
     keep_logs(&rig);
     rig.shutdown().await.expect("clean teardown");
@@ -168,57 +266,6 @@ fn keep_logs(rig: &Rig) {
         Ok(()) => eprintln!("rig logs kept in {}", target.display()),
         Err(error) => eprintln!("cannot keep the rig logs in {}: {error}", target.display()),
     }
-}
-
-/// Removes the rig's default `hosts.toml` files, creates every node's CA with
-/// `spegel install-ca --bundle`, restarts containerd trusting that bundle plus the rig CA, and
-/// starts a transparent daemon on every node.
-async fn set_up(rig: Rig) -> Result<Suite> {
-    for node in rig.nodes() {
-        remove_hosts_toml(node)?;
-    }
-    let registry = rig.registry();
-    let mirrored = vec![
-        registry.host(Endpoint::Tls),
-        registry.ip_host(Endpoint::Tls),
-    ];
-    let bundles = futures::future::try_join_all(
-        rig.nodes()
-            .iter()
-            .map(|node| trust_node_ca(&rig, node, &mirrored)),
-    )
-    .await?;
-
-    let options = SpegelOptions::transparent()
-        .mirrored_registries(mirrored.clone())
-        .intercept_ports([ALT_TLS_PORT]);
-    let daemons = rig.start_spegel_everywhere(options).await?;
-    for daemon in &daemons {
-        wait_attached(daemon, Default::default()).await?;
-    }
-    let suite = Suite {
-        rig,
-        daemons,
-        bundles,
-    };
-    no_hosts_toml_anywhere(&suite);
-    Ok(suite)
-}
-
-/// Deletes everything under the node's `certs.d` (the rig writes a default `hosts.toml` per
-/// registry listener): transparent mode must work without any.
-fn remove_hosts_toml(node: &Node) -> Result<()> {
-    let dir = node.certs_dir();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        }
-        .with_context(|| format!("removing {}", path.display()))?;
-    }
-    Ok(())
 }
 
 /// Every `hosts.toml` below `dir`.
@@ -254,63 +301,6 @@ fn no_hosts_toml_anywhere(suite: &Suite) {
             }
         }
     }
-}
-
-/// `spegel install-ca --bundle` for the node's daemon data dir (creating its CA), plus the rig
-/// CA, as containerd's `SSL_CERT_FILE`; containerd is restarted to load it (Go reads the roots
-/// once per process). Returns the bundle's path.
-async fn trust_node_ca(rig: &Rig, node: &Node, mirrored: &[String]) -> Result<PathBuf> {
-    let data_dir = node.dir().join("spegel");
-    std::fs::create_dir_all(&data_dir)?;
-    let bundle = node.dir().join("ca-bundle.pem");
-    let mut data_arg = OsString::from("--data-dir=");
-    data_arg.push(&data_dir);
-    let mut bundle_arg = OsString::from("--bundle=");
-    bundle_arg.push(&bundle);
-    let output = tokio::process::Command::new(spegel_bin()?)
-        .arg("install-ca")
-        .arg(data_arg)
-        .arg(format!("--mirrored-registries={}", mirrored.join(",")))
-        .arg(bundle_arg)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("spawning spegel install-ca")?;
-    ensure!(
-        output.status.success(),
-        "spegel install-ca failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let node_ca = data_dir.join("ca");
-    ensure!(
-        node_ca.is_dir(),
-        "install-ca did not create {}",
-        node_ca.display()
-    );
-    let mut pem = std::fs::read_to_string(&bundle)
-        .with_context(|| format!("reading {}", bundle.display()))?;
-    if !pem.ends_with('\n') {
-        pem.push('\n');
-    }
-    pem.push_str(rig.ca().cert_pem());
-    std::fs::write(&bundle, pem).with_context(|| format!("writing {}", bundle.display()))?;
-    node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)])
-        .await?;
-    Ok(bundle)
-}
-
-/// Waits until the daemon logged (after `mark`) that its redirect programs are attached.
-async fn wait_attached(daemon: &Spegel, mark: spegel_tests::rig::spegel::LogMark) -> Result<()> {
-    daemon
-        .wait_for_event(mark, Duration::from_secs(30), |event| {
-            event.message.starts_with("eBPF redirect attached")
-                || event.message.starts_with("eBPF redirect re-attached")
-        })
-        .await
-        .map(drop)
 }
 
 /// `registry.<prefix>.test:5443` percent-encoded for `?ns=`.
@@ -458,9 +448,9 @@ async fn counters(daemon: &Spegel) -> [f64; 3] {
     [ACCEPTED, MIRRORED, SPLICED].map(|name| metrics.sum(name))
 }
 
-/// Scenario 1: A pulls through its daemon (intercepted, from upstream), then B and C (from
+/// A pulls through its daemon (intercepted, from upstream), then B and C (from
 /// peers): every blob leaves the registry exactly once.
-async fn pulls_fetch_each_blob_once(suite: &Suite) {
+async fn scenario_pulls_fetch_each_blob_once(suite: &Suite) {
     eprintln!("--- A, B, C pull `four` by name over TLS");
     let rig = &suite.rig;
     let four = rig.images().four.clone();
@@ -537,9 +527,9 @@ async fn pulls_fetch_each_blob_once(suite: &Suite) {
     );
 }
 
-/// Scenario 1 by IP: references by `IP:5443` carry no SNI; the daemon matches the original
+/// By IP: references by `IP:5443` carry no SNI; the daemon matches the original
 /// destination and mints a leaf for the IP. B then gets it from A.
-async fn pull_by_registry_ip(suite: &Suite) {
+async fn scenario_pull_by_registry_ip(suite: &Suite) {
     eprintln!("--- A and B pull `byip` by the registry's IP");
     let rig = &suite.rig;
     let image = rig.image("byip").expect("byip pushed");
@@ -591,9 +581,9 @@ async fn pull_by_registry_ip(suite: &Suite) {
     assert_eq!(log.blob_get_counts(), once_each(&image));
 }
 
-/// Scenario 2: inside containerd's cgroup, mirrored destinations meet spegel's leaf while
+/// Inside containerd's cgroup, mirrored destinations meet spegel's leaf while
 /// everything else is spliced to the real server; outside the cgroup nothing is redirected.
-async fn splices_what_is_not_mirrored(suite: &Suite) {
+async fn scenario_splices_what_is_not_mirrored(suite: &Suite) {
     eprintln!("--- splicing and the cgroup boundary");
     let rig = &suite.rig;
     let a = rig.node(0);
@@ -812,8 +802,8 @@ async fn splices_what_is_not_mirrored(suite: &Suite) {
     );
 }
 
-/// Scenario 3: a crashed daemon leaves no redirect behind; a restarted one intercepts again.
-async fn fails_open_and_resumes(suite: &Suite) {
+/// A crashed daemon leaves no redirect behind; a restarted one intercepts again.
+async fn scenario_fails_open_and_resumes(suite: &Suite) {
     eprintln!("--- kill -9 of A's daemon, then restart");
     let rig = &suite.rig;
     let a = rig.node(0);
@@ -855,9 +845,9 @@ async fn fails_open_and_resumes(suite: &Suite) {
     assert_eq!(log.blob_gets_by(a.ip()), once_each(&resumed));
 }
 
-/// Scenario 4: with the registry down, B gets what only A has, by digest and by tag (tags ask
+/// With the registry down, B gets what only A has (A pulls it first), by digest and by tag (tags ask
 /// upstream first, then fall back to peers).
-async fn peers_serve_while_the_registry_is_down(suite: &Suite) {
+async fn scenario_peers_serve_while_the_registry_is_down(suite: &Suite) {
     eprintln!("--- registry stopped: B pulls from A by digest and by tag");
     let rig = &suite.rig;
     let b = rig.node(1);
@@ -865,6 +855,12 @@ async fn peers_serve_while_the_registry_is_down(suite: &Suite) {
     let by_digest = rig.image("failopen").expect("failopen pushed");
     let by_tag = rig.image("resumed").expect("resumed pushed");
     let registry_host = rig.registry().host(Endpoint::Tls);
+    for image in [&by_digest, &by_tag] {
+        rig.node(0)
+            .cri_pull(&image.reference(Endpoint::Tls))
+            .await
+            .unwrap_or_else(|error| panic!("A pulls {}: {error:#}", image.name));
+    }
     for image in [&by_digest, &by_tag] {
         for blob in image.pulled_blobs() {
             assert!(

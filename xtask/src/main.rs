@@ -204,7 +204,12 @@ fn test(extra: &[OsString]) -> anyhow::Result<()> {
         bail!("the end-to-end tests need root (network namespaces, cgroups, eBPF)");
     }
     let path = prereqs()?;
-    status(cargo(&path).args(["build", "--all-targets", "--locked"]))?;
+    // With SPEGEL_E2E as for the tests (it un-ignores them at build time), so they reuse this build.
+    status(
+        cargo(&path)
+            .args(["build", "--all-targets", "--locked"])
+            .env("SPEGEL_E2E", "1"),
+    )?;
     let bin = workspace_root().join("target/debug/spegel");
     status(
         cargo(&path)
