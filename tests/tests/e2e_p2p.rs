@@ -1,23 +1,27 @@
-//! End-to-end acceptance of the peer-to-peer issue on the real multi-node rig: four containerd
+//! End-to-end acceptance of the peer-to-peer issue on the real multi-node rig: containerd
 //! nodes, each with its own spegel daemon in mirror mode (`hosts.toml` from
 //! `spegel configure-mirror` points every node at its *own* daemon, the registry last), the
 //! daemons finding each other through the libp2p DHT.
 //!
-//! Node roles: A (`n1`) pulls from the registry; B (`n2`) and C (`n3`) pull the same images
-//! through their daemons; D (`n4`) pulls with the registry stopped. Scenarios, on one shared rig:
+//! One scenario per test, each on its own rig (A is `n1`, B `n2`, ...):
 //!
-//! 1. A alone (no peers): ready, serves its own content.
-//! 2. B and C pull what A has: the registry sees every blob downloaded once, by A.
-//! 3. Registry stopped: D pulls by tag and by digest from peers.
-//! 4. A large blob B streams from a throttled peer survives that peer's SIGKILL mid-stream
-//!    (B's daemon resumes from the other holder).
-//! 5. A peer serving corrupted bytes: no bad byte is committed by the fetching containerd, the
-//!    peer is quarantined, and the pull completes (a fresh node: the one-chunk config reveals
-//!    the corruption before containerd gets a byte).
+//! - `lonely_node_serves_its_own_content_alone`: A alone (no peers): ready, serves its own
+//!   content.
+//! - `peers_pull_what_a_has_each_blob_once_from_the_registry`: B and C pull what A has: the
+//!   registry sees every blob downloaded once, by A.
+//! - `registry_down_a_fresh_node_pulls_by_tag_and_digest_from_peers`: registry stopped: a node
+//!   that never pulled anything pulls by tag and by digest from A.
+//! - `peer_killed_mid_stream_the_pull_resumes_from_another_peer`: a large blob B streams from a
+//!   throttled peer survives that peer's SIGKILL mid-stream (B's daemon resumes from the other
+//!   holder).
+//! - `fresh_node_pulls_correct_content_despite_a_corrupt_peer`: a peer serving corrupted bytes:
+//!   no bad byte is committed by the fetching containerd, the peer is quarantined, and the pull
+//!   completes (the one-chunk config reveals the corruption before containerd gets a byte).
+//! - `corrupt_layer_streamed_to_containerd_still_pulls_in_one_go`: the corrupt peer's first
+//!   blob to a node is a multi-chunk layer, so bad bytes reach containerd before the mismatch
+//!   shows.
 //!
-//! A second, two-node test covers the corrupt peer whose first blob to a node is a multi-chunk
-//! layer, so bad bytes reach containerd before the mismatch shows (see
-//! [`corrupt_layer_streamed_to_containerd_still_pulls_in_one_go`]; known to fail).
+//! Every test ends by checking that no daemon logged an error.
 //!
 //! Run with `SPEGEL_E2E=1 cargo test -p spegel-tests --test e2e_p2p -- --nocapture` as root,
 //! after `cargo build -p spegel-daemon`.
@@ -247,70 +251,70 @@ fn event_for(daemon: &Spegel, mark: LogMark, message: &str, digest: &str) -> Opt
         .find(|event| event.message == message && event.str("digest") == Some(digest))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(spegel_e2e),
-    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
-)]
-async fn peers_share_content_survive_registry_outage_dead_and_corrupt_peers() {
-    spegel_tests::require_e2e!();
-    let _serial = spegel_tests::serial().await;
-
+/// A fresh rig of `nodes` nodes whose containerd each ask their *own* daemon first and the
+/// registry last (no daemon runs yet: containerd meets connection refused and goes on).
+async fn mirrored_rig(nodes: usize) -> (Rig, Diagnostics) {
     let started = Instant::now();
-    let rig = Rig::builder().nodes(4).start().await.expect("rig starts");
-    let mut diagnostics = Diagnostics::new(&rig);
+    let rig = Rig::builder()
+        .nodes(nodes)
+        .start()
+        .await
+        .expect("rig starts");
+    let diagnostics = Diagnostics::new(&rig);
     eprintln!(
         "rig {} ({}) up in {:?}",
         rig.prefix(),
         rig.subnet(),
         started.elapsed()
     );
-
-    // Every node's containerd asks its own daemon first and the registry last.
     let registries = registry_urls(&rig, Endpoint::Plain);
     for node in rig.nodes() {
         configure_mirror(node, &[daemon_url(node)], &registries)
             .await
             .expect("configure-mirror");
     }
+    (rig, diagnostics)
+}
 
-    let a = lonely_node_serves_its_own_content(&rig).await;
+/// A pulls every standard image and starts its daemon alone (see
+/// [`lonely_node_serves_its_own_content`]); then every other node's daemon starts,
+/// bootstrapping from all the others. Returns the daemons in node order.
+async fn a_holds_everything_then_all_daemons(
+    rig: &Rig,
+    diagnostics: &mut Diagnostics,
+) -> Vec<Spegel> {
+    let a = lonely_node_serves_its_own_content(rig).await;
     diagnostics.watch(&a);
     let others = futures::future::try_join_all(
-        (1..4)
+        (1..rig.nodes().len())
             .map(|index| rig.start_spegel(index, SpegelOptions::mirror().bootstrap_other_nodes())),
     )
     .await
-    .expect("the daemons of B, C and D start");
+    .expect("the other daemons start");
     let mut daemons = vec![a];
     daemons.extend(others);
     for daemon in &daemons {
         diagnostics.watch(daemon);
         assert_eq!(daemon.url(), daemon_url(rig.node(daemon.index())));
     }
-    eprintln!("daemons on all nodes ready after {:?}", started.elapsed());
+    daemons
+}
 
-    let phase = Instant::now();
-    peers_pull_what_a_has_and_the_registry_serves_each_blob_once(&rig, &daemons).await;
-    eprintln!(
-        "scenario: each blob once from the registry: {:?}",
-        phase.elapsed()
-    );
-
-    let phase = Instant::now();
-    registry_down_d_pulls_by_tag_and_digest_from_peers(&rig, &daemons).await;
-    eprintln!("scenario: registry down: {:?}", phase.elapsed());
-
-    let phase = Instant::now();
-    peer_killed_mid_stream_the_pull_resumes_elsewhere(&rig, &daemons).await;
-    eprintln!("scenario: peer killed mid-stream: {:?}", phase.elapsed());
-
-    let phase = Instant::now();
-    fresh_node_pulls_despite_a_corrupt_peer(&rig, &daemons).await;
-    eprintln!("scenario: corrupt peer: {:?}", phase.elapsed());
-
-    // No daemon logged an error; the one that was killed and the corrupt one only WARN.
+/// Every node's daemon at once, in mirror mode, bootstrapping from all the others.
+async fn all_daemons(rig: &Rig, diagnostics: &mut Diagnostics) -> Vec<Spegel> {
+    let daemons = rig
+        .start_spegel_everywhere(SpegelOptions::mirror())
+        .await
+        .expect("every daemon starts");
     for daemon in &daemons {
+        diagnostics.watch(daemon);
+    }
+    daemons
+}
+
+/// No daemon logged an error (a killed or corrupt one only WARNs); then teardown.
+async fn finish(rig: Rig, diagnostics: Diagnostics, daemons: &[Spegel], started: Instant) {
+    for daemon in daemons {
         let errors: Vec<LogEvent> = daemon
             .events()
             .into_iter()
@@ -322,13 +326,84 @@ async fn peers_share_content_survive_registry_outage_dead_and_corrupt_peers() {
             daemon.node_name()
         );
     }
-
-    eprintln!(
-        "all peer-to-peer scenarios passed in {:?}",
-        started.elapsed()
-    );
+    eprintln!("passed in {:?}", started.elapsed());
     drop(diagnostics);
     rig.shutdown().await.expect("clean teardown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn lonely_node_serves_its_own_content_alone() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let started = Instant::now();
+    let (rig, mut diagnostics) = mirrored_rig(1).await;
+    let a = lonely_node_serves_its_own_content(&rig).await;
+    diagnostics.watch(&a);
+    finish(rig, diagnostics, &[a], started).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn peers_pull_what_a_has_each_blob_once_from_the_registry() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let started = Instant::now();
+    let (rig, mut diagnostics) = mirrored_rig(3).await;
+    let daemons = a_holds_everything_then_all_daemons(&rig, &mut diagnostics).await;
+    peers_pull_what_a_has_and_the_registry_serves_each_blob_once(&rig, &daemons).await;
+    finish(rig, diagnostics, &daemons, started).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn registry_down_a_fresh_node_pulls_by_tag_and_digest_from_peers() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let started = Instant::now();
+    let (rig, mut diagnostics) = mirrored_rig(2).await;
+    let daemons = a_holds_everything_then_all_daemons(&rig, &mut diagnostics).await;
+    registry_down_d_pulls_by_tag_and_digest_from_peers(&rig, &daemons).await;
+    finish(rig, diagnostics, &daemons, started).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn peer_killed_mid_stream_the_pull_resumes_from_another_peer() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let started = Instant::now();
+    let (rig, mut diagnostics) = mirrored_rig(3).await;
+    let daemons = all_daemons(&rig, &mut diagnostics).await;
+    peer_killed_mid_stream_the_pull_resumes_elsewhere(&rig, &daemons).await;
+    finish(rig, diagnostics, &daemons, started).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn fresh_node_pulls_correct_content_despite_a_corrupt_peer() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let started = Instant::now();
+    let (rig, mut diagnostics) = mirrored_rig(2).await;
+    let daemons = all_daemons(&rig, &mut diagnostics).await;
+    fresh_node_pulls_despite_a_corrupt_peer(&rig, &daemons).await;
+    finish(rig, diagnostics, &daemons, started).await;
 }
 
 /// A pulls every standard image from the registry (its daemon is not running yet: connection
@@ -475,8 +550,9 @@ async fn registry_down_d_pulls_by_tag_and_digest_from_peers(rig: &Rig, daemons: 
     eprintln!("--- registry down: D pulls from peers");
     let images = rig.images().clone();
     let all = [&images.small, &images.four, &images.multi];
-    let d = rig.node(3);
-    let daemon = &daemons[3];
+    let last = daemons.len() - 1;
+    let d = rig.node(last);
+    let daemon = &daemons[last];
     rig.registry().stop().await.expect("registry stops");
     assert!(!rig.registry().is_running());
     let before = rig.registry_log().await.unwrap();
@@ -573,10 +649,7 @@ async fn peer_killed_mid_stream_the_pull_resumes_elsewhere(rig: &Rig, daemons: &
     }
     for &index in &holders {
         let daemon = &daemons[index];
-        daemon.process().set_env(
-            "SPEGEL_TEST_THROTTLE_PEER_BYTES",
-            THROTTLE_BYTES_PER_SECOND.to_string(),
-        );
+        daemon.set_peer_throttle(Some(THROTTLE_BYTES_PER_SECOND));
         daemon
             .start()
             .await
@@ -711,16 +784,6 @@ async fn peer_killed_mid_stream_the_pull_resumes_elsewhere(rig: &Rig, daemons: &
         "B downloaded from the registry: {:#?}",
         log.entries()
     );
-
-    // Back to normal: both holders unthrottled and running.
-    for &index in &holders {
-        let daemon = &daemons[index];
-        daemon.stop().await.unwrap();
-        daemon
-            .process()
-            .remove_env("SPEGEL_TEST_THROTTLE_PEER_BYTES");
-        daemon.start().await.expect("holder restarts unthrottled");
-    }
 }
 
 /// Every file in `node`'s content store hashes to its name: containerd committed no bad bytes.
@@ -804,16 +867,14 @@ async fn fresh_node_pulls_despite_a_corrupt_peer(rig: &Rig, daemons: &[Spegel]) 
         .push_image(ImageSpec::new("tainted").layers([4 * MIB]).seed(7002))
         .await
         .expect("push the image");
-    let (corrupt, fetcher) = (&daemons[2], &daemons[3]);
-    let d = rig.node(3);
+    let (corrupt, fetcher) = (&daemons[0], &daemons[1]);
+    let d = rig.node(1);
     corrupt.stop().await.unwrap();
-    rig.node(2)
+    rig.node(0)
         .cri_pull(&tainted.reference(Endpoint::Plain))
         .await
         .expect("C pulls from the registry");
-    corrupt
-        .process()
-        .set_env("SPEGEL_TEST_CORRUPT_PEER_BLOBS", "true");
+    corrupt.set_corrupt_peer_blobs(true);
     corrupt.start().await.expect("C's daemon starts corrupting");
     let corrupt_id = corrupt.peer_id().expect("C's peer id");
     wait_findable(fetcher, rig, &[&tainted], true).await;

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Map, Value};
+use spegel::fault::switches;
 
 use super::{
     DEFAULT_STOP_GRACE, Endpoint, NetnsMode, Node, Process, ProcessSpec, Rig, cgroup2_mount,
@@ -197,12 +198,15 @@ impl SpegelOptions {
 
     /// TEST FAULT: corrupt every blob this daemon serves to peers.
     pub fn corrupt_peer_blobs(self) -> Self {
-        self.arg("--test-corrupt-peer-blobs")
+        self.arg(format!("--{}", switches::CORRUPT_PEER_BLOBS_FLAG))
     }
 
     /// TEST FAULT: serve blobs to peers at most `bytes_per_second`.
     pub fn throttle_peer_bytes(self, bytes_per_second: u64) -> Self {
-        self.arg(format!("--test-throttle-peer-bytes={bytes_per_second}"))
+        self.arg(format!(
+            "--{}={bytes_per_second}",
+            switches::THROTTLE_PEER_BYTES_FLAG
+        ))
     }
 
     /// One more argument to `spegel run` (after the generated ones, so it can override them).
@@ -470,6 +474,36 @@ impl Spegel {
         self.process.is_running()
     }
 
+    /// TEST FAULT for the next (re)start: serve blobs to peers at most `bytes_per_second`
+    /// (`None`: unthrottled again).
+    pub fn set_peer_throttle(&self, bytes_per_second: Option<u64>) {
+        match bytes_per_second {
+            Some(rate) => self
+                .process
+                .set_env(switches::THROTTLE_PEER_BYTES_ENV, rate.to_string()),
+            None => self.process.remove_env(switches::THROTTLE_PEER_BYTES_ENV),
+        }
+    }
+
+    /// TEST FAULT for the next (re)start: corrupt every blob served to peers (or stop doing so).
+    pub fn set_corrupt_peer_blobs(&self, corrupt: bool) {
+        if corrupt {
+            self.process
+                .set_env(switches::CORRUPT_PEER_BLOBS_ENV, "true");
+        } else {
+            self.process.remove_env(switches::CORRUPT_PEER_BLOBS_ENV);
+        }
+    }
+
+    /// The daemon's resident memory and open file descriptors now (from `/proc/<pid>`).
+    pub fn resources(&self) -> Result<Resources> {
+        let pid = self
+            .process
+            .pid()
+            .with_context(|| format!("spegel on {} is not running", self.node_name))?;
+        Resources::of_pid(pid)
+    }
+
     // === Lifecycle ===
 
     /// SIGKILL: a crash, as far as containerd and the peers can tell.
@@ -659,6 +693,57 @@ impl Spegel {
         ];
         run_spegel(&args).await?;
         Ok(())
+    }
+}
+
+// === Resources ===
+
+/// A process's resident memory and open file descriptors at one moment: the baseline and the
+/// "back to baseline" check of the fault tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resources {
+    /// `VmRSS` from `/proc/<pid>/status`, in bytes.
+    pub rss_bytes: u64,
+    /// Entries in `/proc/<pid>/fd`.
+    pub open_fds: usize,
+}
+
+impl Resources {
+    /// Reads `/proc/<pid>/status` and counts `/proc/<pid>/fd`.
+    pub fn of_pid(pid: u32) -> Result<Self> {
+        let status_path = format!("/proc/{pid}/status");
+        let status = std::fs::read_to_string(&status_path)
+            .with_context(|| format!("reading {status_path}"))?;
+        let rss_bytes =
+            parse_vm_rss(&status).with_context(|| format!("no VmRSS line in {status_path}"))?;
+        let fd_dir = format!("/proc/{pid}/fd");
+        let open_fds = std::fs::read_dir(&fd_dir)
+            .with_context(|| format!("listing {fd_dir}"))?
+            .count();
+        Ok(Self {
+            rss_bytes,
+            open_fds,
+        })
+    }
+
+    /// Whether `self` is back near `baseline`: at most `extra_fds` more descriptors and
+    /// `extra_rss` more bytes resident.
+    pub fn within(&self, baseline: &Self, extra_fds: usize, extra_rss: u64) -> bool {
+        self.open_fds <= baseline.open_fds + extra_fds
+            && self.rss_bytes <= baseline.rss_bytes + extra_rss
+    }
+}
+
+/// `VmRSS:   12345 kB` → bytes.
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?;
+    let mut parts = line.split_whitespace();
+    let value: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") | None => value.checked_mul(1024),
+        Some(_) => None,
     }
 }
 
@@ -1222,6 +1307,35 @@ mod tests {
     }
 
     #[test]
+    fn vm_rss_is_read_in_bytes() {
+        let status = "Name:\tspegel\nVmPeak:\t  200 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
+        assert_eq!(parse_vm_rss(status), Some(12345 * 1024));
+        assert_eq!(parse_vm_rss("Name: x\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS: lots kB\n"), None);
+        let own = Resources::of_pid(std::process::id()).unwrap();
+        assert!(own.rss_bytes > 0 && own.open_fds > 0, "{own:?}");
+        let base = Resources {
+            rss_bytes: 100,
+            open_fds: 10,
+        };
+        assert!(base.within(&base, 0, 0));
+        assert!(
+            Resources {
+                rss_bytes: 150,
+                open_fds: 12
+            }
+            .within(&base, 2, 50)
+        );
+        assert!(
+            !Resources {
+                rss_bytes: 100,
+                open_fds: 13
+            }
+            .within(&base, 2, 50)
+        );
+    }
+
+    #[test]
     fn options_render_flags() {
         let options = SpegelOptions::transparent()
             .registry_port(5080)
@@ -1233,8 +1347,8 @@ mod tests {
         assert_eq!(
             options.args,
             [
-                OsString::from("--test-throttle-peer-bytes=1024"),
-                OsString::from("--test-corrupt-peer-blobs")
+                OsString::from(format!("--{}=1024", switches::THROTTLE_PEER_BYTES_FLAG)),
+                OsString::from(format!("--{}", switches::CORRUPT_PEER_BLOBS_FLAG))
             ]
         );
         assert_eq!(
