@@ -919,11 +919,11 @@ async fn fresh_node_pulls_despite_a_corrupt_peer(rig: &Rig, daemons: &[Spegel]) 
 /// quarantined, and the pull must complete. (Realistic: with two holders, the config may come
 /// from a sound one and the layer from one whose copy rotted.)
 ///
-/// KNOWN TO FAIL with containerd 1.6.20: containerd keeps the bytes it already received and
-/// resumes the download at that offset (`Range`, from the registry once the daemon answers
-/// 404), so its commit fails with "unexpected commit digest" and this PullImage fails; kubelet's
-/// retry then succeeds. One pull can only complete if the daemon verifies a whole blob from
-/// peers before sending containerd its first byte (e.g. by spooling it).
+/// Why it matters: containerd 1.6.20 keeps the bytes it already received and resumes the
+/// download at that offset (`Range`, from the registry once the daemon answers 404), so bad
+/// bytes sent before the mismatch shows would fail this PullImage ("unexpected commit digest").
+/// One pull completes because the daemon verifies peer blobs up to `--peer-buffer-max` whole
+/// before containerd gets their first byte (`body/buffered.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(spegel_e2e),
