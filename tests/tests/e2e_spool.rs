@@ -89,7 +89,12 @@ fn assert_store_sound(node: &Node) {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(sha256(&bytes), format!("sha256:{name}"), "{}", path.display());
+        assert_eq!(
+            sha256(&bytes),
+            format!("sha256:{name}"),
+            "{}",
+            path.display()
+        );
         count += 1;
     }
     assert!(count > 0, "{} has an empty content store", node.name());
@@ -186,9 +191,13 @@ async fn set_up(seed: u64, holder: SpegelOptions) -> Setup {
         .await
         .expect("push the image");
     for node in rig.nodes() {
-        configure_mirror(node, &[daemon_url(node)], &registry_urls(&rig, Endpoint::Plain))
-            .await
-            .expect("configure-mirror");
+        configure_mirror(
+            node,
+            &[daemon_url(node)],
+            &registry_urls(&rig, Endpoint::Plain),
+        )
+        .await
+        .expect("configure-mirror");
         node.cri_pull(&image.reference(Endpoint::Plain))
             .await
             .expect("pull from the registry");
@@ -225,7 +234,12 @@ async fn set_up(seed: u64, holder: SpegelOptions) -> Setup {
 }
 
 /// The layer's GETs the registry served to `node` since `before`.
-async fn layer_gets(rig: &Rig, node: &Node, before: &spegel_tests::rig::RegistryLog, digest: &str) -> usize {
+async fn layer_gets(
+    rig: &Rig,
+    node: &Node,
+    before: &spegel_tests::rig::RegistryLog,
+    digest: &str,
+) -> usize {
     rig.registry_log()
         .await
         .unwrap()
@@ -273,7 +287,11 @@ async fn a_corrupt_peer_above_the_memory_limit_costs_no_pull_attempt() {
     assert_store_sound(node);
     for daemon in [&setup.holder, fetcher] {
         let errors = errors_of(daemon);
-        assert!(errors.is_empty(), "{} logged errors: {errors:#?}", daemon.node_name());
+        assert!(
+            errors.is_empty(),
+            "{} logged errors: {errors:#?}",
+            daemon.node_name()
+        );
     }
     drop(setup.diagnostics);
     setup.rig.shutdown().await.expect("clean teardown");
