@@ -111,8 +111,11 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let local: Arc<dyn Source> = Arc::new(LocalSource::new(Arc::clone(&store)));
     #[cfg(feature = "fault-injection")]
     let local = crate::fault::inject(local, &args.fault);
-    // Small enough peer blobs are verified whole before containerd sees a byte of them.
-    let peers: Arc<dyn Source> = Arc::new(Buffered::new(Arc::new(peers), &args.buffer));
+    // Peer blobs are verified whole (in memory or the disk spool) before containerd sees a byte.
+    let peers: Arc<dyn Source> = Arc::new(
+        Buffered::new(Arc::new(peers), &args.buffer, &args.data_dir)
+            .context("cannot prepare the peer blob spool")?,
+    );
     let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first);
     let source: Arc<dyn Source> =
         Arc::new(Instrumented::new(Arc::new(policy), Arc::clone(&metrics)));

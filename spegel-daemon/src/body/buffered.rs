@@ -1,56 +1,133 @@
-//! Verify-before-send for blobs from peers.
+//! Verify-before-send for blobs from peers: a whole peer blob is received and checked before
+//! containerd gets its first byte, in memory when it is small enough, else in a file of the disk
+//! spool.
 //!
-//! Peer blobs are streamed with their last chunk held back until the digest checks, and a
-//! mismatch aborts the response. That keeps bad content out of containerd's store, but
-//! containerd 1.6 *resumes* an aborted blob from the bytes it already has, so the bytes sent
-//! before the mismatch was known would still fail that pull attempt (a kubelet retry then
-//! succeeds). Whole-blob GETs up to `--peer-buffer-max` are therefore read completely — and so
-//! verified — before the first byte goes out; a failure becomes `Unavailable`, and the next source
-//! (the upstream, or in mirror mode containerd's own fallback after our 404) serves the request
-//! with nothing bad sent. Larger blobs, ranges and HEADs pass through unchanged. Buffers come
-//! out of a fixed memory budget; when it is spent, blobs stream instead of waiting.
-use std::sync::Arc;
+//! A streamed peer blob has its last chunk held back until the digest checks, and a mismatch
+//! aborts the response. That keeps bad content out of containerd's store, but containerd 1.6
+//! *resumes* an aborted blob from the bytes it already has, so the bytes sent before the mismatch
+//! was known would still fail that pull attempt. So a blob GET is read whole first:
+//!
+//! - up to `--peer-buffer-max` bytes, into memory, out of `--peer-buffer-budget`;
+//! - larger ones, or when the memory budget is spent, into a file under `--peer-spool-dir`, out of
+//!   `--peer-spool-budget` (see [`super::spool`]);
+//! - only when neither budget can take it (or both are off) does it stream with the tail held
+//!   back, as before; that is logged.
+//!
+//! A failure while reading becomes `Unavailable` with nothing sent, and the next source (the
+//! upstream, or in mirror mode containerd's own fallback after our 404) serves the request.
+//!
+//! **Ranges** are served from the verified whole: a part cannot be checked against the digest of
+//! the whole, and containerd asks for a range mostly to resume a blob whose first bytes it has
+//! kept (containerd 1.6/1.7 after a failed transfer) — exactly the case where a bad byte fails
+//! the pull. Fetching the whole blob from a peer on the local network costs less than a failed
+//! pull; when neither budget can take it, the range is passed through unverified as before.
+//!
+//! Each buffer or spool file keeps its budget share until the response body is finished or
+//! dropped: bytes a slow client has not taken yet still count. The peer transfer itself (and its
+//! `--peer-concurrency` slot) ends when the last byte has arrived, before the client reads.
+use std::{ops::Range, path::Path, path::PathBuf, sync::Arc};
 
-use tokio::sync::Semaphore;
+use bytes::Bytes;
+use futures::Stream;
 
-use super::verify::{BodyCheck, ReadError, read_whole};
+use super::{
+    budget::{Budget, Share},
+    spool::{Spool, SpoolError},
+    verify::{BodyCheck, ReadError, read_whole},
+};
 use crate::{
     oci::Kind,
-    source::{Object, ObjectRequest, Source, SourceError},
+    source::{Body, Object, ObjectRequest, Source, SourceError},
 };
 
-/// Flags of verify-before-send buffering.
+/// Flags of verify-before-send buffering and spooling.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BufferArgs {
-    /// Whole blobs from peers up to this many bytes are verified before the first byte is sent
-    /// (0 turns this off: every peer blob streams with only its tail held back).
+    /// Whole blobs from peers up to this many bytes are received into memory and verified
+    /// before the first byte is sent; larger ones go to the disk spool (0: none in memory).
     #[arg(long, env = "SPEGEL_PEER_BUFFER_MAX", default_value_t = 64 << 20)]
     pub peer_buffer_max: u64,
-    /// Memory all such buffers may take together; beyond it, blobs stream.
+    /// Memory all such buffers may take together, held until their responses are sent; beyond
+    /// it, blobs go to the disk spool.
     #[arg(long, env = "SPEGEL_PEER_BUFFER_BUDGET", default_value_t = 256 << 20)]
     pub peer_buffer_budget: u64,
+    /// Where peer blobs too big for memory are received and verified before the first byte is
+    /// sent. Default: `spool` in the data directory. Leftover spool files are removed at start.
+    #[arg(long, env = "SPEGEL_PEER_SPOOL_DIR")]
+    pub peer_spool_dir: Option<PathBuf>,
+    /// Disk space all spool files may take together, held until their responses are sent;
+    /// beyond it, peer blobs stream with only their tail held back (0 turns the spool off).
+    #[arg(long, env = "SPEGEL_PEER_SPOOL_BUDGET", default_value_t = 20 << 30)]
+    pub peer_spool_budget: u64,
 }
 
-/// Budget accounting unit: one permit per 64 KiB.
-const UNIT: u64 = 64 << 10;
-
-/// Reads eligible peer blobs whole before handing them on.
+/// Reads eligible peer blobs whole, into memory or the spool, before handing them on.
 pub struct Buffered {
     inner: Arc<dyn Source>,
     max: u64,
-    budget: Arc<Semaphore>,
+    memory: Budget,
+    spool: Option<Spool>,
 }
 
+/// Where a blob is received before it is sent.
+enum Plan {
+    Memory(Share),
+    Disk(Share),
+    Stream,
+}
+
+/// Bytes per chunk of a body served from memory, so the connection takes it piece by piece.
+const CHUNK: usize = 256 << 10;
+
 impl Buffered {
-    pub fn new(inner: Arc<dyn Source>, args: &BufferArgs) -> Self {
-        let permits = usize::try_from(args.peer_buffer_budget / UNIT)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS);
-        Self {
+    /// Verify-before-send in front of `inner`; opens the spool (in `data_dir` unless
+    /// `--peer-spool-dir` says otherwise) and removes what a previous run left in it.
+    pub fn new(
+        inner: Arc<dyn Source>,
+        args: &BufferArgs,
+        data_dir: &Path,
+    ) -> std::io::Result<Self> {
+        let spool = match args.peer_spool_budget {
+            0 => None,
+            budget => {
+                let dir = args
+                    .peer_spool_dir
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("spool"));
+                Some(Spool::open(&dir, budget)?)
+            }
+        };
+        Ok(Self {
             inner,
             max: args.peer_buffer_max,
-            budget: Arc::new(Semaphore::new(permits)),
+            memory: Budget::new(args.peer_buffer_budget),
+            spool,
+        })
+    }
+
+    fn plan(&self, object: &Object) -> Plan {
+        if object.size <= self.max
+            && let Some(share) = self.memory.try_take(object.size)
+        {
+            return Plan::Memory(share);
         }
+        let Some(spool) = &self.spool else {
+            tracing::debug!(digest = %object.digest, size = object.size, "peer blob not buffered (no memory budget, spool off); streaming");
+            return Plan::Stream;
+        };
+        match spool.reserve(object.size) {
+            Some(share) => Plan::Disk(share),
+            None => {
+                tracing::info!(digest = %object.digest, size = object.size, available = spool.available(), "spool budget spent; streaming the peer blob with only its tail held back");
+                Plan::Stream
+            }
+        }
+    }
+
+    /// The memory budget left, for tests.
+    #[cfg(test)]
+    fn memory_available(&self) -> u64 {
+        self.memory.available()
     }
 }
 
@@ -58,188 +135,131 @@ impl Buffered {
 impl Source for Buffered {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
         let eligible =
-            request.kind == Kind::Blob && !request.head && request.range.is_none() && self.max > 0;
-        let mut object = self.inner.fetch(request).await?;
-        if !eligible || object.range.is_some() || object.size > self.max {
-            return Ok(object);
+            request.kind == Kind::Blob && !request.head && (self.max > 0 || self.spool.is_some());
+        if !eligible {
+            return self.inner.fetch(request).await;
         }
-        let Ok(units) = u32::try_from(object.size.div_ceil(UNIT).max(1)) else {
-            return Ok(object);
+        let mut whole = request.clone();
+        whole.range = None;
+        whole.headers.remove(http::header::RANGE);
+        let mut object = self.inner.fetch(&whole).await?;
+        if object.range.is_some() {
+            return Err(SourceError::Unavailable(format!(
+                "a peer answered a whole-blob request for {} with a range",
+                object.digest
+            )));
+        }
+        let size = object.size;
+        let wanted = match request.range {
+            None => 0..size,
+            Some(range) => match range.resolve(size) {
+                Some(r) => *r.start()..*r.end() + 1,
+                // As a peer that refused the range: the next source answers it.
+                None => {
+                    tracing::debug!(digest = %object.digest, size, ?range, "range not satisfiable by the peer's blob");
+                    return Err(SourceError::NotFound);
+                }
+            },
         };
-        let Ok(permit) = Arc::clone(&self.budget).try_acquire_many_owned(units) else {
-            tracing::debug!(digest = %object.digest, size = object.size, "buffer budget spent; streaming");
-            return Ok(object);
-        };
+        let plan = self.plan(&object);
         let Some(body) = object.body.take() else {
             return Ok(object);
         };
+        let digest = object.digest;
         // The peer body checks the digest of a whole blob itself (tail held back); reading it
         // through a length check makes the whole answer known before the first byte is sent.
-        let bytes = read_whole(body, BodyCheck::part(object.size))
-            .await
-            .map_err(|err| match err {
-                ReadError::Io(err) => {
-                    tracing::warn!(digest = %object.digest, %err, "peer blob failed before anything was sent; trying the next source");
-                    SourceError::Unavailable(format!("peer transfer of {} failed: {err}", object.digest))
+        let check = BodyCheck::part(size);
+        let body = match plan {
+            Plan::Memory(share) => {
+                let bytes = read_whole(body, check)
+                    .await
+                    .map_err(|err| unavailable(digest, err))?;
+                hold(chunked(bytes.slice(as_usize(&wanted))), share)
+            }
+            Plan::Disk(share) => {
+                let Some(spool) = &self.spool else {
+                    return Err(SourceError::Unavailable("no spool".into()));
+                };
+                let spooled = spool.fill(body, check, share).await.map_err(|err| match err {
+                    SpoolError::Read(err) => unavailable(digest, err),
+                    SpoolError::Disk(err) => {
+                        tracing::warn!(%digest, %err, "cannot spool a peer blob; trying the next source");
+                        SourceError::Unavailable(format!("cannot spool {digest}: {err}"))
+                    }
+                })?;
+                tracing::debug!(%digest, size, "peer blob spooled and verified");
+                spooled.into_body(wanted.clone())
+            }
+            Plan::Stream => {
+                if request.range.is_none() {
+                    object.body = Some(body);
+                    return Ok(object);
                 }
-                ReadError::Verify(err) => {
-                    SourceError::Unavailable(format!("peer {err} for {}", object.digest))
-                }
-            })?;
-        // The budget is returned once the client has taken the bytes.
-        object.body = Some(Box::pin(futures::stream::once(async move {
-            let _permit = permit;
-            Ok(bytes)
-        })));
+                // Not the whole blob: ask for just the range (passed through unverified).
+                drop(body);
+                return self.inner.fetch(request).await;
+            }
+        };
+        object.range = request
+            .range
+            .map(|_| wanted.start..=wanted.end.saturating_sub(1));
+        object.body = Some(body);
         Ok(object)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::io;
-
-    use bytes::Bytes;
-    use futures::StreamExt as _;
-    use http::HeaderMap;
-
-    use super::*;
-    use crate::oci::{ByteRange, Reference, digest::Digest};
-
-    /// Serves `data` in 1 KiB chunks, failing before the last chunk when `fail`.
-    struct Chunked {
-        data: Bytes,
-        fail: bool,
-    }
-
-    #[async_trait::async_trait]
-    impl Source for Chunked {
-        async fn fetch(&self, _request: &ObjectRequest) -> Result<Object, SourceError> {
-            let mut chunks: Vec<io::Result<Bytes>> = self
-                .data
-                .chunks(1024)
-                .map(|c| Ok(Bytes::copy_from_slice(c)))
-                .collect();
-            if self.fail {
-                chunks.pop();
-                chunks.push(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "digest mismatch",
-                )));
-            }
-            Ok(Object {
-                digest: Digest::of(&self.data),
-                media_type: "application/octet-stream".into(),
-                size: self.data.len() as u64,
-                range: None,
-                body: Some(Box::pin(futures::stream::iter(chunks))),
-                source: "peer",
-            })
+fn unavailable(digest: crate::oci::digest::Digest, err: ReadError) -> SourceError {
+    match err {
+        ReadError::Io(err) => {
+            tracing::warn!(%digest, %err, "peer blob failed before anything was sent; trying the next source");
+            SourceError::Unavailable(format!("peer transfer of {digest} failed: {err}"))
         }
-    }
-
-    fn request(range: Option<ByteRange>) -> ObjectRequest {
-        ObjectRequest {
-            kind: Kind::Blob,
-            registry: None,
-            repository: "r".into(),
-            reference: Reference::Digest(Digest::of(b"x")),
-            range,
-            head: false,
-            headers: HeaderMap::new(),
-            origin: None,
-            mirrored: false,
-        }
-    }
-
-    fn args(max: u64, budget: u64) -> BufferArgs {
-        BufferArgs {
-            peer_buffer_max: max,
-            peer_buffer_budget: budget,
-        }
-    }
-
-    async fn collect(object: Object) -> io::Result<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut body = object.body.expect("body");
-        while let Some(chunk) = body.next().await {
-            out.extend_from_slice(&chunk?);
-        }
-        Ok(out)
-    }
-
-    #[tokio::test]
-    async fn a_bad_blob_becomes_unavailable_before_any_byte_is_sent() {
-        let data = Bytes::from(vec![3u8; 10_000]);
-        let source = Buffered::new(
-            Arc::new(Chunked { data, fail: true }),
-            &args(1 << 20, 1 << 20),
-        );
-        assert!(matches!(
-            source.fetch(&request(None)).await,
-            Err(SourceError::Unavailable(_))
-        ));
-    }
-
-    #[tokio::test]
-    async fn a_good_blob_arrives_whole_and_returns_its_budget() {
-        let data = Bytes::from((0..100_000u32).map(|i| i as u8).collect::<Vec<_>>());
-        let source = Buffered::new(
-            Arc::new(Chunked {
-                data: data.clone(),
-                fail: false,
-            }),
-            &args(1 << 20, 1 << 20),
-        );
-        let before = source.budget.available_permits();
-        let object = source.fetch(&request(None)).await.unwrap();
-        assert!(
-            source.budget.available_permits() < before,
-            "buffer holds budget"
-        );
-        assert_eq!(collect(object).await.unwrap(), data);
-        assert_eq!(source.budget.available_permits(), before, "budget returned");
-    }
-
-    #[tokio::test]
-    async fn large_ranged_or_over_budget_blobs_stream() {
-        let data = Bytes::from(vec![1u8; 200_000]);
-        // Over the size limit: the failure reaches the body, as before.
-        let big = Buffered::new(
-            Arc::new(Chunked {
-                data: data.clone(),
-                fail: true,
-            }),
-            &args(100_000, 1 << 20),
-        );
-        assert!(
-            collect(big.fetch(&request(None)).await.unwrap())
-                .await
-                .is_err()
-        );
-        // A range is never buffered.
-        let ranged = Buffered::new(
-            Arc::new(Chunked {
-                data: data.clone(),
-                fail: true,
-            }),
-            &args(1 << 20, 1 << 20),
-        );
-        let range = Some(ByteRange::From {
-            start: 0,
-            end: None,
-        });
-        assert!(
-            collect(ranged.fetch(&request(range)).await.unwrap())
-                .await
-                .is_err()
-        );
-        // No budget left: stream rather than wait.
-        let poor = Buffered::new(Arc::new(Chunked { data, fail: true }), &args(1 << 20, UNIT));
-        assert!(
-            collect(poor.fetch(&request(None)).await.unwrap())
-                .await
-                .is_err()
-        );
+        ReadError::Verify(err) => SourceError::Unavailable(format!("peer {err} for {digest}")),
     }
 }
+
+/// `range` of a buffer that is in memory, so fits `usize`.
+fn as_usize(range: &Range<u64>) -> Range<usize> {
+    let end = usize::try_from(range.end).unwrap_or(usize::MAX);
+    usize::try_from(range.start).unwrap_or(end).min(end)..end
+}
+
+/// `bytes` as a body of [`CHUNK`]-sized pieces.
+fn chunked(bytes: Bytes) -> Body {
+    let pieces: Vec<std::io::Result<Bytes>> = (0..bytes.len())
+        .step_by(CHUNK)
+        .map(|at| Ok(bytes.slice(at..(at + CHUNK).min(bytes.len()))))
+        .collect();
+    Box::pin(futures::stream::iter(pieces))
+}
+
+/// `body` with `share` kept until the body ends or is dropped.
+fn hold(body: Body, share: Share) -> Body {
+    Box::pin(Holding {
+        body,
+        share: Some(share),
+    })
+}
+
+struct Holding {
+    body: Body,
+    share: Option<Share>,
+}
+
+impl Stream for Holding {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let item = std::task::ready!(self.body.as_mut().poll_next(cx));
+        if item.is_none() {
+            self.share = None;
+        }
+        std::task::Poll::Ready(item)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,10 +1,12 @@
 //! Response bodies on their way to containerd: the one boxed body type every HTTP path uses, the
-//! verified body (length and digest checked, tail held back), and verify-before-send buffering
-//! of peer blobs.
+//! verified body (length and digest checked, tail held back), and verify-before-send of peer
+//! blobs (buffered in memory, or spooled to disk, within byte budgets).
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
+pub mod budget;
 pub mod buffered;
+pub mod spool;
 pub mod verify;
 
 pub use verify::{BodyCheck, ReadError, VerifiedBody, VerifyError, read_whole};

@@ -26,7 +26,8 @@ pub struct FetchArgs {
         default_value = ":latest$"
     )]
     pub tag_filters: Vec<String>,
-    /// Most requests to peers in progress at once, streaming bodies included.
+    /// Most requests to peers in progress at once: a blob transfer holds its slot until its last
+    /// byte has arrived from the peer (streamed blobs: as fast as the client reads).
     #[arg(long, env = "SPEGEL_PEER_CONCURRENCY", default_value_t = 128)]
     pub peer_concurrency: usize,
     /// How long a peer that served bytes not matching their digest is skipped.

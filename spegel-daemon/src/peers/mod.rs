@@ -8,12 +8,17 @@
 //!   anything is returned, so a bad peer costs a retry, not a failed pull. Blobs stream through,
 //!   but the chunk that completes the object is only released once the digest checks; on a
 //!   mismatch the body ends with an error (the client never gets a complete, wrong object) and
-//!   the peer is quarantined, so containerd's retry goes elsewhere.
-//! - Ranged blob requests that do not cover the whole object are passed through **unverified**:
-//!   a part cannot be checked against the digest of the whole, and reading the whole object to
-//!   serve a part would defeat containerd's parallel ranged fetches. containerd verifies the
-//!   digest of the blob it assembles, and refuses to commit a bad one. A range that covers the
-//!   whole object (`bytes=0-`) is verified like a plain GET.
+//!   the peer is quarantined, so containerd's retry goes elsewhere. In the daemon,
+//!   `body::buffered` reads these bodies whole (memory or disk spool) before the client gets a
+//!   byte; what is said here is what this source does on its own.
+//! - Ranged blob requests that do not cover the whole object are passed through **unverified**
+//!   here: a part cannot be checked against the digest of the whole. `body::buffered` asks this
+//!   source for the whole blob instead and cuts the range from the verified copy; only when its
+//!   budgets are spent does a range reach peers. A range that covers the whole object
+//!   (`bytes=0-`) is verified like a plain GET.
+//! - A request's `--peer-concurrency` slot is held while its answer is read from the peer: a
+//!   blob body gives it back with its last byte (a streamed body is read at the client's pace;
+//!   a buffered or spooled one at the peer's).
 //! - Tag references resolve only through peers that hand over the manifest itself; its bytes
 //!   must hash to the digest the peer claims. That proves the peer holds that manifest, not that
 //!   upstream still maps the tag to it: hence `--tag-filter` (default `:latest$`) and
@@ -127,6 +132,12 @@ impl PeerSource {
     /// Whether the peer with this libp2p id is being skipped (quarantined or backing off).
     pub fn is_banned(&self, peer_id: &str) -> bool {
         self.inner.peers.is_banned(peer_id, Instant::now())
+    }
+
+    /// `--peer-concurrency` slots not taken, for tests.
+    #[cfg(test)]
+    fn free_slots(&self) -> usize {
+        self.inner.permits.available_permits()
     }
 }
 

@@ -999,3 +999,106 @@ fn config_from_flags() {
         Err(FetchConfigError::Zero(_))
     ));
 }
+
+/// A `--peer-concurrency` slot stands for the transfer from the peer: a streamed body holds it
+/// while the client reads (the transfer goes at the client's pace), and gives it back with the
+/// last byte.
+#[tokio::test]
+async fn a_streamed_blob_holds_its_slot_until_its_last_byte_arrives() {
+    let bytes = blob_bytes(300_000);
+    let a = FakePeer::start("a", Behaviour::Good).await;
+    let digest = a.blob(&bytes);
+    let router = Arc::new(FakeRouter::default());
+    router.provide(digest, &[&a]);
+    let source = source(
+        &router,
+        FetchConfig {
+            max_concurrent: 1,
+            ..config()
+        },
+    );
+    let object = fetch_ok(&source, &blob_request(digest)).await;
+    assert_eq!(source.free_slots(), 0, "the transfer is still under way");
+    let (got, err) = drain(object.body.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(got, bytes);
+    assert_eq!(source.free_slots(), 1);
+}
+
+/// Once verify-before-send has the whole blob (in memory or spooled), the transfer is over: its
+/// slot is free although the client has not read a byte, so a slow client cannot starve other
+/// pulls of peer slots.
+#[tokio::test]
+async fn a_received_blob_frees_its_slot_before_the_client_reads() {
+    use crate::body::buffered::{BufferArgs, Buffered};
+
+    let small = blob_bytes(100_000);
+    let big = blob_bytes(700_000);
+    let a = FakePeer::start("a", Behaviour::Good).await;
+    let (small_digest, big_digest) = (a.blob(&small), a.blob(&big));
+    let router = Arc::new(FakeRouter::default());
+    router.provide(small_digest, &[&a]);
+    router.provide(big_digest, &[&a]);
+    let peers = source(
+        &router,
+        FetchConfig {
+            max_concurrent: 1,
+            ..config()
+        },
+    );
+    let data_dir = tempfile::tempdir().unwrap();
+    let args = BufferArgs {
+        peer_buffer_max: 200_000,
+        peer_buffer_budget: 1 << 20,
+        peer_spool_dir: None,
+        peer_spool_budget: 1 << 20,
+    };
+    let buffered = Buffered::new(Arc::new(peers.clone()), &args, data_dir.path()).unwrap();
+
+    // In memory: nobody reads it, yet the slot is free…
+    let in_memory = bounded(buffered.fetch(&blob_request(small_digest)))
+        .await
+        .unwrap();
+    assert_eq!(peers.free_slots(), 1);
+    // …so the next blob (too big for memory: spooled) gets it, and gives it back too.
+    let spooled = bounded(buffered.fetch(&blob_request(big_digest)))
+        .await
+        .unwrap();
+    assert_eq!(peers.free_slots(), 1);
+
+    let (got, err) = drain(spooled.body.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(got, big);
+    let (got, err) = drain(in_memory.body.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(got, small);
+}
+
+/// A corrupt peer behind verify-before-send: the blob is unavailable before any byte is sent
+/// (so the next source serves it) and the peer is quarantined, also when it is spooled.
+#[tokio::test]
+async fn a_corrupt_spooled_blob_is_unavailable_and_its_peer_quarantined() {
+    use crate::body::buffered::{BufferArgs, Buffered};
+
+    let bytes = blob_bytes(700_000);
+    let bad = FakePeer::start("bad", Behaviour::Corrupt).await;
+    let digest = bad.blob(&bytes);
+    let router = Arc::new(FakeRouter::default());
+    router.provide(digest, &[&bad]);
+    let peers = source(&router, config());
+    let data_dir = tempfile::tempdir().unwrap();
+    let args = BufferArgs {
+        peer_buffer_max: 200_000,
+        peer_buffer_budget: 1 << 20,
+        peer_spool_dir: None,
+        peer_spool_budget: 1 << 20,
+    };
+    let buffered = Buffered::new(Arc::new(peers.clone()), &args, data_dir.path()).unwrap();
+    let result = bounded(buffered.fetch(&blob_request(digest))).await;
+    assert!(
+        matches!(result, Err(SourceError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(peers.is_banned("bad"));
+    assert_eq!(peers.free_slots(), config().max_concurrent);
+}
