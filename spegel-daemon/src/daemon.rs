@@ -96,7 +96,12 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     );
 
     let transparent = intercept_config.is_some();
-    let upstream: Arc<dyn Source> = Arc::new(UpstreamSource::new(upstream_client.clone()));
+    let backoff = Arc::new(args.upstream.backoff());
+    let upstream: Arc<dyn Source> = Arc::new(
+        UpstreamSource::new(upstream_client.clone())
+            .with_backoff(Arc::clone(&backoff))
+            .with_resumes(args.upstream.upstream_blob_resumes),
+    );
     let peers = PeerSource::new(
         dyn_router,
         fetch_config,
@@ -116,7 +121,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         Buffered::new(Arc::new(peers), &args.buffer, &args.data_dir)
             .context("cannot prepare the peer blob spool")?,
     );
-    let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first);
+    let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first)
+        .with_backoff(backoff);
     let source: Arc<dyn Source> =
         Arc::new(Instrumented::new(Arc::new(policy), Arc::clone(&metrics)));
 

@@ -19,6 +19,7 @@ mod cgroup;
 mod cleanup;
 mod cmd;
 mod cri;
+pub mod faultproxy;
 mod images;
 mod net;
 mod node;

@@ -1,12 +1,16 @@
 //! The order in which sources answer a request: local containerd, then peers, then upstream — except
 //! manifests by tag on an intercepted connection, which ask upstream first (tags move) and fall
 //! back to what this node and its peers know only when upstream fails, times out, answers with a
-//! server error or rate-limits.
+//! server error or rate-limits. While that upstream is backing off (its `Retry-After`, or a
+//! short default after a failure: see [`Backoff`]), the next tag requests ask this node and its
+//! peers first, and upstream only when they have nothing: backoff never fails a pull, and never
+//! delays the request that met the failure.
 use std::sync::Arc;
 
 use crate::{
     oci::Reference,
     source::{Chain, Object, ObjectRequest, Source, SourceError},
+    upstream::Backoff,
 };
 
 /// Tries sources in the order a request needs.
@@ -14,6 +18,8 @@ pub struct ServePolicy {
     by_digest: Chain,
     /// For tags on intercepted connections: `None` = same as digests.
     tags_upstream_first: Option<(Arc<dyn Source>, Chain)>,
+    /// Which upstreams are resting; `None`: never skip upstream.
+    backoff: Option<Arc<Backoff>>,
 }
 
 impl ServePolicy {
@@ -36,18 +42,43 @@ impl ServePolicy {
         Self {
             by_digest: Chain::new(chain),
             tags_upstream_first,
+            backoff: None,
         }
+    }
+
+    /// Skips upstream for intercepted tags while `backoff` says it is resting (the upstream
+    /// source notes its failures there).
+    pub fn with_backoff(mut self, backoff: Arc<Backoff>) -> Self {
+        self.backoff = Some(backoff);
+        self
     }
 }
 
 #[async_trait::async_trait]
 impl Source for ServePolicy {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
-        if let (Reference::Tag(_), Some(_), Some((upstream, fallback))) = (
+        if let (Reference::Tag(_), Some(origin), Some((upstream, fallback))) = (
             &request.reference,
             &request.origin,
             &self.tags_upstream_first,
         ) {
+            let resting = self
+                .backoff
+                .as_ref()
+                .and_then(|backoff| backoff.remaining(origin));
+            if let Some(remaining) = resting {
+                match fallback.fetch(request).await {
+                    Ok(object) => {
+                        tracing::info!(host = %origin.host, repository = %request.repository, ?remaining, "upstream is backing off; tag answered by local store or peers");
+                        return Ok(object);
+                    }
+                    // Nobody here has it: upstream after all, and its answer as it is.
+                    Err(err) => {
+                        tracing::debug!(host = %origin.host, repository = %request.repository, %err, "upstream is backing off, but nobody else has the tag");
+                        return upstream.fetch(request).await;
+                    }
+                }
+            }
             return match upstream.fetch(request).await {
                 // Upstream is down or slow: what this node or a peer knows beats failing the pull.
                 Err(SourceError::Unavailable(reason)) => {
@@ -280,6 +311,57 @@ mod tests {
         ] {
             assert_eq!(upstream_failed(status), failed, "{status}");
         }
+    }
+
+    #[tokio::test]
+    async fn while_upstream_backs_off_tags_ask_local_and_peers_first() {
+        let backoff = Arc::new(Backoff::new(
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(60),
+        ));
+        let req = request(tag(), true);
+        let origin = req.origin.clone().unwrap();
+        let (local, peers, upstream) = (
+            Named::failing("local", || SourceError::NotFound),
+            Named::ok("peer"),
+            Named::ok("upstream"),
+        );
+        let policy = ServePolicy::new(local, peers.clone(), Some(upstream.clone()), true)
+            .with_backoff(Arc::clone(&backoff));
+        assert_eq!(policy.fetch(&req).await.unwrap().source, "upstream");
+        assert_eq!(peers.calls.load(Ordering::SeqCst), 0, "not backing off yet");
+
+        // The upstream source noted a failure (e.g. a 503 with Retry-After).
+        backoff.failed(&origin, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(policy.fetch(&req).await.unwrap().source, "peer");
+        assert_eq!(
+            upstream.calls.load(Ordering::SeqCst),
+            1,
+            "skipped while backing off"
+        );
+        // Digests were never upstream-first: unchanged.
+        let by_digest = request(Reference::Digest(Digest::of(b"d")), true);
+        assert_eq!(policy.fetch(&by_digest).await.unwrap().source, "peer");
+
+        // Nobody here has the tag: upstream after all, whatever the backoff says.
+        let nobody = Named::failing("peer", || SourceError::NotFound);
+        let upstream = Named::ok("upstream");
+        let policy = ServePolicy::new(
+            Named::failing("local", || SourceError::NotFound),
+            nobody.clone(),
+            Some(upstream.clone()),
+            true,
+        )
+        .with_backoff(Arc::clone(&backoff));
+        assert_eq!(policy.fetch(&req).await.unwrap().source, "upstream");
+        assert_eq!(nobody.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+
+        // Another registry is not backing off.
+        let mut other = request(tag(), true);
+        other.origin.as_mut().unwrap().host = "other.test".into();
+        assert_eq!(policy.fetch(&other).await.unwrap().source, "upstream");
+        assert_eq!(nobody.calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -1,5 +1,8 @@
-//! The upstream client's flags and the [`Timeouts`] that bound every wait on an upstream.
+//! The upstream client's flags (timeouts, backoff, blob resumes) and the [`Timeouts`] that bound
+//! every wait on an upstream.
 use std::{path::PathBuf, time::Duration};
+
+use super::Backoff;
 
 /// Flags of the upstream client.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,6 +29,27 @@ pub struct UpstreamArgs {
     /// An upstream body that sends nothing for this long is aborted.
     #[arg(long, env = "SPEGEL_UPSTREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub upstream_idle_timeout: Duration,
+    /// How long a registry that failed (5xx, connection failure, timeout) or rate-limited without
+    /// `Retry-After` is backing off: meanwhile intercepted tag requests for it ask this node and
+    /// its peers first (and upstream only if they have nothing). The failing request itself is
+    /// never delayed.
+    #[arg(long, env = "SPEGEL_UPSTREAM_BACKOFF", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub upstream_backoff: Duration,
+    /// The longest backoff honoured, whatever an upstream's `Retry-After` asks; `0s` turns
+    /// backoff off.
+    #[arg(long, env = "SPEGEL_UPSTREAM_BACKOFF_MAX", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub upstream_backoff_max: Duration,
+    /// How many times an upstream blob body that stalls (see `--upstream-idle-timeout`) or
+    /// breaks is resumed with `Range` on a new request before the transfer fails.
+    #[arg(long, env = "SPEGEL_UPSTREAM_BLOB_RESUMES", default_value_t = 3)]
+    pub upstream_blob_resumes: usize,
+}
+
+impl UpstreamArgs {
+    /// The backoff these flags describe.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(self.upstream_backoff, self.upstream_backoff_max)
+    }
 }
 
 /// Every wait on an upstream is bounded by one of these.

@@ -12,20 +12,26 @@
 //! `client` (passthrough, and the request loop that follows redirects) use `redirect` (the
 //! redirect policy, a pure decision), `hop_by_hop`, `body` (reading answers), `connect` and
 //! `target` (dialling, the synthetic authority) and `trust` (CA roots, TLS configuration);
-//! `args` and `error` are the flags and the failures.
+//! `args` and `error` are the flags and the failures. `backoff` (with `retry_after`) remembers
+//! which registries failed or asked for a pause, for the serve policy; `resume` continues a
+//! blob body that stalls or breaks with `Range`.
 
 mod args;
+mod backoff;
 mod body;
 mod client;
 mod connect;
 mod error;
 mod hop_by_hop;
 mod redirect;
+mod resume;
+mod retry_after;
 mod source;
 mod target;
 mod trust;
 
 pub use args::{Timeouts, UpstreamArgs};
+pub use backoff::Backoff;
 pub use client::UpstreamClient;
 pub use error::UpstreamError;
 pub use source::UpstreamSource;

@@ -1,18 +1,25 @@
 //! The upstream registry as a [`Source`]: object requests of intercepted pulls become GET/HEAD
 //! requests upstream, and the answers become verified [`Object`]s or the upstream's own error.
+//! Every answer and failure is noted in the [`Backoff`]; blob bodies resume with `Range` when
+//! they stall or break.
+use std::{sync::Arc, time::SystemTime};
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use super::{
-    UpstreamClient,
-    body::{ReadError, data_stream, read_capped, read_truncated},
+    UpstreamClient, UpstreamError,
+    backoff::Backoff,
+    body::{ReadError, read_capped, read_truncated},
     hop_by_hop::strip_hop_by_hop,
+    resume::{Resumable, resuming},
+    retry_after::retry_after,
 };
 use crate::{
-    body::{BodyCheck, VerifiedBody},
+    body::BodyCheck,
     oci::{self, Kind, Reference, digest::Digest},
-    source::{Body, Object, ObjectRequest, Source, SourceError},
+    source::{Body, Object, ObjectRequest, Origin, Source, SourceError},
 };
 
 /// Manifests are read whole before they are returned; larger ones are refused.
@@ -24,16 +31,43 @@ const ERROR_BODY_CAP: usize = 64 << 10;
 const FORWARDED_HEADERS: [HeaderName; 3] =
     [header::AUTHORIZATION, header::ACCEPT, header::USER_AGENT];
 
+/// How many times a blob body is resumed unless told otherwise.
+const DEFAULT_RESUMES: usize = 3;
+
 /// The upstream registry as a [`Source`] for transparently intercepted requests.
 #[derive(Debug, Clone)]
 pub struct UpstreamSource {
     client: UpstreamClient,
+    backoff: Arc<Backoff>,
+    resumes: usize,
 }
 
 impl UpstreamSource {
-    /// A source asking upstreams with `client`.
+    /// A source asking upstreams with `client`, with a backoff of its own and the default
+    /// number of blob resumes.
     pub fn new(client: UpstreamClient) -> Self {
-        Self { client }
+        Self {
+            client,
+            backoff: Arc::new(Backoff::default()),
+            resumes: DEFAULT_RESUMES,
+        }
+    }
+
+    /// Notes failures and answers in `backoff` (shared with the serve policy).
+    pub fn with_backoff(mut self, backoff: Arc<Backoff>) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Resumes a stalled or broken blob body at most `resumes` times.
+    pub fn with_resumes(mut self, resumes: usize) -> Self {
+        self.resumes = resumes;
+        self
+    }
+
+    /// Where failures and answers are noted.
+    pub fn backoff(&self) -> &Arc<Backoff> {
+        &self.backoff
     }
 }
 
@@ -80,7 +114,7 @@ impl Source for UpstreamSource {
             Method::GET
         };
         loop {
-            let response = self
+            let response = match self
                 .client
                 .get_following_redirects(
                     origin,
@@ -89,8 +123,25 @@ impl Source for UpstreamSource {
                     headers.clone(),
                     header_timeout,
                 )
-                .await?;
+                .await
+            {
+                Ok(response) => response,
+                Err(err) => {
+                    if !matches!(err, UpstreamError::InvalidRequest(_)) {
+                        let wait = self.backoff.failed(origin, None);
+                        tracing::debug!(host = %origin.host, ?wait, %err, "upstream failed; backing off");
+                    }
+                    return Err(err.into());
+                }
+            };
             let status = response.status();
+            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                let asked = retry_after(response.headers(), SystemTime::now());
+                let wait = self.backoff.failed(origin, asked);
+                tracing::info!(host = %origin.host, %status, ?asked, ?wait, "upstream failed; backing off");
+            } else {
+                self.backoff.answered(origin);
+            }
             tracing::debug!(
                 host = %origin.host,
                 %path,
@@ -115,7 +166,7 @@ impl Source for UpstreamSource {
                     .await
                     .map_err(SourceError::Unavailable)?,
                 (Kind::Blob, Reference::Digest(digest)) => Some(
-                    self.blob(request, *digest, response)
+                    self.blob(request, *digest, response, origin, &path, &headers)
                         .map_err(SourceError::Unavailable)?,
                 ),
                 // object_path refused it already.
@@ -234,44 +285,46 @@ impl UpstreamSource {
 
     /// A blob: whole bodies are verified as they stream; a 206 range is passed through with
     /// its length checked (a part cannot be verified; containerd verifies the whole blob when
-    /// it commits it).
+    /// it commits it). Either resumes with `Range` when it stalls or breaks (see `resume`).
     fn blob(
         &self,
         request: &ObjectRequest,
         digest: Digest,
         response: Response<Incoming>,
+        origin: &Origin,
+        path: &str,
+        headers: &HeaderMap,
     ) -> Result<Object, String> {
         check_announced(digest, oci::content_digest(response.headers()))?;
         let media_type = media_type(response.headers(), Kind::Blob);
-        let idle = self.client.timeouts().idle;
-        let (size, range, body) = if response.status() == StatusCode::PARTIAL_CONTENT {
+        let (start, len, size, range, check) = if response.status() == StatusCode::PARTIAL_CONTENT {
             let (range, size) = oci::content_range(response.headers())
                 .ok_or_else(|| "upstream sent 206 without a usable Content-Range".to_owned())?;
             let len = range.end() - range.start() + 1;
             if oci::content_length(response.headers()).is_some_and(|cl| cl != len) {
                 return Err("upstream Content-Length disagrees with its Content-Range".to_owned());
             }
-            let body = (!request.head).then(|| {
-                VerifiedBody::new(
-                    data_stream(response.into_body(), idle),
-                    BodyCheck::part(len),
-                    "upstream",
-                )
-                .into_body()
-            });
-            (size, Some(range), body)
+            (*range.start(), len, size, Some(range), BodyCheck::part(len))
         } else {
             let size = oci::content_length(response.headers())
                 .ok_or_else(|| "upstream sent no Content-Length for a blob".to_owned())?;
             // A 200 to a Range request: upstream ignored the range, which HTTP allows; the
             // whole blob is served (and verified), with `range: None` saying so.
-            let body = (!request.head).then(|| {
-                let check = BodyCheck::whole(digest, size);
-                VerifiedBody::new(data_stream(response.into_body(), idle), check, "upstream")
-                    .into_body()
-            });
-            (size, None, body)
+            (0, size, size, None, BodyCheck::whole(digest, size))
         };
+        let body = (!request.head).then(|| {
+            let from = Resumable {
+                client: self.client.clone(),
+                origin: origin.clone(),
+                path: path.to_owned(),
+                headers: headers.clone(),
+                start,
+                total: size,
+                attempts: self.resumes,
+            };
+            let idle = self.client.timeouts().idle;
+            resuming(response.into_body(), idle, check, len, from)
+        });
         Ok(Object {
             digest,
             media_type,

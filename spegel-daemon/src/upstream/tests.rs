@@ -1,4 +1,5 @@
 //! Object fetches and passthrough against fake registries on loopback (TLS and plain).
+//! Resumes and backoff, against a fake that stalls and breaks bodies, are in `faults`.
 use std::{
     convert::Infallible,
     io,
@@ -19,6 +20,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{Timeouts, UpstreamClient, UpstreamSource, redirect::MAX_REDIRECTS};
+
+mod faults;
 use crate::{
     oci::{ByteRange, Kind, Reference, digest::Digest},
     source::{Body, ObjectRequest, Origin, Source as _, SourceError},
@@ -666,7 +669,12 @@ async fn a_stalled_body_is_aborted() {
         Reference::Digest(Digest::of(BLOB)),
         Some(origin),
     );
-    let object = UpstreamSource::new(client).fetch(&req).await.unwrap();
+    // Not resumed: the stall itself ends the body (resumes are tested in `faults`).
+    let object = UpstreamSource::new(client)
+        .with_resumes(0)
+        .fetch(&req)
+        .await
+        .unwrap();
     let err = tokio::time::timeout(Duration::from_secs(10), collect(object.body.unwrap()))
         .await
         .expect("bounded by the idle timeout")
