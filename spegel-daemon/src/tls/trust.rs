@@ -218,10 +218,11 @@ impl TrustWatch {
         };
         if !record.fingerprints.iter().any(|f| f == fingerprint) {
             return Err((
-                "`spegel install-ca` last installed other CAs than this daemon's next CA \
-                 (different --mirrored-registries?): run it again with the daemon's flags"
+                "the next node CA is not installed yet (`spegel install-ca` last installed other \
+                 CAs; it must run with the daemon's --mirrored-registries): run it and restart \
+                 containerd"
                     .to_owned(),
-                true,
+                false,
             ));
         }
         if self.finder.is_none() {
