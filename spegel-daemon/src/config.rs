@@ -72,6 +72,8 @@ pub struct RunArgs {
     pub intercept: crate::intercept::InterceptArgs,
     #[command(flatten)]
     pub upstream: crate::upstream::UpstreamArgs,
+    #[command(flatten)]
+    pub ca: crate::tls::args::CaArgs,
     /// Test-only fault injection; exists only with the `fault-injection` feature.
     #[cfg(feature = "fault-injection")]
     #[command(flatten)]

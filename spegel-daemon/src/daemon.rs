@@ -23,7 +23,9 @@ use crate::{
     store::{Store, containerd::ContainerdStore},
     tls::{
         TlsTerminator,
-        ca::{NodeCa, PermittedNames},
+        ca::PermittedNames,
+        continuity::{CaSet, CaStats},
+        trust::TrustWatch,
     },
     upstream::{UpstreamClient, UpstreamSource},
 };
@@ -108,11 +110,16 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         transparent.then(|| Arc::clone(&upstream)),
     );
     let intercept_stats = Arc::new(intercept::InterceptStats::default());
-    let metrics = Arc::new(Metrics::new(
+    let ca_stats = Arc::new(CaStats::default());
+    let metrics = Metrics::new(
         Some(peers.metrics()),
         transparent.then(|| Arc::clone(&intercept_stats)),
         Some(router),
-    ));
+    );
+    let metrics = Arc::new(match transparent {
+        true => metrics.with_ca(Arc::clone(&ca_stats)),
+        false => metrics,
+    });
     let local: Arc<dyn Source> = Arc::new(LocalSource::new(Arc::clone(&store)));
     #[cfg(feature = "fault-injection")]
     let local = crate::fault::inject(local, &args.fault);
@@ -150,15 +157,40 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             PermittedNames::from_registries(args.intercept.mirrored_registries.iter().flatten())
                 .context("cannot derive the CA's permitted names from the mirrored registries")?;
         let data_dir = args.data_dir.clone();
-        let ca = tokio::task::spawn_blocking(move || NodeCa::load_or_create(&data_dir, permitted))
-            .await
-            .context("CA task failed")?
-            .context("cannot load or create the node CA")?;
+        let policy = args.ca.policy().context("invalid CA flags")?;
+        let stats = Arc::clone(&ca_stats);
+        // The CA containerd trusts is kept; a next one waits beside it when needed (continuity).
+        let cas = tokio::task::spawn_blocking(move || {
+            CaSet::open(&data_dir, permitted, policy, stats).map(Arc::new)
+        })
+        .await
+        .context("CA task failed")?
+        .context("cannot load or create the node CA")?;
+        let mut watch = TrustWatch::new(
+            Arc::clone(&cas),
+            config.locator.clone(),
+            config.cgroup2_mount.clone(),
+        );
+        // Checked once before serving, so an installed next CA is used from the first pull.
+        let watch = tokio::task::spawn_blocking(move || {
+            watch.check();
+            watch
+        })
+        .await
+        .context("CA trust check failed")?;
+        tasks.spawn(watch.run(config.poll_interval, stop.clone()));
         let handler = RegistryHandler {
             registry: Arc::clone(&registry),
-            tls: TlsTerminator::new(Arc::new(ca)).context("cannot build the TLS terminator")?,
+            tls: TlsTerminator::new(cas).context("cannot build the TLS terminator")?,
             passthrough: Arc::new(UpstreamPassthrough(upstream_client)),
             shutdown: stop.clone(),
+            uncovered: intercept::SpliceHandler {
+                timeouts: intercept::splice::SpliceTimeouts {
+                    connect: config.connect_timeout,
+                    idle: config.splice_idle_timeout,
+                },
+            },
+            ca_stats,
         };
         let stop = stop.clone();
         let grace = args.shutdown_grace;

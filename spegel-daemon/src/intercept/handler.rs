@@ -14,7 +14,9 @@ pub trait MirroredHandler: Send + Sync + 'static {
     async fn handle(&self, stream: TcpStream, origin: Origin);
 }
 
-/// The fallback handler: passes mirrored connections through like any other.
+/// The fallback handler: passes mirrored connections through like any other. Also where a
+/// handler sends a connection it cannot serve (e.g. a registry its CA does not cover): the
+/// first bytes were only peeked at, so the original destination sees them unchanged.
 #[derive(Debug, Clone)]
 pub struct SpliceHandler {
     /// Time limits of the splice to the original destination.

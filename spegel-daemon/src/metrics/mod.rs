@@ -10,6 +10,7 @@ use prometheus_client::{encoding::text, registry::Registry};
 
 use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics};
 
+mod ca;
 mod format;
 mod served;
 mod subsystems;
@@ -49,6 +50,13 @@ impl Metrics {
             router,
         }));
         Self { registry, served }
+    }
+
+    /// Also exports the node CA's continuity stats (`spegel_ca_*`).
+    pub fn with_ca(mut self, stats: Arc<crate::tls::continuity::CaStats>) -> Self {
+        self.registry
+            .register_collector(Box::new(ca::CaCollector(stats)));
+        self
     }
 
     /// The OpenMetrics text exposition of every metric, `# EOF` included

@@ -1,7 +1,9 @@
 //! Transparent mode's glue: an intercepted connection to a mirrored registry is TLS-terminated
 //! with a leaf from the node CA (or read as plain HTTP) and served by the registry API, with
-//! everything that is not a pull passed through to the original upstream.
-use std::sync::Arc;
+//! everything that is not a pull passed through to the original upstream. A TLS connection to a
+//! registry the CA containerd trusts does not cover (the mirrored list changed, the next CA is
+//! not trusted yet) is not ours: it is spliced through untouched, never failed.
+use std::sync::{Arc, atomic::Ordering};
 
 use http::{Request, Response};
 use tokio::net::TcpStream;
@@ -9,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     body::BoxBody as HttpBody,
-    intercept::{MirroredHandler, origin_registry},
+    intercept::{MirroredHandler, SpliceHandler, origin_registry},
     serve::api::{Passthrough, Registry, RequestContext},
     source::Origin,
-    tls::TlsTerminator,
+    tls::{TlsTerminator, continuity::CaStats},
     upstream::UpstreamClient,
 };
 
@@ -46,6 +48,11 @@ pub struct RegistryHandler {
     pub tls: TlsTerminator,
     pub passthrough: Arc<dyn Passthrough>,
     pub shutdown: CancellationToken,
+    /// Where TLS connections the trusted CA does not cover go: to their original destination,
+    /// untouched (what the client sent first was only peeked at, so it is replayed as is).
+    pub uncovered: SpliceHandler,
+    /// Counts those connections (`spegel_ca_spliced_uncovered_total`).
+    pub ca_stats: Arc<CaStats>,
 }
 
 #[async_trait::async_trait]
@@ -56,6 +63,16 @@ impl MirroredHandler for RegistryHandler {
             passthrough: Some(Arc::clone(&self.passthrough)),
             origin: Some(origin.clone()),
         };
+        if origin.tls && !self.tls.covers(&origin.host) {
+            self.ca_stats
+                .spliced_uncovered
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                host = %origin.host,
+                "the node CA containerd trusts does not cover this registry: passed through"
+            );
+            return self.uncovered.handle(stream, origin).await;
+        }
         let result = if origin.tls {
             match self.tls.accept(stream, origin.addr).await {
                 Ok(accepted) => {

@@ -4,7 +4,8 @@
 //!
 //! The CA key never leaves the node: nothing here exports it. The CA is constrained (X.509
 //! NameConstraints, critical) to exactly the mirrored registries, so even a stolen key cannot
-//! vouch for any other name; when the mirrored set changes a new CA is minted.
+//! vouch for any other name; when the mirrored set changes a next CA is minted *beside* the
+//! installed one (`continuity.rs`), never in its place.
 use std::{
     collections::HashMap,
     fmt, fs,
@@ -28,15 +29,8 @@ pub use super::install::{InstallCaArgs, main};
 use super::names::{CanonicalConstraints, CanonicalSubtree};
 pub use super::names::{LeafName, PermittedNames};
 
-/// File names inside `<data-dir>/ca/`.
-const CA_DIR: &str = "ca";
-const KEY_FILE: &str = "ca.key";
-const CERT_FILE: &str = "ca.crt";
-
 /// How long a freshly minted CA is valid. Long, because replacing it means restarting containerd.
-const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// A CA expiring sooner than this is replaced at startup rather than left to lapse mid-run.
-const CA_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(super) const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Default leaf validity: short, so a leaked leaf key is worth little.
 pub const DEFAULT_LEAF_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Backdating of `notBefore`, to tolerate clients whose clocks run a little behind ours.
@@ -70,6 +64,12 @@ pub enum CaError {
     /// Key or certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A CA flag is out of range.
+    #[error("invalid CA settings: {0}")]
+    Config(String),
+    /// No CA is trusted by containerd yet.
+    #[error("no node CA is trusted yet")]
+    NotTrusted,
     /// rustls refused a freshly minted key (should not happen).
     #[error("cannot use the minted key: {0}")]
     Key(#[source] rustls::Error),
@@ -108,100 +108,67 @@ impl fmt::Debug for NodeCa {
 }
 
 impl NodeCa {
-    /// Loads the CA from `<data_dir>/ca/`, or mints one there (key 0600, directory 0700). An
-    /// existing CA whose constraints differ from `permitted`, that expires within 30 days, or
-    /// that cannot be read is replaced, with a warning: containerd must then trust the new one.
-    ///
-    /// Blocking file IO: call at startup or from `spawn_blocking`.
-    pub fn load_or_create(data_dir: &Path, permitted: PermittedNames) -> Result<Self, CaError> {
-        Self::load_or_create_with(data_dir, permitted, DEFAULT_LEAF_VALIDITY)
+    /// Loads the CA `<dir>/<stem>.key` + `<stem>.crt`; the names it vouches for are read from
+    /// its certificate's NameConstraints. Blocking file IO.
+    pub(super) fn load(dir: &Path, stem: &str, leaf_validity: Duration) -> Result<Self, Unusable> {
+        let key_path = dir.join(format!("{stem}.key"));
+        let cert_path = dir.join(format!("{stem}.crt"));
+        let key_pem = match fs::read_to_string(&key_path) {
+            Ok(pem) => pem,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Unusable::Missing),
+            Err(err) => return Err(Unusable::Unreadable(err.to_string())),
+        };
+        let cert_pem = match fs::read_to_string(&cert_path) {
+            Ok(pem) => pem,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Unusable::Missing),
+            Err(err) => return Err(Unusable::Unreadable(err.to_string())),
+        };
+        restrict_key_permissions(&key_path);
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| Unusable::Unreadable(e.to_string()))?;
+        let cert_der = pem_to_der(&cert_pem).ok_or(Unusable::Unreadable(format!(
+            "{stem}.crt holds no PEM certificate"
+        )))?;
+        Self::from_parts(cert_der, cert_pem, key, leaf_validity)
     }
 
-    /// [`Self::load_or_create`] with a chosen leaf validity.
-    pub fn load_or_create_with(
-        data_dir: &Path,
-        permitted: PermittedNames,
-        leaf_validity: Duration,
-    ) -> Result<Self, CaError> {
-        let dir = data_dir.join(CA_DIR);
-        ensure_private_dir(&dir)?;
-        let key_path = dir.join(KEY_FILE);
-        let cert_path = dir.join(CERT_FILE);
-        match Self::load(&key_path, &cert_path, &permitted, leaf_validity) {
-            Ok(ca) => {
-                tracing::info!(path = %dir.display(), permitted = %permitted, "node CA loaded");
-                return Ok(ca);
-            }
-            Err(Unusable::Missing) => {
-                tracing::info!(path = %dir.display(), permitted = %permitted, "minting the node CA");
-            }
-            Err(reason) => tracing::warn!(
-                path = %dir.display(),
-                permitted = %permitted,
-                %reason,
-                "minting a NEW node CA: containerd must trust it before intercepted pulls work \
-                 (run `spegel install-ca` and restart containerd)"
-            ),
-        }
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let params = ca_params(&permitted)?;
-        let cert = params.self_signed(&key)?;
-        // Key first: a crash between the writes leaves a key without a certificate, which the
-        // next start treats as missing and replaces.
-        write_file_atomically(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-        write_file_atomically(&cert_path, cert.pem().as_bytes(), 0o644)?;
-        Self::from_parts(
-            cert.der().clone(),
-            cert.pem(),
-            key,
-            permitted,
-            leaf_validity,
-        )
-        .map_err(|reason| CaError::Io {
-            context: "the freshly minted CA is unusable".to_owned(),
-            source: io::Error::other(reason.to_string()),
-        })
-    }
-
-    fn load(
-        key_path: &Path,
-        cert_path: &Path,
+    /// Mints a new CA constrained to `permitted` into `<dir>/<stem>.key` (0600) and
+    /// `<stem>.crt`, replacing what was there. `dir` must exist. Blocking file IO.
+    pub(super) fn mint(
+        dir: &Path,
+        stem: &str,
         permitted: &PermittedNames,
         leaf_validity: Duration,
-    ) -> Result<Self, Unusable> {
-        let key_pem = match fs::read_to_string(key_path) {
-            Ok(pem) => pem,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Unusable::Missing),
-            Err(err) => return Err(Unusable::Unreadable(err.to_string())),
-        };
-        let cert_pem = match fs::read_to_string(cert_path) {
-            Ok(pem) => pem,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Unusable::Missing),
-            Err(err) => return Err(Unusable::Unreadable(err.to_string())),
-        };
-        restrict_key_permissions(key_path);
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| Unusable::Unreadable(e.to_string()))?;
-        let cert_der = pem_to_der(&cert_pem).ok_or(Unusable::Unreadable(
-            "ca.crt holds no PEM certificate".to_owned(),
-        ))?;
-        let ca = Self::from_parts(cert_der, cert_pem, key, permitted.clone(), leaf_validity)?;
-        let existing = existing_constraints(&ca.cert_der)?;
-        if existing != permitted.canonical_constraints() {
-            return Err(Unusable::ConstraintsChanged);
-        }
-        if ca.not_after - OffsetDateTime::now_utc() < CA_RENEW_BEFORE {
-            return Err(Unusable::Expiring);
-        }
-        Ok(ca)
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let params = ca_params(permitted)?;
+        let cert = params.self_signed(&key)?;
+        // Key first: a crash between the writes leaves a key without its certificate, which
+        // the next start treats as unusable and replaces.
+        write_file_atomically(
+            &dir.join(format!("{stem}.key")),
+            key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        write_file_atomically(
+            &dir.join(format!("{stem}.crt")),
+            cert.pem().as_bytes(),
+            0o644,
+        )?;
+        Self::from_parts(cert.der().clone(), cert.pem(), key, leaf_validity).map_err(|reason| {
+            CaError::Io {
+                context: "the freshly minted CA is unusable".to_owned(),
+                source: io::Error::other(reason.to_string()),
+            }
+        })
     }
 
     fn from_parts(
         cert_der: CertificateDer<'static>,
         cert_pem: String,
         key: KeyPair,
-        permitted: PermittedNames,
         leaf_validity: Duration,
     ) -> Result<Self, Unusable> {
+        let permitted = PermittedNames::from_constraints(&existing_constraints(&cert_der)?);
         let (_, cert) = x509_parser::parse_x509_certificate(&cert_der)
             .map_err(|e| Unusable::Unreadable(format!("ca.crt: {e}")))?;
         if cert.public_key().raw != key.subject_public_key_info().as_slice() {
@@ -220,6 +187,17 @@ impl NodeCa {
             leaf_validity,
             leaves: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// When the CA certificate expires.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
+    /// The SHA-256 fingerprint of the CA certificate (lowercase hex of the DER).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(self.cert_der.as_ref()))
     }
 
     /// The CA certificate, PEM.
@@ -315,19 +293,17 @@ impl NodeCa {
     }
 }
 
-/// Why an existing CA on disk is not reused.
+/// Why a CA on disk cannot be used.
 #[derive(Debug, thiserror::Error)]
-enum Unusable {
+pub(super) enum Unusable {
     #[error("no CA on disk")]
     Missing,
     #[error("the CA on disk is unreadable: {0}")]
     Unreadable(String),
     #[error("the CA key does not match the CA certificate")]
     KeyMismatch,
-    #[error("the mirrored registries changed since the CA was minted")]
-    ConstraintsChanged,
-    #[error("the CA on disk expires within 30 days")]
-    Expiring,
+    #[error("the CA certificate has no critical name constraints")]
+    Unconstrained,
 }
 
 fn ca_params(permitted: &PermittedNames) -> Result<CertificateParams, CaError> {
@@ -374,9 +350,9 @@ fn existing_constraints(der: &[u8]) -> Result<CanonicalConstraints, Unusable> {
     let constraints = cert
         .name_constraints()
         .map_err(|e| Unusable::Unreadable(format!("ca.crt name constraints: {e}")))?
-        .ok_or(Unusable::ConstraintsChanged)?;
+        .ok_or(Unusable::Unconstrained)?;
     if !constraints.critical {
-        return Err(Unusable::ConstraintsChanged);
+        return Err(Unusable::Unconstrained);
     }
     let canon = |subtrees: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>| {
         subtrees
@@ -403,7 +379,7 @@ fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {
 }
 
 /// Creates `dir` (and parents) and makes it 0700.
-fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
+pub(super) fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
     fs::create_dir_all(dir).map_err(io_error(format!("cannot create {}", dir.display())))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(io_error(format!("cannot restrict {}", dir.display())))
@@ -470,6 +446,10 @@ mod tests {
         dir
     }
 
+    fn minted(dir: &Path, names: &[&str]) -> NodeCa {
+        NodeCa::mint(dir, "ca", &permitted(names), DEFAULT_LEAF_VALIDITY).unwrap()
+    }
+
     /// Verifies `leaf` as a TLS server certificate for `name` with webpki, trusting only `ca`.
     fn verify(ca: &NodeCa, leaf: &CertifiedKey, name: &str) -> Result<(), rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
@@ -489,7 +469,7 @@ mod tests {
     #[test]
     fn constraints_are_present_and_critical() {
         let dir = tempdir();
-        let ca = NodeCa::load_or_create(&dir, permitted(&["docker.io", "10.0.0.1"])).unwrap();
+        let ca = minted(&dir, &["docker.io", "10.0.0.1"]);
         let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
         let nc = cert.name_constraints().unwrap().expect("name constraints");
         assert!(nc.critical);
@@ -511,7 +491,7 @@ mod tests {
     #[test]
     fn webpki_accepts_permitted_and_rejects_others() {
         let dir = tempdir();
-        let ca = NodeCa::load_or_create(&dir, permitted(&["docker.io", "10.0.0.1:5000"])).unwrap();
+        let ca = minted(&dir, &["docker.io", "10.0.0.1:5000"]);
         let leaf = ca.leaf_for("registry-1.docker.io").unwrap();
         verify(&ca, &leaf, "registry-1.docker.io").unwrap();
         // The same leaf does not cover another name.
@@ -544,7 +524,7 @@ mod tests {
     #[test]
     fn ip_only_ca_still_constrains_dns() {
         let dir = tempdir();
-        let ca = NodeCa::load_or_create(&dir, permitted(&["10.0.0.1"])).unwrap();
+        let ca = minted(&dir, &["10.0.0.1"]);
         verify(&ca, &ca.leaf_for("10.0.0.1").unwrap(), "10.0.0.1").unwrap();
         let now = OffsetDateTime::now_utc();
         let rogue = ca
@@ -555,49 +535,55 @@ mod tests {
     }
 
     #[test]
-    fn reloads_the_same_ca_and_replaces_it_when_names_change() {
+    fn reloads_the_same_ca_with_its_constraints() {
         let dir = tempdir();
-        let first = NodeCa::load_or_create(&dir, permitted(&["docker.io", "ghcr.io"])).unwrap();
-        let key_path = dir.join("ca/ca.key");
+        let first = minted(&dir, &["docker.io", "ghcr.io", "10.0.0.1:5000"]);
+        let key_path = dir.join("ca.key");
         assert_eq!(
             fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert_eq!(
-            fs::metadata(dir.join("ca")).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
-        // Same set in another order and spelling: the same CA.
-        let again =
-            NodeCa::load_or_create(&dir, permitted(&["https://ghcr.io", "docker.io"])).unwrap();
+        // The names come back from the certificate's constraints.
+        let again = NodeCa::load(&dir, "ca", DEFAULT_LEAF_VALIDITY).unwrap();
         assert_eq!(first.cert_der(), again.cert_der());
+        assert_eq!(again.permitted(), first.permitted());
+        assert_eq!(again.fingerprint(), first.fingerprint());
+        assert_eq!(again.fingerprint().len(), 64);
         // A leaf from the reloaded CA verifies against the first one.
         verify(&first, &again.leaf_for("ghcr.io").unwrap(), "ghcr.io").unwrap();
         // Loose permissions are repaired on load.
         fs::set_permissions(&key_path, fs::Permissions::from_mode(0o644)).unwrap();
-        NodeCa::load_or_create(&dir, permitted(&["docker.io", "ghcr.io"])).unwrap();
+        NodeCa::load(&dir, "ca", DEFAULT_LEAF_VALIDITY).unwrap();
         assert_eq!(
             fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        // A different set: a new CA.
-        let changed = NodeCa::load_or_create(&dir, permitted(&["docker.io"])).unwrap();
-        assert_ne!(first.cert_der(), changed.cert_der());
-        assert_eq!(
-            fs::read_to_string(dir.join("ca/ca.crt")).unwrap(),
-            changed.cert_pem()
-        );
-        // A corrupt key: a new CA too, not a failure.
+        // Missing and corrupt files are told apart.
+        assert!(matches!(
+            NodeCa::load(&dir, "other", DEFAULT_LEAF_VALIDITY),
+            Err(Unusable::Missing)
+        ));
         fs::write(&key_path, "garbage").unwrap();
-        let fresh = NodeCa::load_or_create(&dir, permitted(&["docker.io"])).unwrap();
-        assert_ne!(fresh.cert_der(), changed.cert_der());
+        assert!(matches!(
+            NodeCa::load(&dir, "ca", DEFAULT_LEAF_VALIDITY),
+            Err(Unusable::Unreadable(_))
+        ));
+        // A key that is not the certificate's.
+        minted(&dir, &["docker.io"]);
+        fs::copy(dir.join("ca.key"), dir.join("mix.key")).unwrap();
+        minted(&dir, &["docker.io"]);
+        fs::copy(dir.join("ca.crt"), dir.join("mix.crt")).unwrap();
+        assert!(matches!(
+            NodeCa::load(&dir, "mix", DEFAULT_LEAF_VALIDITY),
+            Err(Unusable::KeyMismatch)
+        ));
         fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn leaves_are_cached_and_carry_server_auth() {
         let dir = tempdir();
-        let ca = NodeCa::load_or_create(&dir, permitted(&["docker.io"])).unwrap();
+        let ca = minted(&dir, &["docker.io"]);
         let a = ca.leaf_for("docker.io").unwrap();
         let b = ca.leaf_for("DOCKER.IO.").unwrap();
         assert!(Arc::ptr_eq(&a, &b));
@@ -613,7 +599,7 @@ mod tests {
     #[test]
     fn ip_leaves_have_no_common_name_and_a_critical_san() {
         let dir = tempdir();
-        let ca = NodeCa::load_or_create(&dir, permitted(&["docker.io", "10.1.2.3:5443"])).unwrap();
+        let ca = minted(&dir, &["docker.io", "10.1.2.3:5443"]);
         let leaf = ca.leaf_for("10.1.2.3").unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&leaf.cert[0]).unwrap();
         assert_eq!(cert.subject().iter_common_name().count(), 0);

@@ -1,14 +1,17 @@
-//! The `install-ca` subcommand: the node CA into the host trust store (Debian or RHEL layout), or
-//! into a bundle file, or printed.
+//! The `install-ca` subcommand: the node CA bundle (`continuity.rs`: the current CA and, while
+//! one waits, the next CA) into the host trust store (Debian or RHEL layout), or into a bundle
+//! file, or printed. Every install is recorded (`trust.rs`), so the daemon knows when a
+//! containerd restarted after it trusts the next CA.
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    sync::Arc,
 };
 
 use super::{
-    ca::{NodeCa, write_file_atomically},
-    names::PermittedNames,
+    args::CaArgs, ca::write_file_atomically, continuity::CaSet, names::PermittedNames,
+    trust::record_install,
 };
 use crate::oci::RegistryList;
 
@@ -34,7 +37,10 @@ pub struct InstallCaArgs {
     /// not run: it only knows the real root).
     #[arg(long, env = "SPEGEL_TRUST_ROOT", default_value = "/")]
     pub trust_root: PathBuf,
-    /// Only print the CA certificate (PEM) on stdout; change nothing else.
+    #[command(flatten)]
+    pub ca: CaArgs,
+    /// Only print the CA bundle (PEM: the current CA and, while one waits, the next) on stdout,
+    /// for installing elsewhere; recorded as installed like the other forms.
     #[arg(long, env = "SPEGEL_CA_PRINT", conflicts_with = "bundle")]
     pub print: bool,
     /// Only write a bundle of the system roots plus the node CA to this file (for
@@ -95,9 +101,11 @@ pub async fn main(args: InstallCaArgs) -> anyhow::Result<()> {
 fn install(args: &InstallCaArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let permitted = PermittedNames::from_registries(args.mirrored_registries.iter().flatten())?;
-    let ca = NodeCa::load_or_create(&args.data_dir, permitted)?;
+    let cas = CaSet::open(&args.data_dir, permitted, args.ca.policy()?, Arc::default())?;
+    let pem = cas.bundle_pem();
     if args.print {
-        print!("{}", ca.cert_pem());
+        print!("{pem}");
+        record_install(cas.dir(), cas.bundle_fingerprints())?;
         return Ok(());
     }
     if let Some(out) = &args.bundle {
@@ -115,10 +123,12 @@ fn install(args: &InstallCaArgs) -> anyhow::Result<()> {
         if !bundle.ends_with(b"\n") {
             bundle.push(b'\n');
         }
-        bundle.extend_from_slice(ca.cert_pem().as_bytes());
+        bundle.extend_from_slice(pem.as_bytes());
         write_file_atomically(out, &bundle, 0o644)?;
+        record_install(cas.dir(), cas.bundle_fingerprints())?;
         println!(
-            "wrote {} (system roots from {} plus the spegel node CA)",
+            "wrote {} (system roots from {} plus the spegel node CA bundle); restart containerd \
+             to trust it",
             out.display(),
             source.display()
         );
@@ -132,12 +142,12 @@ fn install(args: &InstallCaArgs) -> anyhow::Result<()> {
         )
     })?;
     let anchor = layout.anchor_path(&args.trust_root);
-    let unchanged = fs::read(&anchor).is_ok_and(|old| old == ca.cert_pem().as_bytes());
+    let unchanged = fs::read(&anchor).is_ok_and(|old| old == pem.as_bytes());
     if !unchanged {
-        write_file_atomically(&anchor, ca.cert_pem().as_bytes(), 0o644)?;
+        write_file_atomically(&anchor, pem.as_bytes(), 0o644)?;
     }
     println!(
-        "{} the spegel node CA at {}",
+        "{} the spegel node CA bundle at {}",
         if unchanged { "kept" } else { "installed" },
         anchor.display()
     );
@@ -155,6 +165,8 @@ fn install(args: &InstallCaArgs) -> anyhow::Result<()> {
             layout.refresh_command().0
         );
     }
+    // Recorded once the trust store holds it: a containerd started after this trusts it.
+    record_install(cas.dir(), cas.bundle_fingerprints())?;
     if !unchanged {
         println!(
             "containerd must be restarted once to trust this CA (Go loads the system roots once \
@@ -209,6 +221,7 @@ mod tests {
             data_dir: data.clone(),
             mirrored_registries: vec!["docker.io".parse().unwrap()],
             trust_root: root.clone(),
+            ca: CaArgs::default(),
             print: false,
             bundle: None,
         };
@@ -216,8 +229,18 @@ mod tests {
         let installed =
             fs::read_to_string(root.join("usr/local/share/ca-certificates/spegel-node-ca.crt"))
                 .unwrap();
-        let ca = NodeCa::load_or_create(&data, permitted(&["docker.io"])).unwrap();
+        let cas = CaSet::open(
+            &data,
+            permitted(&["docker.io"]),
+            CaArgs::default().policy().unwrap(),
+            Arc::default(),
+        )
+        .unwrap();
+        // A first install: the CA is the next one, recorded as installed.
+        let ca = cas.next().unwrap();
         assert_eq!(installed, ca.cert_pem());
+        let record = crate::tls::trust::read_record(cas.dir()).unwrap();
+        assert_eq!(record.fingerprints, [ca.fingerprint()]);
 
         let out = data.join("bundle.pem");
         install(&InstallCaArgs {

@@ -1,9 +1,13 @@
-//! TLS termination for intercepted registry connections, with leaves minted by the node CA for
-//! the name the client asked for (SNI, or the original destination IP when it sent none).
+//! TLS termination for intercepted registry connections, with leaves minted by the node CA
+//! containerd trusts for the name the client asked for (SNI, or the original destination IP when
+//! it sent none). Which CA that is, and whether it covers a name at all, is `continuity.rs`'s.
 
+pub mod args;
 pub mod ca;
+pub mod continuity;
 mod install;
 mod names;
+pub mod trust;
 use std::{fmt, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use rustls::{
@@ -15,7 +19,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 
-use crate::tls::ca::{CaError, NodeCa};
+use crate::tls::{ca::CaError, continuity::CaSet};
 
 /// How long a client may take to complete the handshake before the connection is dropped.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,7 +72,7 @@ pub enum TlsError {
 
 /// Terminates TLS on intercepted connections. Cheap to share (`Arc`); one per daemon.
 pub struct TlsTerminator {
-    ca: Arc<NodeCa>,
+    cas: Arc<CaSet>,
     provider: Arc<CryptoProvider>,
     /// Shared by every connection with SNI, so TLS session resumption works across them.
     sni_config: Arc<ServerConfig>,
@@ -78,30 +82,37 @@ pub struct TlsTerminator {
 impl fmt::Debug for TlsTerminator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsTerminator")
-            .field("ca", &self.ca)
+            .field("cas", &self.cas)
             .field("handshake_timeout", &self.handshake_timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl TlsTerminator {
-    /// A terminator minting leaves with `ca`, with the default handshake timeout.
-    pub fn new(ca: Arc<NodeCa>) -> Result<Self, TlsError> {
+    /// A terminator minting leaves with the trusted CA of `cas`, with the default handshake
+    /// timeout.
+    pub fn new(cas: Arc<CaSet>) -> Result<Self, TlsError> {
         // The ring provider explicitly: another crate in the graph may enable aws-lc-rs, and
         // then rustls cannot pick a process default by itself.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let sni_config = server_config(
             &provider,
             Arc::new(SniResolver {
-                ca: Arc::clone(&ca),
+                cas: Arc::clone(&cas),
             }),
         )?;
         Ok(Self {
-            ca,
+            cas,
             provider,
             sni_config,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         })
+    }
+
+    /// Whether a TLS connection that asked for `host` can be terminated (see
+    /// [`CaSet::covers`]); if not, it must be passed through untouched.
+    pub fn covers(&self, host: &str) -> bool {
+        self.cas.covers(host)
     }
 
     /// Changes how long a client may take for the whole handshake.
@@ -129,28 +140,28 @@ impl TlsTerminator {
         .await
         .map_err(|_| TlsError::Timeout)?
         .map_err(TlsError::Handshake)?;
+        let ca = self.cas.trusted();
+        let leaf_for = |name: &str| match &ca {
+            Some(ca) => ca.leaf_for(name),
+            None => Err(CaError::NotTrusted),
+        };
         let (config, server_name) = match start.client_hello().server_name() {
             Some(sni) => {
                 // Minted (or found in the cache) here rather than only in the resolver so a
                 // refusal surfaces as a precise error instead of a generic handshake failure.
                 let sni = sni.to_owned();
-                self.ca
-                    .leaf_for(&sni)
-                    .map_err(|source| TlsError::Certificate {
-                        name: sni.clone(),
-                        source,
-                    })?;
+                leaf_for(&sni).map_err(|source| TlsError::Certificate {
+                    name: sni.clone(),
+                    source,
+                })?;
                 (Arc::clone(&self.sni_config), sni)
             }
             None => {
                 let ip = original_dst.ip().to_canonical().to_string();
-                let leaf = self
-                    .ca
-                    .leaf_for(&ip)
-                    .map_err(|source| TlsError::Certificate {
-                        name: ip.clone(),
-                        source,
-                    })?;
+                let leaf = leaf_for(&ip).map_err(|source| TlsError::Certificate {
+                    name: ip.clone(),
+                    source,
+                })?;
                 let config = server_config(&self.provider, Arc::new(FixedCert(leaf)))?;
                 (config, ip)
             }
@@ -185,9 +196,10 @@ fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Picks the leaf by SNI, minting through the CA (which refuses names it may not vouch for).
+/// Picks the leaf by SNI, minting through the trusted CA (which refuses names it may not vouch
+/// for).
 struct SniResolver {
-    ca: Arc<NodeCa>,
+    cas: Arc<CaSet>,
 }
 
 impl fmt::Debug for SniResolver {
@@ -199,7 +211,7 @@ impl fmt::Debug for SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = client_hello.server_name()?;
-        match self.ca.leaf_for(name) {
+        match self.cas.trusted()?.leaf_for(name) {
             Ok(leaf) => Some(leaf),
             Err(err) => {
                 tracing::debug!(name, %err, "no leaf for SNI");
@@ -232,9 +244,11 @@ mod tests {
     use tokio_rustls::TlsConnector;
 
     use super::*;
+    use crate::tls::ca::NodeCa;
 
     struct Fixture {
         dir: PathBuf,
+        cas: Arc<CaSet>,
         ca: Arc<NodeCa>,
     }
 
@@ -251,8 +265,11 @@ mod tests {
             rand::random::<u64>()
         ));
         let permitted = crate::tls::names::tests::permitted(&["docker.io", "10.213.0.10:5443"]);
-        let ca = Arc::new(NodeCa::load_or_create(&dir, permitted).unwrap());
-        Fixture { dir, ca }
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = NodeCa::mint(&dir, "ca", &permitted, ca::DEFAULT_LEAF_VALIDITY).unwrap();
+        let cas = Arc::new(CaSet::trusting(ca));
+        let ca = cas.trusted().unwrap();
+        Fixture { dir, cas, ca }
     }
 
     fn client(ca: &NodeCa, alpn: &[&[u8]]) -> TlsConnector {
@@ -272,14 +289,14 @@ mod tests {
     /// was headed for `original_dst`. Returns the server's result and whether the client
     /// completed its side (and echoed a byte through the tunnel).
     async fn handshake(
-        ca: &Arc<NodeCa>,
+        fx: &Fixture,
         name: &str,
         alpn: &[&[u8]],
         original_dst: SocketAddr,
     ) -> (Result<(Alpn, String), TlsError>, bool) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let terminator = TlsTerminator::new(Arc::clone(ca)).unwrap();
+        let terminator = TlsTerminator::new(Arc::clone(&fx.cas)).unwrap();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut accepted = terminator.accept(tcp, original_dst).await?;
@@ -289,7 +306,7 @@ mod tests {
             accepted.stream.flush().await.unwrap();
             Ok((accepted.alpn, accepted.server_name))
         });
-        let connector = client(ca, alpn);
+        let connector = client(&fx.ca, alpn);
         let tcp = TcpStream::connect(addr).await.unwrap();
         let server_name = ServerName::try_from(name.to_owned()).unwrap();
         let client_ok = match connector.connect(server_name, tcp).await {
@@ -318,7 +335,7 @@ mod tests {
             (&[b"http/1.1".as_slice()][..], Alpn::Http1),
             (&[][..], Alpn::Http1),
         ] {
-            let (server, client_ok) = handshake(&fx.ca, "registry-1.docker.io", offer, dst).await;
+            let (server, client_ok) = handshake(&fx, "registry-1.docker.io", offer, dst).await;
             assert_eq!(server.unwrap(), (want, "registry-1.docker.io".to_owned()));
             assert!(client_ok);
         }
@@ -329,11 +346,11 @@ mod tests {
         let fx = fixture();
         let dst = "10.213.0.10:5443".parse().unwrap();
         // A client dialling an IP literal sends no SNI and verifies the IP SAN.
-        let (server, client_ok) = handshake(&fx.ca, "10.213.0.10", &[b"http/1.1"], dst).await;
+        let (server, client_ok) = handshake(&fx, "10.213.0.10", &[b"http/1.1"], dst).await;
         assert_eq!(server.unwrap(), (Alpn::Http1, "10.213.0.10".to_owned()));
         assert!(client_ok);
         // An IP that is not mirrored gets no certificate.
-        let (server, client_ok) = handshake(&fx.ca, "10.213.0.10", &[], DST.parse().unwrap()).await;
+        let (server, client_ok) = handshake(&fx, "10.213.0.10", &[], DST.parse().unwrap()).await;
         assert!(
             matches!(server, Err(TlsError::Certificate { .. })),
             "{server:?}"
@@ -344,9 +361,49 @@ mod tests {
     #[tokio::test]
     async fn refuses_names_outside_the_constraints() {
         let fx = fixture();
-        let (server, client_ok) = handshake(&fx.ca, "ghcr.io", &[], DST.parse().unwrap()).await;
+        let (server, client_ok) = handshake(&fx, "ghcr.io", &[], DST.parse().unwrap()).await;
         assert!(
             matches!(server, Err(TlsError::Certificate { .. })),
+            "{server:?}"
+        );
+        assert!(!client_ok);
+    }
+
+    #[tokio::test]
+    async fn without_a_trusted_ca_nothing_is_covered_or_terminated() {
+        let fx = fixture();
+        // A fresh data dir: the CA is minted as the next one, not trusted until installed.
+        let fresh = Arc::new(
+            CaSet::open(
+                &fx.dir.join("fresh"),
+                crate::tls::names::tests::permitted(&["docker.io"]),
+                crate::tls::args::CaArgs::default().policy().unwrap(),
+                Arc::default(),
+            )
+            .unwrap(),
+        );
+        assert!(fresh.trusted().is_none() && fresh.next().is_some());
+        let terminator = TlsTerminator::new(Arc::clone(&fresh)).unwrap();
+        assert!(!terminator.covers("docker.io"));
+        assert!(
+            TlsTerminator::new(Arc::clone(&fx.cas))
+                .unwrap()
+                .covers("docker.io")
+        );
+        let fx = Fixture {
+            dir: fx.dir.join("unused"),
+            cas: fresh,
+            ca: Arc::clone(&fx.ca),
+        };
+        let (server, client_ok) = handshake(&fx, "docker.io", &[], DST.parse().unwrap()).await;
+        assert!(
+            matches!(
+                server,
+                Err(TlsError::Certificate {
+                    source: CaError::NotTrusted,
+                    ..
+                })
+            ),
             "{server:?}"
         );
         assert!(!client_ok);
@@ -357,7 +414,7 @@ mod tests {
         let fx = fixture();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let terminator = TlsTerminator::new(Arc::clone(&fx.ca))
+        let terminator = TlsTerminator::new(Arc::clone(&fx.cas))
             .unwrap()
             .with_handshake_timeout(Duration::from_millis(100));
         let _idle = TcpStream::connect(addr).await.unwrap();

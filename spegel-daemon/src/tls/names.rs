@@ -86,6 +86,49 @@ impl PermittedNames {
         Ok(permitted)
     }
 
+    /// The names a CA certificate's constraints permit (the inverse of
+    /// [`Self::name_constraints`]): DNS subtrees but the `.invalid` sentinel, and single-address
+    /// IP subtrees. Wider IP ranges are never minted by spegel and are ignored (not covered).
+    pub(super) fn from_constraints(constraints: &CanonicalConstraints) -> Self {
+        let mut permitted = PermittedNames::default();
+        for subtree in &constraints.permitted {
+            match subtree {
+                CanonicalSubtree::Dns(name) if name != DNS_SENTINEL => {
+                    permitted.dns.insert(name.to_ascii_lowercase());
+                }
+                CanonicalSubtree::Dns(_) => {}
+                CanonicalSubtree::Ip(bytes) => {
+                    if let Some(ip) = single_address(bytes) {
+                        permitted.ips.insert(ip);
+                    }
+                }
+            }
+        }
+        permitted
+    }
+
+    /// Whether every name in `wanted` is inside these constraints (a DNS name is covered by
+    /// itself or a parent subtree, an IP only by itself). Returns the names that are not.
+    pub fn uncovered(&self, wanted: &PermittedNames) -> Vec<LeafName> {
+        wanted
+            .dns
+            .iter()
+            .map(|name| LeafName::Dns(name.clone()))
+            .chain(wanted.ips.iter().map(|ip| LeafName::Ip(*ip)))
+            .filter(|name| !self.permits(name))
+            .collect()
+    }
+
+    /// How many names (DNS subtrees and IPs).
+    pub fn len(&self) -> usize {
+        self.dns.len() + self.ips.len()
+    }
+
+    /// Whether there is no name at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The permitted DNS subtrees.
     pub fn dns_names(&self) -> impl Iterator<Item = &str> {
         self.dns.iter().map(String::as_str)
@@ -139,7 +182,8 @@ impl PermittedNames {
         }
     }
 
-    /// The canonical form of [`Self::name_constraints`], to compare with a CA read from disk.
+    /// The canonical form of [`Self::name_constraints`], as a CA read from disk gives it.
+    #[cfg(test)]
     pub(super) fn canonical_constraints(&self) -> CanonicalConstraints {
         let constraints = self.name_constraints();
         let canon = |subtrees: &[GeneralSubtree]| {
@@ -180,6 +224,19 @@ impl fmt::Display for PermittedNames {
             f.write_str(&name)?;
         }
         Ok(())
+    }
+}
+
+/// The address of an IP subtree (address then mask) whose mask is all ones, else `None`.
+fn single_address(bytes: &[u8]) -> Option<IpAddr> {
+    let (addr, mask) = bytes.split_at(bytes.len() / 2);
+    if mask.iter().any(|byte| *byte != 0xff) {
+        return None;
+    }
+    match addr.len() {
+        4 => <[u8; 4]>::try_from(addr).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(addr).ok().map(IpAddr::from),
+        _ => None,
     }
 }
 
@@ -253,6 +310,28 @@ pub(crate) mod tests {
             PermittedNames::from_registries(&RegistryList::default()),
             Err(CaError::NoRegistries)
         ));
+    }
+
+    #[test]
+    fn constraints_round_trip() {
+        for names in [
+            &["docker.io", "ghcr.io:443"][..],
+            &["10.0.0.1:5000", "[fd00::1]"],
+            &["10.0.0.1"],
+            &["reg.test", "10.0.0.1", "[fd00::1]:5443"],
+        ] {
+            let p = permitted(names);
+            assert_eq!(
+                PermittedNames::from_constraints(&p.canonical_constraints()),
+                p
+            );
+        }
+        // The exclusions and the `.invalid` sentinel are not names; a range is not covered.
+        let range = CanonicalConstraints {
+            permitted: [CanonicalSubtree::Ip(vec![10, 0, 0, 0, 255, 0, 0, 0])].into(),
+            excluded: BTreeSet::new(),
+        };
+        assert!(PermittedNames::from_constraints(&range).is_empty());
     }
 
     #[test]
