@@ -1,8 +1,13 @@
 //! The loopback listener of intercepted connections: accepts, looks up each connection's
 //! original destination, classifies its first bytes, and either hands it to the
-//! [`MirroredHandler`] (a mirrored registry) or splices it to where it was going.
+//! [`MirroredHandler`] (a mirrored registry) or splices it to where it was going. The listener's
+//! own health probes ([`super::probe`]) are recognised and closed before any of that. Every
+//! intercepted connection gets a write timeout: spliced ones in user space (with a clear error),
+//! and all of them in the kernel (`TCP_USER_TIMEOUT`), which also bounds what the mirrored
+//! handler writes to the raw stream it is handed.
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -17,6 +22,7 @@ use tracing::Instrument as _;
 use crate::{
     intercept::{
         InterceptConfig, InterceptError, MirroredHandler, OriginalDst,
+        probe::ProbeBook,
         registries::MirroredRegistries,
         sniff::{Sniffed, sniff},
         splice,
@@ -65,6 +71,15 @@ impl Listener {
     pub fn has_ipv6(&self) -> bool {
         self.v6.is_some()
     }
+
+    /// The addresses accepted on (what the health probes connect to).
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))];
+        if self.v6.is_some() {
+            addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)));
+        }
+        addrs
+    }
 }
 
 /// Decides, per accepted connection, between the mirrored handler and a splice.
@@ -74,8 +89,12 @@ pub struct Interceptor {
     handler: Arc<dyn MirroredHandler>,
     peek_timeout: Duration,
     splice: splice::SpliceTimeouts,
-    max_connections: usize,
+    /// Connection slots; the accept loop takes one before it accepts.
+    limit: Arc<Semaphore>,
+    probes: Arc<ProbeBook>,
     stats: Arc<InterceptStats>,
+    #[cfg(feature = "fault-injection")]
+    accept_wedge: Option<Arc<crate::fault::wedge::AcceptWedge>>,
 }
 
 impl Interceptor {
@@ -94,9 +113,13 @@ impl Interceptor {
             splice: splice::SpliceTimeouts {
                 connect: config.connect_timeout,
                 idle: config.splice_idle_timeout,
+                write: config.write_timeout,
             },
-            max_connections: config.max_connections,
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            probes: Arc::default(),
             stats: Arc::default(),
+            #[cfg(feature = "fault-injection")]
+            accept_wedge: config.accept_wedge.clone(),
         }
     }
 
@@ -111,6 +134,16 @@ impl Interceptor {
         self.stats.clone()
     }
 
+    /// The book the health probes register in, so the accept loop recognises them.
+    pub fn probes(&self) -> Arc<ProbeBook> {
+        self.probes.clone()
+    }
+
+    /// Connection slots free right now.
+    pub fn free_slots(&self) -> usize {
+        self.limit.available_permits()
+    }
+
     /// Accepts until `shutdown` is cancelled, then lets open connections finish for up to
     /// `grace` and drops the rest.
     pub async fn serve(
@@ -121,7 +154,7 @@ impl Interceptor {
     ) {
         let tracker = TaskTracker::new();
         let abort = CancellationToken::new();
-        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let limit = self.limit.clone();
         let mut loops = Vec::new();
         for l in std::iter::once(listener.v4).chain(listener.v6) {
             let this = self.clone();
@@ -159,6 +192,10 @@ impl Interceptor {
     ) {
         let local = listener.local_addr().ok();
         loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = self.wedge_released() => {}
+            }
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 permit = limit.clone().acquire_owned() => match permit {
@@ -169,6 +206,7 @@ impl Interceptor {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,
+                () = self.wedge_engaged() => continue,
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
@@ -179,7 +217,11 @@ impl Interceptor {
                     continue;
                 }
             };
+            if self.probes.accepted(peer) {
+                continue; // a health probe: closed here, never counted or routed
+            }
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            set_user_timeout(&stream, self.splice.write);
             let this = self.clone();
             let abort = abort.clone();
             let span = tracing::debug_span!("intercept", %peer);
@@ -193,6 +235,23 @@ impl Interceptor {
                 }
                 .instrument(span),
             );
+        }
+    }
+
+    /// Test only: completes when the fault switch wedges the accept loop (never without it).
+    async fn wedge_engaged(&self) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(wedge) = &self.accept_wedge {
+            return wedge.engaged().await;
+        }
+        std::future::pending().await
+    }
+
+    /// Test only: completes at once unless the fault switch wedges the accept loop.
+    async fn wedge_released(&self) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(wedge) = &self.accept_wedge {
+            wedge.released().await;
         }
     }
 
@@ -226,6 +285,10 @@ impl Interceptor {
                     Ok(done) => {
                         tracing::debug!(%dst, up = done.up, down = done.down, "splice done")
                     }
+                    Err(error @ splice::SpliceError::WriteTimeout { .. }) => {
+                        self.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%dst, %error, "passed-through connection closed");
+                    }
                     Err(error) => tracing::debug!(%dst, %error, "splice failed"),
                 }
             }
@@ -254,6 +317,26 @@ impl Interceptor {
             host: name.unwrap_or_else(|| dst.ip().to_string()),
             tls,
         })
+    }
+}
+
+/// Sets `TCP_USER_TIMEOUT`: data written to the client that stays unacknowledged, or a zero
+/// window (a client that does not read), for longer than `timeout` aborts the connection.
+fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: the fd belongs to `stream`, open for the whole call; the option value is a c_uint
+    // that lives on the stack for the call, and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&raw const ms).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set TCP_USER_TIMEOUT");
     }
 }
 
