@@ -57,6 +57,11 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         ),
         false => None,
     };
+    #[cfg(feature = "fault-injection")]
+    let intercept_config = intercept_config.map(|mut c| {
+        c.accept_wedge = args.fault.accept_wedge();
+        c
+    });
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",

@@ -414,6 +414,14 @@ async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(5),
         splice_idle_timeout: Duration::from_secs(600),
         max_connections: 64,
+        write_timeout: Duration::from_secs(30),
+        health: spegel::intercept::health::HealthPolicy {
+            wedge_timeout: Duration::from_secs(5),
+            recover_after: Duration::from_secs(10),
+        },
+        probe_interval: Duration::from_secs(1),
+        #[cfg(feature = "fault-injection")]
+        accept_wedge: None,
     };
     let mut redirector = Redirector::load(&RedirectConfig {
         listener_port: listener.port(),

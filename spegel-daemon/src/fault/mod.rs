@@ -1,13 +1,15 @@
 //! Test-only fault injection on what this node serves to *peers*: corrupt blob bytes, or throttle
 //! them so a test can kill the daemon mid-stream. Wraps a [`Source`]; requests from containerd
-//! itself (not `mirrored`) are never touched. Off unless a hidden flag turns it on, and compiled
+//! itself (not `mirrored`) are never touched. [`wedge`] stops the interception accept loop on
+//! demand (a wedged, not dead, daemon). Off unless a hidden flag turns it on, and compiled
 //! only with the `fault-injection` cargo feature (the end-to-end suite enables it; release
 //! builds of the daemon alone do not), so a release binary has no such switch at all.
 #![cfg(feature = "fault-injection")]
 
 pub mod switches;
+pub mod wedge;
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
@@ -26,12 +28,25 @@ pub struct FaultArgs {
     /// TEST ONLY: serve blobs to peers at most this many bytes per second.
     #[arg(long = switches::THROTTLE_PEER_BYTES_FLAG, env = switches::THROTTLE_PEER_BYTES_ENV, hide = true)]
     pub test_throttle_peer_bytes: Option<u64>,
+    /// TEST ONLY: while this file exists, the interception listener accepts no connection.
+    #[arg(long = switches::WEDGE_INTERCEPT_FILE_FLAG, env = switches::WEDGE_INTERCEPT_FILE_ENV, hide = true)]
+    pub test_wedge_intercept_file: Option<PathBuf>,
 }
 
 impl FaultArgs {
-    /// Whether any fault is switched on.
+    /// Whether any fault on what is served to peers is switched on.
     pub fn any(&self) -> bool {
         self.test_corrupt_peer_blobs || self.test_throttle_peer_bytes.is_some()
+    }
+
+    /// The accept-loop wedge switch, when its flag is given (warning loudly).
+    pub fn accept_wedge(&self) -> Option<Arc<wedge::AcceptWedge>> {
+        let file = self.test_wedge_intercept_file.as_ref()?;
+        tracing::warn!(
+            file = %file.display(),
+            "TEST FAULTS ARE ON: the interception listener stops accepting while this file exists"
+        );
+        Some(Arc::new(wedge::AcceptWedge::new(file.clone())))
     }
 }
 

@@ -10,6 +10,10 @@ pub const CORRUPT_PEER_BLOBS_ENV: &str = "SPEGEL_TEST_CORRUPT_PEER_BLOBS";
 pub const THROTTLE_PEER_BYTES_FLAG: &str = "test-throttle-peer-bytes";
 /// Environment twin of [`THROTTLE_PEER_BYTES_FLAG`].
 pub const THROTTLE_PEER_BYTES_ENV: &str = "SPEGEL_TEST_THROTTLE_PEER_BYTES";
+/// Flag (without `--`) naming a file whose presence stops the interception accept loop.
+pub const WEDGE_INTERCEPT_FILE_FLAG: &str = "test-wedge-intercept-file";
+/// Environment twin of [`WEDGE_INTERCEPT_FILE_FLAG`].
+pub const WEDGE_INTERCEPT_FILE_ENV: &str = "SPEGEL_TEST_WEDGE_INTERCEPT_FILE";
 
 /// Every fault flag and env name; none of them may appear in a release binary.
 pub const ALL: &[&str] = &[
@@ -17,4 +21,6 @@ pub const ALL: &[&str] = &[
     CORRUPT_PEER_BLOBS_ENV,
     THROTTLE_PEER_BYTES_FLAG,
     THROTTLE_PEER_BYTES_ENV,
+    WEDGE_INTERCEPT_FILE_FLAG,
+    WEDGE_INTERCEPT_FILE_ENV,
 ];

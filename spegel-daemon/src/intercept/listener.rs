@@ -1,8 +1,13 @@
 //! The loopback listener of intercepted connections: accepts, looks up each connection's
 //! original destination, classifies its first bytes, and either hands it to the
-//! [`MirroredHandler`] (a mirrored registry) or splices it to where it was going.
+//! [`MirroredHandler`] (a mirrored registry) or splices it to where it was going. The listener's
+//! own health probes ([`super::probe`]) are recognised and closed before any of that. Every
+//! intercepted connection gets a write timeout: spliced ones in user space (with a clear error),
+//! and all of them in the kernel (`TCP_USER_TIMEOUT`), which also bounds what the mirrored
+//! handler writes to the raw stream it is handed.
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -17,6 +22,7 @@ use tracing::Instrument as _;
 use crate::{
     intercept::{
         InterceptConfig, InterceptError, MirroredHandler, OriginalDst,
+        probe::ProbeBook,
         registries::MirroredRegistries,
         sniff::{Sniffed, sniff},
         splice,
@@ -65,6 +71,15 @@ impl Listener {
     pub fn has_ipv6(&self) -> bool {
         self.v6.is_some()
     }
+
+    /// The addresses accepted on (what the health probes connect to).
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))];
+        if self.v6.is_some() {
+            addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)));
+        }
+        addrs
+    }
 }
 
 /// Decides, per accepted connection, between the mirrored handler and a splice.
@@ -74,8 +89,12 @@ pub struct Interceptor {
     handler: Arc<dyn MirroredHandler>,
     peek_timeout: Duration,
     splice: splice::SpliceTimeouts,
-    max_connections: usize,
+    /// Connection slots; the accept loop takes one before it accepts.
+    limit: Arc<Semaphore>,
+    probes: Arc<ProbeBook>,
     stats: Arc<InterceptStats>,
+    #[cfg(feature = "fault-injection")]
+    accept_wedge: Option<Arc<crate::fault::wedge::AcceptWedge>>,
 }
 
 impl Interceptor {
@@ -94,9 +113,13 @@ impl Interceptor {
             splice: splice::SpliceTimeouts {
                 connect: config.connect_timeout,
                 idle: config.splice_idle_timeout,
+                write: config.write_timeout,
             },
-            max_connections: config.max_connections,
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            probes: Arc::default(),
             stats: Arc::default(),
+            #[cfg(feature = "fault-injection")]
+            accept_wedge: config.accept_wedge.clone(),
         }
     }
 
@@ -111,6 +134,16 @@ impl Interceptor {
         self.stats.clone()
     }
 
+    /// The book the health probes register in, so the accept loop recognises them.
+    pub fn probes(&self) -> Arc<ProbeBook> {
+        self.probes.clone()
+    }
+
+    /// Connection slots free right now.
+    pub fn free_slots(&self) -> usize {
+        self.limit.available_permits()
+    }
+
     /// Accepts until `shutdown` is cancelled, then lets open connections finish for up to
     /// `grace` and drops the rest.
     pub async fn serve(
@@ -121,7 +154,7 @@ impl Interceptor {
     ) {
         let tracker = TaskTracker::new();
         let abort = CancellationToken::new();
-        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let limit = self.limit.clone();
         let mut loops = Vec::new();
         for l in std::iter::once(listener.v4).chain(listener.v6) {
             let this = self.clone();
@@ -159,6 +192,10 @@ impl Interceptor {
     ) {
         let local = listener.local_addr().ok();
         loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = self.wedge_released() => {}
+            }
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 permit = limit.clone().acquire_owned() => match permit {
@@ -169,6 +206,7 @@ impl Interceptor {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,
+                () = self.wedge_engaged() => continue,
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
@@ -179,7 +217,11 @@ impl Interceptor {
                     continue;
                 }
             };
+            if self.probes.accepted(peer) {
+                continue; // a health probe: closed here, never counted or routed
+            }
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            set_user_timeout(&stream, self.splice.write);
             let this = self.clone();
             let abort = abort.clone();
             let span = tracing::debug_span!("intercept", %peer);
@@ -193,6 +235,23 @@ impl Interceptor {
                 }
                 .instrument(span),
             );
+        }
+    }
+
+    /// Test only: completes when the fault switch wedges the accept loop (never without it).
+    async fn wedge_engaged(&self) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(wedge) = &self.accept_wedge {
+            return wedge.engaged().await;
+        }
+        std::future::pending().await
+    }
+
+    /// Test only: completes at once unless the fault switch wedges the accept loop.
+    async fn wedge_released(&self) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(wedge) = &self.accept_wedge {
+            wedge.released().await;
         }
     }
 
@@ -226,6 +285,10 @@ impl Interceptor {
                     Ok(done) => {
                         tracing::debug!(%dst, up = done.up, down = done.down, "splice done")
                     }
+                    Err(error @ splice::SpliceError::WriteTimeout { .. }) => {
+                        self.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%dst, %error, "passed-through connection closed");
+                    }
                     Err(error) => tracing::debug!(%dst, %error, "splice failed"),
                 }
             }
@@ -257,6 +320,26 @@ impl Interceptor {
     }
 }
 
+/// Sets `TCP_USER_TIMEOUT`: data written to the client that stays unacknowledged, or a zero
+/// window (a client that does not read), for longer than `timeout` aborts the connection.
+fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: the fd belongs to `stream`, open for the whole call; the option value is a c_uint
+    // that lives on the stack for the call, and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&raw const ms).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set TCP_USER_TIMEOUT");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -264,7 +347,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::intercept::{authority::Authority, ebpf::EbpfError, tests::config};
+    use crate::intercept::{authority::Authority, ebpf::EbpfError, probe::probe, tests::config};
 
     /// Original destinations handed out by the test instead of the eBPF map.
     #[derive(Default)]
@@ -451,6 +534,193 @@ mod tests {
         assert_eq!(stats.no_origin.load(Ordering::Relaxed), 1);
         assert_eq!(stats.spliced.load(Ordering::Relaxed), 3);
         assert_eq!(stats.mirrored.load(Ordering::Relaxed), 1);
+        stop.cancel();
+        server.await.unwrap();
+    }
+
+    /// Serves `interceptor` on a fresh listener; returns the v4 address, the stop token and the
+    /// server task.
+    async fn serving(
+        interceptor: Arc<Interceptor>,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+        serving_on(interceptor, Listener::bind(0).await.unwrap())
+    }
+
+    fn serving_on(
+        interceptor: Arc<Interceptor>,
+        listener: Listener,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, listener.port()));
+        let stop = CancellationToken::new();
+        let server =
+            tokio::spawn(interceptor.serve(listener, stop.clone(), Duration::from_secs(1)));
+        (addr, stop, server)
+    }
+
+    /// Health probes are accepted and closed by the listener, but never counted, looked up or
+    /// routed.
+    #[tokio::test]
+    async fn probes_are_accepted_but_not_counted() {
+        let c = config(&[]);
+        let interceptor = Arc::new(Interceptor::new(
+            &c,
+            Arc::new(FakeOrig::default()),
+            Arc::new(Recorder::default()),
+        ));
+        let (stats, book) = (interceptor.stats(), interceptor.probes());
+        let (addr, stop, server) = serving(interceptor).await;
+        for _ in 0..3 {
+            let probed = probe(&book, addr, Duration::from_secs(10)).await;
+            assert!(probed.is_accepted(), "{probed:?}");
+        }
+        assert_eq!(book.pending(), 0);
+        assert_eq!(stats.accepted.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.no_origin.load(Ordering::Relaxed), 0);
+        stop.cancel();
+        server.await.unwrap();
+    }
+
+    /// With every slot taken, the accept loop waits for a slot: no free slots, and a probe is
+    /// not accepted. Once the connection ends, the waiting probe is accepted late and still
+    /// recognised. Each address's accept loop holds a slot while it waits in `accept()`, so
+    /// the [::1] loop (if any) gets one slot and the 127.0.0.1 loop one, which a
+    /// passed-through connection then holds.
+    #[tokio::test]
+    async fn no_free_slot_fails_the_probe() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf).await; // until the client closes
+        });
+        let listener = Listener::bind(0).await.unwrap();
+        let slots = if listener.has_ipv6() { "2" } else { "1" };
+        let c = config(&["--intercept-max-connections", slots]);
+        let orig = Arc::new(FakeOrig::default());
+        let interceptor = Arc::new(Interceptor::new(
+            &c,
+            orig.clone(),
+            Arc::new(Recorder::default()),
+        ));
+        let (stats, book) = (interceptor.stats(), interceptor.probes());
+        let slots = interceptor.clone();
+        let (addr, stop, server) = serving_on(interceptor, listener);
+
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        orig.0.lock().unwrap().insert(port, upstream_addr);
+        let mut client = socket.connect(addr).await.unwrap();
+        client.write_all(b"\x00opaque").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while slots.free_slots() > 0 || slots.stats.spliced.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the connection never took the slot");
+
+        let probed = probe(&book, addr, Duration::from_millis(300)).await;
+        assert!(!probed.is_accepted(), "{probed:?}");
+        assert_eq!(book.pending(), 1);
+        drop(client);
+        held.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while book.pending() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the late probe was never accepted");
+        assert_eq!(stats.accepted.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.no_origin.load(Ordering::Relaxed), 0);
+        stop.cancel();
+        server.await.unwrap();
+    }
+
+    /// The write timeout also bounds the mirrored handler, which writes to the raw stream: a
+    /// client that never reads gets its connection aborted by the kernel (`TCP_USER_TIMEOUT`)
+    /// once its window has stayed shut for the timeout, and the handler's write fails.
+    #[tokio::test]
+    async fn stuck_reader_of_a_mirrored_connection_is_aborted() {
+        /// Writes until the write fails; reports how it ended.
+        struct Flood(tokio::sync::mpsc::Sender<std::io::Result<()>>);
+
+        #[async_trait::async_trait]
+        impl MirroredHandler for Flood {
+            async fn handle(&self, mut stream: TcpStream, _origin: Origin) {
+                let chunk = vec![0x5au8; 64 * 1024];
+                let ended = loop {
+                    if let Err(error) = stream.write_all(&chunk).await {
+                        break Err(error);
+                    }
+                };
+                let _ = self.0.send(ended).await;
+            }
+        }
+
+        let c = config(&[
+            "--mirrored-registries",
+            "mirror.test",
+            "--intercept-write-timeout",
+            "500ms",
+        ]);
+        let orig = Arc::new(FakeOrig::default());
+        let (tx, mut ended) = tokio::sync::mpsc::channel(1);
+        let interceptor = Arc::new(Interceptor::new(&c, orig.clone(), Arc::new(Flood(tx))));
+        let (addr, stop, server) = serving(interceptor).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        orig.0
+            .lock()
+            .unwrap()
+            .insert(port, SocketAddr::from(([10, 231, 0, 9], 80)));
+        let mut client = socket.connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /v2/ HTTP/1.1\r\nHost: mirror.test\r\n\r\n")
+            .await
+            .unwrap();
+        // Never reads.
+        let ended = tokio::time::timeout(Duration::from_secs(60), ended.recv())
+            .await
+            .expect("the handler's writes to a stuck reader never failed")
+            .unwrap();
+        assert!(ended.is_err());
+        drop(client);
+        stop.cancel();
+        server.await.unwrap();
+    }
+
+    /// The test-only wedge switch stops the accept loop: probes fail while its file exists and
+    /// the waiting probe is accepted (and recognised) once it is removed.
+    #[cfg(feature = "fault-injection")]
+    #[tokio::test]
+    async fn fault_switch_wedges_the_accept_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wedge");
+        let mut c = config(&[]);
+        c.accept_wedge = Some(Arc::new(crate::fault::wedge::AcceptWedge::new(
+            file.clone(),
+        )));
+        let interceptor = Arc::new(Interceptor::new(
+            &c,
+            Arc::new(FakeOrig::default()),
+            Arc::new(Recorder::default()),
+        ));
+        let (stats, book) = (interceptor.stats(), interceptor.probes());
+        let (addr, stop, server) = serving(interceptor).await;
+        assert!(probe(&book, addr, Duration::from_secs(10)).await.is_accepted());
+        std::fs::write(&file, b"").unwrap();
+        // The loop notices within its poll; then nothing is accepted.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let probed = probe(&book, addr, Duration::from_millis(500)).await;
+        assert!(!probed.is_accepted(), "{probed:?}");
+        std::fs::remove_file(&file).unwrap();
+        assert!(probe(&book, addr, Duration::from_secs(10)).await.is_accepted());
+        assert_eq!(book.pending(), 0);
+        assert_eq!(stats.accepted.load(Ordering::Relaxed), 0);
         stop.cancel();
         server.await.unwrap();
     }

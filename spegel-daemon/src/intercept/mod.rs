@@ -9,14 +9,18 @@
 //! connection was going, [`sniff`] classifies its first bytes with [`sni`] (ClientHello),
 //! [`http_host`] (HTTP head) and [`authority`] (`host[:port]`), [`registries`] decides whether
 //! it is mirrored, and [`handler`] serves it or [`splice`] passes it through; [`stats`] counts.
+//! Beside the data path, [`probe`] checks that the listener still accepts and [`health`] decides
+//! when a wedged listener is bypassed (programs detached) and when it is trusted again.
 
 pub mod authority;
 pub mod cgroup;
 pub mod ebpf;
 pub mod handler;
+pub mod health;
 pub mod http_host;
 pub mod listener;
 pub mod origin;
+pub mod probe;
 pub mod registries;
 pub mod run;
 pub mod sni;
@@ -112,6 +116,24 @@ pub struct InterceptArgs {
     /// Intercepted connections handled at once; more wait in the listen backlog.
     #[arg(long, env = "SPEGEL_INTERCEPT_MAX_CONNECTIONS", default_value_t = 4096)]
     pub intercept_max_connections: usize,
+    /// An intercepted connection whose client reads nothing of what is written to it for this
+    /// long is closed (slow or stuck readers do not hold a slot and its buffers forever). A
+    /// humantime duration; must not be zero.
+    #[arg(long, env = "SPEGEL_INTERCEPT_WRITE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub intercept_write_timeout: Duration,
+    /// When the interception listener is wedged (alive but not accepting, or every connection
+    /// slot taken) for this long, the eBPF programs are detached so containerd connects to
+    /// registries directly; connections already accepted keep running. Must not be zero.
+    #[arg(long, env = "SPEGEL_INTERCEPT_WEDGE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub intercept_wedge_timeout: Duration,
+    /// How often the daemon connects to its own interception listener to check that it still
+    /// accepts; each probe must be accepted within this interval. Must not be zero.
+    #[arg(long, env = "SPEGEL_INTERCEPT_PROBE_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub intercept_probe_interval: Duration,
+    /// After a wedge, how long the listener must be healthy again before the programs are
+    /// re-attached. Must not be zero.
+    #[arg(long, env = "SPEGEL_INTERCEPT_RECOVER_AFTER", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub intercept_recover_after: Duration,
 }
 
 /// Errors of the interception subsystem.
@@ -147,6 +169,15 @@ pub struct InterceptConfig {
     /// How long a splice may move no byte before it is ended.
     pub splice_idle_timeout: Duration,
     pub max_connections: usize,
+    /// How long a write to an intercepted client may make no progress.
+    pub write_timeout: Duration,
+    /// When a wedged listener is bypassed and trusted again.
+    pub health: health::HealthPolicy,
+    /// How often the listener is probed (and each probe's deadline).
+    pub probe_interval: Duration,
+    /// Test only: a switch that stops the accept loop on demand.
+    #[cfg(feature = "fault-injection")]
+    pub accept_wedge: Option<std::sync::Arc<crate::fault::wedge::AcceptWedge>>,
 }
 
 impl InterceptConfig {
@@ -178,10 +209,16 @@ impl InterceptConfig {
                 "--intercept-max-connections must be at least 1".into(),
             ));
         }
-        if args.splice_idle_timeout.is_zero() {
-            return Err(InterceptError::Config(
-                "--splice-idle-timeout must not be zero".into(),
-            ));
+        for (flag, value) in [
+            ("--splice-idle-timeout", args.splice_idle_timeout),
+            ("--intercept-write-timeout", args.intercept_write_timeout),
+            ("--intercept-wedge-timeout", args.intercept_wedge_timeout),
+            ("--intercept-probe-interval", args.intercept_probe_interval),
+            ("--intercept-recover-after", args.intercept_recover_after),
+        ] {
+            if value.is_zero() {
+                return Err(InterceptError::Config(format!("{flag} must not be zero")));
+            }
         }
         let locator = if let Some(path) = &args.containerd_cgroup {
             Locator::Cgroup(path.clone())
@@ -209,6 +246,14 @@ impl InterceptConfig {
             connect_timeout: args.intercept_connect_timeout,
             splice_idle_timeout: args.splice_idle_timeout,
             max_connections: args.intercept_max_connections,
+            write_timeout: args.intercept_write_timeout,
+            health: health::HealthPolicy {
+                wedge_timeout: args.intercept_wedge_timeout,
+                recover_after: args.intercept_recover_after,
+            },
+            probe_interval: args.intercept_probe_interval,
+            #[cfg(feature = "fault-injection")]
+            accept_wedge: None,
         })
     }
 }
@@ -276,6 +321,32 @@ pub(crate) mod tests {
         let c = config(&["--splice-idle-timeout", "90s"]);
         assert_eq!(c.splice_idle_timeout, Duration::from_secs(90));
         assert!(bad(&["--splice-idle-timeout", "0s"]));
+        assert_eq!(c.write_timeout, Duration::from_secs(30));
+        assert_eq!(c.health.wedge_timeout, Duration::from_secs(5));
+        assert_eq!(c.health.recover_after, Duration::from_secs(10));
+        assert_eq!(c.probe_interval, Duration::from_secs(1));
+        let c = config(&[
+            "--intercept-write-timeout",
+            "2m",
+            "--intercept-wedge-timeout",
+            "3s",
+            "--intercept-recover-after",
+            "20s",
+            "--intercept-probe-interval",
+            "250ms",
+        ]);
+        assert_eq!(c.write_timeout, Duration::from_secs(120));
+        assert_eq!(c.health.wedge_timeout, Duration::from_secs(3));
+        assert_eq!(c.health.recover_after, Duration::from_secs(20));
+        assert_eq!(c.probe_interval, Duration::from_millis(250));
+        for flag in [
+            "--intercept-write-timeout",
+            "--intercept-wedge-timeout",
+            "--intercept-recover-after",
+            "--intercept-probe-interval",
+        ] {
+            assert!(bad(&[flag, "0s"]), "{flag} 0s accepted");
+        }
         assert!(
             TestCli::try_parse_from(["t", "--containerd-pid", "1", "--containerd-cgroup", "/x"])
                 .is_err()

@@ -1,19 +1,30 @@
 //! The interception lifecycle: listen, load the eBPF programs, keep them attached to
-//! containerd's current cgroup, serve until shutdown, then detach and drain.
-use std::{sync::Arc, time::Duration};
+//! containerd's current cgroup, serve until shutdown, then detach and drain. Meanwhile the
+//! listener is probed: when it is wedged the programs are detached (containerd connects
+//! directly) until it has been healthy again for a while.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::intercept::{
     InterceptConfig, InterceptError, InterceptStats, Interceptor, Listener, MirroredHandler,
     cgroup::CgroupFinder,
     ebpf::{EbpfError, RedirectConfig, Redirector},
+    health::{Action, HealthWatch, Sample},
+    probe::probe,
 };
 
 /// Runs transparent interception until `shutdown`: binds the listener, loads the eBPF programs,
 /// attaches them to containerd's cgroup (and re-attaches whenever containerd moves to another
-/// cgroup or its cgroup is recreated), and serves intercepted connections. On shutdown the
-/// programs are detached first, so new connects go direct while open ones drain for `grace`.
+/// cgroup or its cgroup is recreated), and serves intercepted connections. A listener that is
+/// wedged for the wedge timeout is bypassed: the programs are detached until it has been
+/// healthy for the recovery time. On shutdown the programs are detached first, so new connects
+/// go direct while open ones drain for `grace`.
 pub async fn run(
     config: InterceptConfig,
     handler: Arc<dyn MirroredHandler>,
@@ -52,8 +63,13 @@ pub async fn run_with_stats(
         Err(error) => return Err(error.into()),
     }
 
+    stats
+        .attached
+        .store(redirector.attached().is_some(), Ordering::Relaxed);
+
     let interceptor = Arc::new(
-        Interceptor::new(&config, Arc::new(redirector.orig_dst_table()), handler).with_stats(stats),
+        Interceptor::new(&config, Arc::new(redirector.orig_dst_table()), handler)
+            .with_stats(stats.clone()),
     );
     tracing::info!(
         port = listener.port(),
@@ -64,7 +80,16 @@ pub async fn run_with_stats(
         "transparent interception listening"
     );
     let serve_stop = CancellationToken::new();
+    let (samples_tx, mut samples) = mpsc::channel(4);
+    let prober = tokio::spawn(probe_loop(
+        interceptor.clone(),
+        listener.addrs(),
+        config.probe_interval,
+        samples_tx,
+        serve_stop.clone(),
+    ));
     let server = tokio::spawn(interceptor.serve(listener, serve_stop.clone(), grace));
+    let mut health = HealthWatch::new(config.health);
 
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -72,16 +97,89 @@ pub async fn run_with_stats(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                if let Err(error) = watcher.check(&mut finder, &mut redirector) {
+                // A bypassed listener stays bypassed until the health watch restores it.
+                if !health.bypassed()
+                    && let Err(error) = watcher.check(&mut finder, &mut redirector)
+                {
                     tracing::warn!(%error, "cannot attach the eBPF redirect; retrying");
                 }
             }
+            Some((at, sample)) = samples.recv() => {
+                if !sample.accepted {
+                    stats.probe_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                match health.observe(at, sample) {
+                    Some(Action::Bypass(trouble)) => {
+                        stats.wedges.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            %trouble,
+                            free_slots = sample.free_slots,
+                            wedge_timeout = ?config.health.wedge_timeout,
+                            "interception listener wedged: eBPF redirect detached, containerd connects directly until it recovers"
+                        );
+                        redirector.detach();
+                    }
+                    Some(Action::Restore) => {
+                        tracing::info!(
+                            recover_after = ?config.health.recover_after,
+                            "interception listener healthy again: re-attaching the eBPF redirect"
+                        );
+                        if let Err(error) = watcher.check(&mut finder, &mut redirector) {
+                            tracing::warn!(%error, "cannot attach the eBPF redirect; retrying");
+                        }
+                    }
+                    None => {}
+                }
+            }
         }
+        stats
+            .attached
+            .store(redirector.attached().is_some(), Ordering::Relaxed);
     }
     drop(redirector); // detach: from here on connects go direct
+    stats.attached.store(false, Ordering::Relaxed);
     serve_stop.cancel();
+    let _ = prober.await;
     let _ = server.await;
     Ok(())
+}
+
+/// Probes every listener address each `interval` (each probe must be accepted within the
+/// interval) and sends a [`Sample`], stamped with the time its probes started, until `stop`.
+pub async fn probe_loop(
+    interceptor: Arc<Interceptor>,
+    targets: Vec<SocketAddr>,
+    interval: Duration,
+    samples: mpsc::Sender<(Instant, Sample)>,
+    stop: CancellationToken,
+) {
+    let book = interceptor.probes();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let at = Instant::now();
+        let probes = targets.iter().map(|&target| probe(&book, target, interval));
+        let probed = tokio::select! {
+            _ = stop.cancelled() => return,
+            probed = futures::future::join_all(probes) => probed,
+        };
+        for (target, outcome) in targets.iter().zip(&probed) {
+            if !outcome.is_accepted() {
+                tracing::debug!(%target, ?outcome, "interception listener probe failed");
+            }
+        }
+        let sample = Sample {
+            accepted: probed.iter().all(|p| p.is_accepted()),
+            free_slots: interceptor.free_slots(),
+        };
+        if samples.send((at, sample)).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Keeps the programs attached to containerd's current cgroup.

@@ -1,7 +1,9 @@
 //! Passes an intercepted connection through to its original destination untouched: bytes are
 //! copied both ways, TLS is never decrypted. Whatever the client already sent is still in the
 //! socket (it was only peeked at), so nothing needs replaying. A splice that moves no byte either
-//! way for its idle timeout is ended, so a dead or parked connection does not hold a slot forever.
+//! way for its idle timeout is ended, so a dead or parked connection does not hold a slot forever;
+//! one whose client reads nothing of what is written to it for the write timeout is ended too
+//! (a stuck reader does not hold the destination's bytes in our buffers forever).
 use std::{
     io,
     net::SocketAddr,
@@ -16,6 +18,7 @@ use tokio::{
     net::TcpStream,
     time::Instant,
 };
+use tokio_io_timeout::TimeoutStream;
 
 /// Copy buffer per direction; large enough that image layers move in few syscalls.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -33,6 +36,8 @@ pub enum SpliceError {
     },
     #[error("no byte moved to or from {dst} for {}", humantime::format_duration(*idle))]
     Idle { dst: SocketAddr, idle: Duration },
+    #[error("the client read nothing from {dst} for {}", humantime::format_duration(*timeout))]
+    WriteTimeout { dst: SocketAddr, timeout: Duration },
     #[error("copying to or from {dst}: {source}")]
     Copy {
         dst: SocketAddr,
@@ -58,11 +63,14 @@ pub struct SpliceTimeouts {
     /// A splice with no byte read or written either way for this long is ended (both sides
     /// closed).
     pub idle: Duration,
+    /// A write to the client that makes no progress for this long ends the splice.
+    pub write: Duration,
 }
 
-/// Connects to `dst` and copies bytes both ways until both sides are done, or until nothing has
-/// moved for `timeouts.idle`. When `dst` cannot be reached, the client's connection is reset, so
-/// it fails as fast as a direct connect would have.
+/// Connects to `dst` and copies bytes both ways until both sides are done, until nothing has
+/// moved for `timeouts.idle`, or until a write to the client has made no progress for
+/// `timeouts.write`. When `dst` cannot be reached, the client's connection is reset, so it fails
+/// as fast as a direct connect would have.
 pub async fn splice(
     client: TcpStream,
     dst: SocketAddr,
@@ -84,7 +92,9 @@ pub async fn splice(
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
     let last = Arc::new(Mutex::new(Instant::now()));
-    let mut client = Active::new(client, &last);
+    let mut client = TimeoutStream::new(Active::new(client, &last));
+    client.set_write_timeout(Some(timeouts.write));
+    let mut client = Box::pin(client);
     let mut upstream = Active::new(upstream, &last);
     let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
@@ -95,7 +105,15 @@ pub async fn splice(
     tokio::select! {
         copied = copy => copied
             .map(|(up, down)| Spliced { up, down })
-            .map_err(|source| SpliceError::Copy { dst, source }),
+            .map_err(|source| {
+                // The wrapper's own timeout error carries no OS error code (a kernel ETIMEDOUT
+                // from the destination's side does).
+                if source.kind() == io::ErrorKind::TimedOut && source.raw_os_error().is_none() {
+                    SpliceError::WriteTimeout { dst, timeout: timeouts.write }
+                } else {
+                    SpliceError::Copy { dst, source }
+                }
+            }),
         () = idle_for(&last, timeouts.idle) => Err(SpliceError::Idle { dst, idle: timeouts.idle }),
     }
     // Both streams drop here, closing both sides.
@@ -192,6 +210,7 @@ mod tests {
     const TIMEOUTS: SpliceTimeouts = SpliceTimeouts {
         connect: Duration::from_secs(5),
         idle: Duration::from_secs(60),
+        write: Duration::from_secs(60),
     };
 
     /// A client connected to a listener that splices its one connection to `dst`.
@@ -286,5 +305,40 @@ mod tests {
             .expect("destination side still open")
             .unwrap();
         assert!(rest.is_empty());
+    }
+
+    /// A client that never reads while the destination keeps sending: once the socket buffers
+    /// are full, the write to the client makes no progress and the splice ends, closing both
+    /// sides, although bytes moved recently (the idle timeout is far away).
+    #[tokio::test]
+    async fn stuck_reader_is_closed_by_the_write_timeout() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = upstream.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let chunk = vec![0x42u8; 64 * 1024];
+            // Writes until the splice closes this side.
+            let mut sent = 0u64;
+            while s.write_all(&chunk).await.is_ok() {
+                sent += chunk.len() as u64;
+            }
+            sent
+        });
+        let write = Duration::from_millis(300);
+        let (client, proxy) = front(dst, SpliceTimeouts { write, ..TIMEOUTS }).await;
+        let ended = tokio::time::timeout(Duration::from_secs(30), proxy)
+            .await
+            .expect("the splice to a stuck reader was not ended")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(SpliceError::WriteTimeout { .. })),
+            "{ended:?}"
+        );
+        let sent = tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("destination side still open")
+            .unwrap();
+        assert!(sent > 0);
+        drop(client);
     }
 }

@@ -1,10 +1,10 @@
-//! The listener's connection counters (read by the metrics endpoint).
-use std::sync::atomic::AtomicU64;
+//! The listener's connection counters and the redirect's health (read by the metrics endpoint).
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
-/// Counters of the listener.
+/// Counters of the listener, and whether the redirect is in place.
 #[derive(Debug, Default)]
 pub struct InterceptStats {
-    /// Connections accepted.
+    /// Connections accepted (the listener's own health probes are not counted).
     pub accepted: AtomicU64,
     /// Accepted connections with no recorded original destination (closed at once).
     pub no_origin: AtomicU64,
@@ -12,4 +12,12 @@ pub struct InterceptStats {
     pub spliced: AtomicU64,
     /// Connections handed to the mirrored-registry handler.
     pub mirrored: AtomicU64,
+    /// Passed-through connections closed because the client read nothing for the write timeout.
+    pub write_timeouts: AtomicU64,
+    /// Health probes of the listener that were not accepted in time.
+    pub probe_failures: AtomicU64,
+    /// Times the listener was found wedged and the eBPF programs were detached.
+    pub wedges: AtomicU64,
+    /// Whether the eBPF programs are attached to containerd's cgroup right now.
+    pub attached: AtomicBool,
 }

@@ -103,9 +103,31 @@ impl Collector for Subsystems {
                     &stats.mirrored,
                     "Connections to mirrored registries served by spegel.",
                 ),
+                (
+                    "spegel_intercept_write_timeouts",
+                    &stats.write_timeouts,
+                    "Passed-through connections closed because the client read nothing.",
+                ),
+                (
+                    "spegel_intercept_probe_failures",
+                    &stats.probe_failures,
+                    "Health probes the interception listener did not accept in time.",
+                ),
+                (
+                    "spegel_intercept_wedges",
+                    &stats.wedges,
+                    "Times the listener was wedged and the eBPF redirect detached.",
+                ),
             ] {
                 counter(&mut encoder, name, help, load(value))?;
             }
+            let attached = ConstGauge::new(i64::from(stats.attached.load(Ordering::Relaxed)));
+            attached.encode(encoder.encode_descriptor(
+                "spegel_intercept_attached",
+                "Whether the eBPF redirect is attached to containerd's cgroup.",
+                None,
+                attached.metric_type(),
+            )?)?;
         }
         if let Some(router) = &self.router {
             let stats = router.stats();
