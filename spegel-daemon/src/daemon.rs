@@ -145,7 +145,10 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             .with_metrics(Arc::new(move || encoder_metrics.encode()))
             .with_max_connections(args.registry.registry_max_connections)
             .with_max_connections_per_client(args.registry.registry_max_connections_per_client)
-            .with_idle_timeout(args.registry.registry_idle_timeout),
+            .with_idle_timeout(args.registry.registry_idle_timeout)
+            .with_write_timeout(args.registry.registry_write_timeout)
+            .with_header_timeout(args.registry.registry_header_timeout)
+            .with_connection_stats(metrics.connection_stats()),
     );
     let listener = tokio::net::TcpListener::bind(args.registry.registry_addr)
         .await

@@ -3,7 +3,7 @@
 //!
 //! What was served from where is counted by [`Instrumented`] (which also logs every served
 //! object once); the counters the subsystems keep themselves (peer fetching, interception, the
-//! router) are read at scrape time by a collector.
+//! router, the registry API's connections) are read at scrape time by a collector.
 use std::sync::Arc;
 
 use prometheus_client::{encoding::text, registry::Registry};
@@ -19,6 +19,7 @@ mod tests;
 
 pub use format::Format;
 pub use served::Instrumented;
+pub use subsystems::ConnectionStats;
 
 use served::Served;
 use subsystems::Subsystems;
@@ -27,6 +28,7 @@ use subsystems::Subsystems;
 pub struct Metrics {
     registry: Registry,
     served: Served,
+    api: Arc<ConnectionStats>,
 }
 
 impl Default for Metrics {
@@ -44,12 +46,23 @@ impl Metrics {
     ) -> Self {
         let mut registry = Registry::default();
         let served = Served::register(&mut registry);
+        let api = Arc::new(ConnectionStats::default());
         registry.register_collector(Box::new(Subsystems {
+            api: Arc::clone(&api),
             fetch,
             intercept,
             router,
         }));
-        Self { registry, served }
+        Self {
+            registry,
+            served,
+            api,
+        }
+    }
+
+    /// The registry API's connection counters, for the server to count into.
+    pub fn connection_stats(&self) -> Arc<ConnectionStats> {
+        Arc::clone(&self.api)
     }
 
     /// Also exports the node CA's continuity stats (`spegel_ca_*`).

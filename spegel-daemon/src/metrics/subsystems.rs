@@ -1,6 +1,6 @@
-//! The counters subsystems keep themselves (peer fetching, interception, the router), read
-//! at scrape time and exported under their `spegel_peer_*`, `spegel_intercept_*` and
-//! `spegel_router_*` names.
+//! The counters subsystems keep themselves (peer fetching, interception, the router, the
+//! registry API's connections), read at scrape time and exported under their `spegel_peer_*`,
+//! `spegel_intercept_*`, `spegel_router_*` and `spegel_registry_*` names.
 use std::{
     fmt,
     sync::{
@@ -17,9 +17,22 @@ use prometheus_client::{
 
 use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics, routing::Router as _};
 
-/// Collects the subsystems' counters on every scrape; each subsystem is optional.
+/// What the registry API's server did to its connections. Kept here, not in `serve/`, because
+/// `serve/` depends on this module; the server holds it and counts into it.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections closed at once because their client IP held its share of connections.
+    pub refused: AtomicU64,
+    /// Connections closed because the client stopped reading: a write made no progress for
+    /// the write timeout.
+    pub write_timeouts: AtomicU64,
+}
+
+/// Collects the subsystems' counters on every scrape; each subsystem is optional but the
+/// registry API, which every daemon runs.
 #[derive(Debug)]
 pub(super) struct Subsystems {
+    pub(super) api: Arc<ConnectionStats>,
     pub(super) fetch: Option<Arc<FetchMetrics>>,
     pub(super) intercept: Option<Arc<InterceptStats>>,
     pub(super) router: Option<P2pRouter>,
@@ -27,6 +40,20 @@ pub(super) struct Subsystems {
 
 impl Collector for Subsystems {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        for (name, value, help) in [
+            (
+                "spegel_registry_refused_connections",
+                &self.api.refused,
+                "Registry API connections closed at once: their client held its share.",
+            ),
+            (
+                "spegel_registry_write_timeouts",
+                &self.api.write_timeouts,
+                "Registry API connections closed because the client stopped reading.",
+            ),
+        ] {
+            counter(&mut encoder, name, help, load(value))?;
+        }
         if let Some(fetch) = &self.fetch {
             let s = fetch.snapshot();
             for (name, value, help) in [

@@ -106,6 +106,9 @@ async fn busy_metrics() -> (Arc<Metrics>, Instrumented) {
     let (router, _event_loop) = P2pRouter::new(config).unwrap();
     router.stats().lookups.fetch_add(7, Ordering::Relaxed);
     let metrics = Arc::new(Metrics::new(Some(fetch), Some(intercept), Some(router)));
+    let api = metrics.connection_stats();
+    api.refused.fetch_add(11, Ordering::Relaxed);
+    api.write_timeouts.fetch_add(13, Ordering::Relaxed);
     let source = Instrumented::new(Arc::new(Peerish), Arc::clone(&metrics));
     serve_one_and_miss_one(&source).await;
     (metrics, source)
@@ -153,6 +156,8 @@ async fn openmetrics_scrape_is_complete() {
         "spegel_intercept_mirrored_total 3",
         "spegel_router_lookups_total 7",
         "spegel_router_has_peers 0",
+        "spegel_registry_refused_connections_total 11",
+        "spegel_registry_write_timeouts_total 13",
     ] {
         assert!(text.lines().any(|line| line == sample), "{sample}: {text}");
     }

@@ -1,9 +1,9 @@
 //! The protocols the swarm speaks — Kademlia in server mode over this node's provider store, and
-//! Identify carrying the registry announcement — within connection limits, and the swarm built
-//! around them.
+//! Identify carrying the registry announcement — within connection and memory limits, and the
+//! swarm built around them.
 use libp2p::{
-    StreamProtocol, Swarm, connection_limits, identify, identity::Keypair, kad, swarm,
-    swarm::NetworkBehaviour,
+    StreamProtocol, Swarm, connection_limits, identify, identity::Keypair, kad,
+    memory_connection_limits, swarm, swarm::NetworkBehaviour,
 };
 
 use super::{
@@ -17,11 +17,13 @@ pub(super) struct Behaviour {
     /// Denies connections beyond the configured limits; first, so it decides before the others
     /// set anything up.
     pub(super) limits: connection_limits::Behaviour,
+    /// Denies new connections while the process's resident memory is above the budget.
+    pub(super) memory: memory_connection_limits::Behaviour,
     pub(super) kad: kad::Behaviour<ProviderStore>,
     pub(super) identify: identify::Behaviour,
 }
 
-/// Builds the swarm (transport, connection limits, Kademlia, Identify) and binds the listen addresses.
+/// Builds the swarm (transport, connection and memory limits, Kademlia, Identify) and binds the listen addresses.
 pub(super) fn build_swarm(
     config: &P2pConfig,
     keypair: &Keypair,
@@ -64,6 +66,7 @@ pub(super) fn build_swarm(
         transport,
         Behaviour {
             limits,
+            memory: memory_connection_limits::Behaviour::with_max_bytes(tunables.max_memory_bytes),
             kad,
             identify,
         },
@@ -125,8 +128,8 @@ mod tests {
         }
     }
 
-    /// Drives `target` until the connection limits deny an incoming connection; the limit hit.
-    async fn until_denied(target: &mut Swarm<Behaviour>) -> u32 {
+    /// Drives `target` until it denies an incoming connection; why.
+    async fn until_denied_by(target: &mut Swarm<Behaviour>) -> swarm::ConnectionDenied {
         let denied = async {
             loop {
                 if let SwarmEvent::IncomingConnectionError {
@@ -134,16 +137,40 @@ mod tests {
                     ..
                 } = target.select_next_some().await
                 {
-                    let exceeded = cause
-                        .downcast::<connection_limits::Exceeded>()
-                        .expect("denied by something other than the connection limits");
-                    return exceeded.limit();
+                    return cause;
                 }
             }
         };
         tokio::time::timeout(Duration::from_secs(30), denied)
             .await
             .expect("no connection was denied")
+    }
+
+    /// Drives `target` until the connection limits deny an incoming connection; the limit hit.
+    async fn until_denied(target: &mut Swarm<Behaviour>) -> u32 {
+        until_denied_by(target)
+            .await
+            .downcast::<connection_limits::Exceeded>()
+            .expect("denied by something other than the connection limits")
+            .limit()
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_memory_budget_are_denied() {
+        // Any process is above a one-byte budget.
+        let mut target = swarm(|t| t.max_memory_bytes = 1);
+        let addr = listen_addr(&mut target).await;
+        let mut dialer = swarm(|_| {});
+        dialer.dial(addr).unwrap();
+        let dialer = drive(dialer);
+        let exceeded = until_denied_by(&mut target)
+            .await
+            .downcast::<memory_connection_limits::MemoryUsageLimitExceeded>()
+            .expect("denied by something other than the memory budget");
+        assert_eq!(exceeded.max_allowed_bytes(), 1);
+        assert!(exceeded.process_physical_memory_bytes() > 1);
+        assert_eq!(target.connected_peers().count(), 0);
+        dialer.abort();
     }
 
     #[tokio::test]

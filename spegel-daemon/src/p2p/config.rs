@@ -3,7 +3,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    num::{NonZeroU32, NonZeroUsize},
+    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -59,6 +59,11 @@ pub struct RouterArgs {
     /// Most incoming libp2p connections still being set up (handshake) at once.
     #[arg(long, env = "SPEGEL_ROUTER_MAX_PENDING_INCOMING", default_value_t = DEFAULT_MAX_PENDING_INCOMING)]
     pub router_max_pending_incoming: NonZeroU32,
+    /// Memory budget of the whole daemon, in MiB, as libp2p sees it: while the process's resident
+    /// memory is above it, new libp2p connections (in and out) are denied, so a flood of peers
+    /// cannot grow it further. Established connections and the registry API are unaffected.
+    #[arg(long, env = "SPEGEL_ROUTER_MAX_MEMORY_MIB", default_value_t = DEFAULT_MAX_MEMORY_MIB)]
+    pub router_max_memory_mib: NonZeroU64,
 }
 
 /// Established connections at once unless told otherwise (the flag's default too).
@@ -67,6 +72,9 @@ const DEFAULT_MAX_CONNECTIONS: NonZeroU32 = NonZeroU32::new(1024).unwrap();
 const DEFAULT_MAX_CONNECTIONS_PER_PEER: NonZeroU32 = NonZeroU32::new(8).unwrap();
 /// Incoming connections in their handshake unless told otherwise (the flag's default too).
 const DEFAULT_MAX_PENDING_INCOMING: NonZeroU32 = NonZeroU32::new(256).unwrap();
+/// Resident memory (MiB) above which new libp2p connections are denied unless told otherwise
+/// (the flag's default too): far above what a node uses, so only runaway growth hits it.
+const DEFAULT_MAX_MEMORY_MIB: NonZeroU64 = NonZeroU64::new(1024).unwrap();
 
 /// How other nodes reach this node's registry API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +168,8 @@ pub struct Tunables {
     pub max_connections_per_peer: NonZeroU32,
     /// Incoming connections in their handshake at once, at most.
     pub max_pending_incoming: NonZeroU32,
+    /// New connections are denied while the process's resident memory is above this many bytes.
+    pub max_memory_bytes: usize,
 }
 
 /// Why the router could not be built.
@@ -202,6 +212,7 @@ impl RouterArgs {
             max_connections: self.router_max_connections,
             max_connections_per_peer: self.router_max_connections_per_peer,
             max_pending_incoming: self.router_max_pending_incoming,
+            max_memory_bytes: mib_to_bytes(self.router_max_memory_mib),
             ..Tunables::default()
         };
         let registry = match self.registry_advertise_addr {
@@ -223,6 +234,11 @@ impl RouterArgs {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// `mib` MiB in bytes, saturating on a 32-bit target.
+fn mib_to_bytes(mib: NonZeroU64) -> usize {
+    usize::try_from(mib.get().saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
 }
 
 fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
@@ -364,6 +380,7 @@ impl Default for Tunables {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             max_pending_incoming: DEFAULT_MAX_PENDING_INCOMING,
+            max_memory_bytes: mib_to_bytes(DEFAULT_MAX_MEMORY_MIB),
         }
     }
 }
@@ -443,6 +460,7 @@ mod tests {
             ]
         };
         assert_eq!(limits(&config.tunables), [1024, 8, 256]);
+        assert_eq!(config.tunables.max_memory_bytes, 1 << 30);
         let cli = Cli::try_parse_from([
             "spegel",
             "--router-max-connections",
@@ -451,10 +469,13 @@ mod tests {
             "2",
             "--router-max-pending-incoming",
             "3",
+            "--router-max-memory-mib",
+            "200",
         ])
         .unwrap();
         let config = cli.router.to_config(Path::new("/tmp"), 5000).unwrap();
         assert_eq!(limits(&config.tunables), [10, 2, 3]);
+        assert_eq!(config.tunables.max_memory_bytes, 200 << 20);
 
         let cli = Cli::try_parse_from([
             "spegel",
@@ -473,6 +494,7 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["spegel", "--bootstrap-peers", "not-a-multiaddr"]).is_err());
         assert!(Cli::try_parse_from(["spegel", "--router-max-connections", "0"]).is_err());
+        assert!(Cli::try_parse_from(["spegel", "--router-max-memory-mib", "0"]).is_err());
         assert!(Cli::try_parse_from(["spegel", "--registry-advertise-addr", "x"]).is_err());
     }
 

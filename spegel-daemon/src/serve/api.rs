@@ -68,6 +68,14 @@ pub struct RegistryArgs {
     /// closed. A humantime duration ("90s", "2m"); must not be zero.
     #[arg(long, env = "SPEGEL_REGISTRY_IDLE_TIMEOUT", value_parser = parse_idle_timeout, default_value = "2m")]
     pub registry_idle_timeout: Duration,
+    /// A connection whose response writes make no progress for this long (the client stopped
+    /// reading) is closed, freeing its slot and what its response held. Not zero.
+    #[arg(long, env = "SPEGEL_REGISTRY_WRITE_TIMEOUT", value_parser = parse_idle_timeout, default_value = "30s")]
+    pub registry_write_timeout: Duration,
+    /// A client must send a request's headers within this long of starting them (HTTP/1.1),
+    /// or its connection is closed. Not zero.
+    #[arg(long, env = "SPEGEL_REGISTRY_HEADER_TIMEOUT", value_parser = parse_idle_timeout, default_value = "30s")]
+    pub registry_header_timeout: Duration,
 }
 
 /// A humantime duration that is not zero.
@@ -153,6 +161,8 @@ pub struct Registry {
     max_connections_per_client: NonZeroUsize,
     client_slots: Arc<bounds::ClientSlots>,
     idle_timeout: Duration,
+    write_timeout: Duration,
+    stats: Arc<metrics::ConnectionStats>,
     builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
@@ -186,7 +196,9 @@ impl Registry {
             max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
             client_slots: bounds::ClientSlots::new(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            builder: server::builder(),
+            write_timeout: server::DEFAULT_WRITE_TIMEOUT,
+            stats: Arc::default(),
+            builder: server::builder(server::DEFAULT_HEADER_TIMEOUT),
         }
     }
 
@@ -223,7 +235,9 @@ impl Registry {
 
     /// Connections [`serve`] refused so far because their client held its share.
     pub fn refused_connections(&self) -> u64 {
-        self.client_slots.refused()
+        self.stats
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Answer one request. Never fails: every problem is an HTTP answer. A response body may

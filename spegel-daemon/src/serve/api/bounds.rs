@@ -1,27 +1,28 @@
 //! Bounds on the registry API's connections: how many connections one client IP may hold at
-//! once, and when a connection with no request in flight has been idle long enough to close.
+//! once, when a connection with no request in flight has been idle long enough to close, and
+//! when one whose client stopped reading has made no progress long enough to close.
 use std::{
     collections::HashMap,
     net::IpAddr,
     num::NonZeroUsize,
     pin::Pin,
-    sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
 
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::Instant;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
+use tokio_io_timeout::TimeoutStream;
 
 /// Connection slots per client IP: at most `max` connections from one address at once.
 #[derive(Debug)]
 pub(super) struct ClientSlots {
     max: usize,
     held: Mutex<HashMap<IpAddr, usize>>,
-    refused: AtomicU64,
 }
 
 impl ClientSlots {
@@ -30,18 +31,15 @@ impl ClientSlots {
         Arc::new(Self {
             max: max.get(),
             held: Mutex::default(),
-            refused: AtomicU64::new(0),
         })
     }
 
     /// A slot for one more connection from `ip`, held until the returned guard drops; `None`
-    /// (and counted as refused) when `ip` already holds every slot it may.
+    /// when `ip` already holds every slot it may.
     pub(super) fn take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let count = held.entry(ip).or_insert(0);
         if *count >= self.max {
-            drop(held);
-            self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         *count += 1;
@@ -49,11 +47,6 @@ impl ClientSlots {
             slots: Arc::clone(self),
             ip,
         })
-    }
-
-    /// Connections refused so far because their client held every slot.
-    pub(super) fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
     }
 
     /// Connections `ip` holds now.
@@ -189,6 +182,34 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
+/// `io` whose writes (and flushes) fail with [`std::io::ErrorKind::TimedOut`] once one has
+/// made no progress for `timeout`: a client that stops reading cannot hold its connection, nor
+/// the response it stopped reading, for longer. Reads are not bounded here (the idle and header
+/// timeouts do that).
+pub(super) fn write_bounded<I>(io: I, timeout: Duration) -> Pin<Box<TimeoutStream<I>>>
+where
+    I: AsyncRead + AsyncWrite,
+{
+    let mut io = TimeoutStream::new(io);
+    io.set_write_timeout(Some(timeout));
+    Box::pin(io)
+}
+
+/// Whether `err` (a connection's end) comes from a write that timed out in [`write_bounded`].
+pub(super) fn is_write_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,18 +219,16 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "::1".parse().unwrap();
         let slots = ClientSlots::new(NonZeroUsize::new(2).unwrap());
-        // (address, expect a slot, held afterwards by that address, refused so far)
+        // (address, expect a slot, held afterwards by that address)
         let first = slots.take(a).unwrap();
         let second = slots.take(a).unwrap();
-        let cases: [(IpAddr, bool, usize, u64); 3] =
-            [(a, false, 2, 1), (b, true, 1, 1), (a, false, 2, 2)];
+        let cases: [(IpAddr, bool, usize); 3] = [(a, false, 2), (b, true, 1), (a, false, 2)];
         let mut kept = Vec::new();
-        for (ip, granted, held, refused) in cases {
+        for (ip, granted, held) in cases {
             let slot = slots.take(ip);
             assert_eq!(slot.is_some(), granted, "{ip}");
             kept.push(slot);
             assert_eq!(slots.held(ip), held, "{ip}");
-            assert_eq!(slots.refused(), refused);
         }
         drop(first);
         assert_eq!(slots.held(a), 1);

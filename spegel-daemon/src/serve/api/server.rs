@@ -1,7 +1,12 @@
 //! The HTTP server: HTTP/1.1 and h2c on one port, a bounded number of connections (in all and
-//! per client IP), idle connections closed, graceful shutdown; and the entry point for
-//! connections the interception layer accepted itself.
-use std::{convert::Infallible, sync::Arc, time::Duration};
+//! per client IP), idle connections and connections whose client stopped reading closed,
+//! graceful shutdown; and the entry point for connections the interception layer accepted
+//! itself.
+use std::{
+    convert::Infallible,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use http::Request;
 use hyper::body::Incoming;
@@ -18,21 +23,28 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     BoxError, HttpBody, Registry, RequestContext,
-    bounds::{Activity, Tracked},
+    bounds::{self, Activity, Tracked},
 };
+use crate::metrics::ConnectionStats;
 
-/// How long a client may take to send a request's headers before its connection is closed.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers unless told otherwise (the flag's
+/// default too).
+pub(super) const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a response write may make no progress unless told otherwise (the flag's default
+/// too): far longer than any healthy client pauses, short enough that a stalled one does not
+/// hold its slot and its response for long.
+pub(super) const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to back off after a failed accept (e.g. out of file descriptors).
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
-/// The connection builder every connection uses.
-pub(super) fn builder() -> Builder<TokioExecutor> {
+/// The connection builder every connection uses: HTTP/1.1 clients must send a request's
+/// headers within `header_timeout`.
+pub(super) fn builder(header_timeout: Duration) -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_timeout);
     builder
 }
 
@@ -40,7 +52,8 @@ pub(super) fn builder() -> Builder<TokioExecutor> {
 /// for in-flight requests to finish. The caller bounds that wait (the daemon's grace period);
 /// connections still open when the runtime stops are cut. A client IP already holding its share
 /// of connections has further ones closed at once; a connection with no request in flight for
-/// the idle timeout is closed.
+/// the idle timeout is closed, and so is one whose writes make no progress for the write
+/// timeout (its client stopped reading).
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(registry.max_connections.get()));
     let connections = TaskTracker::new();
@@ -50,6 +63,7 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
             max_connections = registry.max_connections.get(),
             max_connections_per_client = registry.max_connections_per_client.get(),
             idle_timeout = %humantime::format_duration(registry.idle_timeout),
+            write_timeout = %humantime::format_duration(registry.write_timeout),
             "registry API listening"
         );
     }
@@ -77,10 +91,11 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
             },
         };
         let Some(slot) = registry.client_slots.take(peer.ip()) else {
+            let refused = registry.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::debug!(
                 %peer,
                 max = registry.max_connections_per_client.get(),
-                refused = registry.client_slots.refused(),
+                refused,
                 "registry connection refused: the client holds its share of connections"
             );
             drop(stream);
@@ -91,11 +106,12 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
         }
         let activity = Activity::new();
         let connection = registry.tracked_connection(
-            stream,
+            bounds::write_bounded(stream, registry.write_timeout),
             RequestContext::default(),
             Some(Arc::clone(&activity)),
         );
         let (idle, shutdown) = (registry.idle_timeout, shutdown.clone());
+        let stats = Arc::clone(&registry.stats);
         connections.spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {
@@ -110,8 +126,15 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
                     connection.await
                 }
             };
-            if let Err(err) = result {
-                tracing::debug!(%peer, err = %err, "registry connection ended with an error");
+            match result {
+                Err(err) if bounds::is_write_timeout(&*err) => {
+                    stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "registry connection closed: the client stopped reading");
+                }
+                Err(err) => {
+                    tracing::debug!(%peer, err = %err, "registry connection ended with an error");
+                }
+                Ok(()) => {}
             }
             drop((slot, permit));
         });
@@ -124,6 +147,25 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
 }
 
 impl Registry {
+    /// In [`serve`], close a connection whose writes make no progress for `timeout`.
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Close an HTTP/1.1 connection whose client takes longer than `timeout` to send a
+    /// request's headers.
+    pub fn with_header_timeout(mut self, timeout: Duration) -> Self {
+        self.builder = builder(timeout);
+        self
+    }
+
+    /// Count [`serve`]'s refused and write-timed-out connections in `stats` (for `/metrics`).
+    pub fn with_connection_stats(mut self, stats: Arc<ConnectionStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
     /// Serve one already-accepted connection (e.g. TLS-terminated by the interception layer)
     /// with `ctx` for every request on it, until the client closes it or `shutdown` is cancelled,
     /// after which in-flight requests finish and the connection closes.
@@ -187,5 +229,134 @@ impl Registry {
         self.builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpSocket, TcpStream},
+    };
+
+    use super::*;
+    use crate::{
+        oci::{self, Reference, digest::Digest},
+        source::{Object, ObjectRequest, Source, SourceError},
+    };
+
+    const CHUNK: usize = 64 * 1024;
+    /// 256 MiB announced: far more than the kernel buffers of both ends hold.
+    const CHUNKS: usize = 4096;
+    static ZEROS: [u8; CHUNK] = [0; CHUNK];
+
+    /// Any blob asked for by digest: 256 MiB of zeros, made as they are read.
+    struct Large;
+
+    #[async_trait::async_trait]
+    impl Source for Large {
+        async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
+            let Reference::Digest(digest) = request.reference else {
+                return Err(SourceError::NotFound);
+            };
+            let chunks = (0..CHUNKS).map(|_| Ok(Bytes::from_static(&ZEROS)));
+            Ok(Object {
+                digest,
+                media_type: oci::OCTET_STREAM.into(),
+                size: (CHUNK * CHUNKS) as u64,
+                range: None,
+                body: Some(Box::pin(futures::stream::iter(chunks))),
+                source: "large",
+            })
+        }
+    }
+
+    /// A connection from `ip` to `addr`, with a small receive buffer so that a client that does
+    /// not read stalls the server's writes soon.
+    async fn connect_from(ip: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind(SocketAddr::from((ip, 0))).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// `GET /livez` on a fresh connection from `ip`: the status line.
+    async fn livez_from(ip: [u8; 4], addr: SocketAddr) -> String {
+        let mut stream = connect_from(ip, addr).await;
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nhost: spegel\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+            .await
+            .expect("no answer to /livez")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_disconnected_and_others_are_served() {
+        let timeout = Duration::from_millis(500);
+        let stats = Arc::new(ConnectionStats::default());
+        let registry = Arc::new(
+            Registry::new(Arc::new(Large))
+                .with_max_connections_per_client(std::num::NonZeroUsize::MIN)
+                .with_write_timeout(timeout)
+                .with_connection_stats(Arc::clone(&stats)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, Arc::clone(&registry), shutdown.clone()));
+
+        // 127.0.0.1 asks for a large blob and never reads; it holds its one slot meanwhile.
+        let mut stalled = connect_from([127, 0, 0, 1], addr).await;
+        let blob = Digest::of(b"large");
+        stalled
+            .write_all(
+                format!("GET /v2/a/blobs/{blob} HTTP/1.1\r\nhost: spegel\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+
+        // Another client is served meanwhile.
+        assert_eq!(livez_from([127, 0, 0, 2], addr).await, "HTTP/1.1 200 OK");
+
+        // The stalled connection is closed for it: counted, and its slot given back.
+        let counted = async {
+            while stats.write_timeouts.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), counted)
+            .await
+            .expect("the stalled connection was not closed");
+        assert_eq!(stats.write_timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(livez_from([127, 0, 0, 1], addr).await, "HTTP/1.1 200 OK");
+        assert_eq!(registry.refused_connections(), 0);
+
+        // What the stalled client gets is what was buffered, then the end: never the whole blob.
+        let mut received = 0usize;
+        let mut buf = vec![0; CHUNK];
+        let drained = async {
+            loop {
+                match stalled.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => received += n,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), drained)
+            .await
+            .expect("the stalled connection is still open");
+        assert!(received < CHUNK * CHUNKS, "{received} bytes");
+
+        shutdown.cancel();
+        server.await.unwrap();
     }
 }
