@@ -196,6 +196,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
                 timeouts: intercept::splice::SpliceTimeouts {
                     connect: config.connect_timeout,
                     idle: config.splice_idle_timeout,
+                    write: config.write_timeout,
                 },
             },
             ca_stats,

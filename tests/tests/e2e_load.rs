@@ -68,10 +68,7 @@ impl Suite {
     }
 }
 
-async fn run_scenario(
-    name: &str,
-    scenario: impl for<'a> FnOnce(&'a Suite) -> BoxFuture<'a, ()>,
-) {
+async fn run_scenario(name: &str, scenario: impl for<'a> FnOnce(&'a Suite) -> BoxFuture<'a, ()>) {
     let started = Instant::now();
     let rig = Rig::builder().nodes(3).start().await.expect("rig starts");
     eprintln!("{name}: rig {} up in {:?}", rig.prefix(), started.elapsed());
@@ -343,8 +340,15 @@ async fn scenario_many_connections_and_pulls(suite: &Suite) {
     });
     let pulls = (0..3).flat_map(|node| {
         images.iter().map(move |image| async move {
-            let result = rig.node(node).cri_pull(&image.reference(Endpoint::Tls)).await;
-            (node, image.name.clone(), result.map_err(|e| format!("{e:#}")))
+            let result = rig
+                .node(node)
+                .cri_pull(&image.reference(Endpoint::Tls))
+                .await;
+            (
+                node,
+                image.name.clone(),
+                result.map_err(|e| format!("{e:#}")),
+            )
         })
     });
     let started = Instant::now();
@@ -378,7 +382,10 @@ async fn scenario_many_connections_and_pulls(suite: &Suite) {
     match (map_before, bpf_map_entries(a).await) {
         (Some(before), Some(after)) => {
             eprintln!("eBPF map entries {before} → {after}");
-            assert!(after <= before + 16, "eBPF map entries grew: {before} → {after}");
+            assert!(
+                after <= before + 16,
+                "eBPF map entries grew: {before} → {after}"
+            );
         }
         _ => eprintln!("note: bpftool not available, eBPF map entries not checked"),
     }
@@ -408,7 +415,8 @@ async fn slowloris(addr: SocketAddr, within: Duration) -> bool {
         return true;
     };
     let deadline = Instant::now() + within;
-    let bytes = b"GET / HTTP/1.1\r\nhost: spegel\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let bytes =
+        b"GET / HTTP/1.1\r\nhost: spegel\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     let mut buf = [0; 1024];
     for byte in bytes.iter().cycle() {
         if Instant::now() > deadline {
@@ -494,7 +502,11 @@ async fn scenario_slow_reader(suite: &Suite) {
 
     // GET the large layer and read one byte a second.
     let mut slow = connect_small(a.registry_addr()).await;
-    let path = format!("/v2/rig/big/blobs/{}?{}", big.layers()[0].digest, suite.ns());
+    let path = format!(
+        "/v2/rig/big/blobs/{}?{}",
+        big.layers()[0].digest,
+        suite.ns()
+    );
     slow.write_all(format!("GET {path} HTTP/1.1\r\nhost: spegel\r\n\r\n").as_bytes())
         .await
         .unwrap();

@@ -187,10 +187,22 @@ mod tests {
     fn decisions() {
         let bypass = |t| Action::Bypass(t);
         let table: &[(&str, &[(u64, Sample)], &[(u64, Action)])] = &[
-            ("healthy: nothing happens", &[(0, OK), (10, OK), (100, OK)], &[]),
+            (
+                "healthy: nothing happens",
+                &[(0, OK), (10, OK), (100, OK)],
+                &[],
+            ),
             (
                 "progress: accepting and slots free, never bypassed",
-                &[(0, OK), (1, OK), (2, OK), (3, OK), (4, OK), (5, OK), (6, OK)],
+                &[
+                    (0, OK),
+                    (1, OK),
+                    (2, OK),
+                    (3, OK),
+                    (4, OK),
+                    (5, OK),
+                    (6, OK),
+                ],
                 &[],
             ),
             (

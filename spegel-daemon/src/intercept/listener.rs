@@ -711,14 +711,22 @@ mod tests {
         ));
         let (stats, book) = (interceptor.stats(), interceptor.probes());
         let (addr, stop, server) = serving(interceptor).await;
-        assert!(probe(&book, addr, Duration::from_secs(10)).await.is_accepted());
+        assert!(
+            probe(&book, addr, Duration::from_secs(10))
+                .await
+                .is_accepted()
+        );
         std::fs::write(&file, b"").unwrap();
         // The loop notices within its poll; then nothing is accepted.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let probed = probe(&book, addr, Duration::from_millis(500)).await;
         assert!(!probed.is_accepted(), "{probed:?}");
         std::fs::remove_file(&file).unwrap();
-        assert!(probe(&book, addr, Duration::from_secs(10)).await.is_accepted());
+        assert!(
+            probe(&book, addr, Duration::from_secs(10))
+                .await
+                .is_accepted()
+        );
         assert_eq!(book.pending(), 0);
         assert_eq!(stats.accepted.load(Ordering::Relaxed), 0);
         stop.cancel();

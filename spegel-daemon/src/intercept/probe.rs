@@ -141,7 +141,10 @@ fn bind_like(listener: SocketAddr) -> io::Result<(TcpSocket, SocketAddr)> {
     };
     socket.bind(SocketAddr::new(listener.ip(), 0))?;
     let local = socket.local_addr()?;
-    Ok((socket, SocketAddr::new(local.ip().to_canonical(), local.port())))
+    Ok((
+        socket,
+        SocketAddr::new(local.ip().to_canonical(), local.port()),
+    ))
 }
 
 #[cfg(test)]
@@ -166,7 +169,10 @@ mod tests {
         };
         let probed = probe(&book, addr, Duration::from_secs(10)).await;
         assert!(probed.is_accepted(), "{probed:?}");
-        assert!(acceptor.await.unwrap(), "the listener did not recognise the probe");
+        assert!(
+            acceptor.await.unwrap(),
+            "the listener did not recognise the probe"
+        );
         assert_eq!(book.pending(), 0);
         // Anything else is not a probe.
         assert!(!book.accepted(SocketAddr::from((Ipv4Addr::LOCALHOST, 1))));
