@@ -426,9 +426,10 @@ async fn slowloris(addr: SocketAddr, within: Duration) -> bool {
             return true;
         }
         // A closed connection reads as EOF (or an error); an answer (e.g. 408) then EOF too.
-        match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => return true,
-            Ok(Ok(_)) | Err(_) => {}
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await
+        {
+            return true;
         }
     }
     false

@@ -186,7 +186,8 @@ mod tests {
     #[test]
     fn decisions() {
         let bypass = |t| Action::Bypass(t);
-        let table: &[(&str, &[(u64, Sample)], &[(u64, Action)])] = &[
+        type Case<'a> = (&'a str, &'a [(u64, Sample)], &'a [(u64, Action)]);
+        let table: &[Case] = &[
             (
                 "healthy: nothing happens",
                 &[(0, OK), (10, OK), (100, OK)],
