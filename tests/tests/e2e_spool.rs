@@ -127,9 +127,11 @@ async fn forget_all_but_the_config(node: &Node, image: &TestImage) {
     ])
     .await
     .expect("relabel the config");
+    // CRI names the image by its config digest (the image ID) too.
     let names = [
         image.reference(Endpoint::Plain),
         image.digest_reference(Endpoint::Plain),
+        config.clone(),
     ];
     let mut args = vec!["-n", K8S_NAMESPACE, "images", "rm", "--sync"];
     args.extend(names.iter().map(String::as_str));
