@@ -200,6 +200,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
                 },
             },
             ca_stats,
+            write_timeout: config.write_timeout,
+            intercept_stats: Arc::clone(&intercept_stats),
         };
         let stop = stop.clone();
         let grace = args.shutdown_grace;

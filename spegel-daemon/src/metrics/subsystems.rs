@@ -133,7 +133,7 @@ impl Collector for Subsystems {
                 (
                     "spegel_intercept_write_timeouts",
                     &stats.write_timeouts,
-                    "Passed-through connections closed because the client read nothing.",
+                    "Intercepted connections (passed through or served) closed because the client read nothing.",
                 ),
                 (
                     "spegel_intercept_probe_failures",

@@ -30,7 +30,7 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-pub use server::serve;
+pub use server::{is_write_timeout, serve};
 
 /// Renders the metrics registry in the OpenMetrics text format (`# EOF` included), for
 /// `/metrics`; the route re-renders it in the Prometheus text format for clients that prefer it.

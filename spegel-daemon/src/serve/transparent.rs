@@ -3,7 +3,10 @@
 //! everything that is not a pull passed through to the original upstream. A TLS connection to a
 //! registry the CA containerd trusts does not cover (the mirrored list changed, the next CA is
 //! not trusted yet) is not ours: it is spliced through untouched, never failed.
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use http::{Request, Response};
 use tokio::net::TcpStream;
@@ -11,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     body::BoxBody as HttpBody,
-    intercept::{MirroredHandler, SpliceHandler, origin_registry},
-    serve::api::{Passthrough, Registry, RequestContext},
+    intercept::{InterceptStats, MirroredHandler, SpliceHandler, origin_registry},
+    serve::api::{Passthrough, Registry, RequestContext, is_write_timeout},
     source::Origin,
     tls::{TlsTerminator, continuity::CaStats},
     upstream::UpstreamClient,
@@ -53,6 +56,13 @@ pub struct RegistryHandler {
     pub uncovered: SpliceHandler,
     /// Counts those connections (`spegel_ca_spliced_uncovered_total`).
     pub ca_stats: Arc<CaStats>,
+    /// A served connection whose client reads nothing of what is written to it for this long
+    /// is closed (`--intercept-write-timeout`), freeing what its response held. The listener
+    /// also sets it as the socket's `TCP_USER_TIMEOUT`; this bound holds in user space too
+    /// (a client whose window never quite closes, a kernel that ignores the option).
+    pub write_timeout: Duration,
+    /// Counts those (`spegel_intercept_write_timeouts_total`).
+    pub intercept_stats: Arc<InterceptStats>,
 }
 
 #[async_trait::async_trait]
@@ -78,7 +88,12 @@ impl MirroredHandler for RegistryHandler {
                 Ok(accepted) => {
                     tracing::debug!(host = %origin.host, alpn = ?accepted.alpn, "TLS terminated");
                     self.registry
-                        .serve_connection(accepted.stream, ctx, self.shutdown.clone())
+                        .serve_connection(
+                            accepted.stream,
+                            ctx,
+                            self.shutdown.clone(),
+                            self.write_timeout,
+                        )
                         .await
                 }
                 Err(error) => {
@@ -88,11 +103,20 @@ impl MirroredHandler for RegistryHandler {
             }
         } else {
             self.registry
-                .serve_connection(stream, ctx, self.shutdown.clone())
+                .serve_connection(stream, ctx, self.shutdown.clone(), self.write_timeout)
                 .await
         };
-        if let Err(error) = result {
-            tracing::debug!(host = %origin.host, %error, "intercepted connection ended with an error");
+        match result {
+            Err(error) if is_write_timeout(&*error) => {
+                self.intercept_stats
+                    .write_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(host = %origin.host, %error, "intercepted connection closed: the client stopped reading");
+            }
+            Err(error) => {
+                tracing::debug!(host = %origin.host, %error, "intercepted connection ended with an error");
+            }
+            Ok(()) => {}
         }
     }
 }

@@ -113,20 +113,7 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
         let (idle, shutdown) = (registry.idle_timeout, shutdown.clone());
         let stats = Arc::clone(&registry.stats);
         connections.spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-                () = activity.idle_for(idle) => {
-                    tracing::debug!(%peer, "registry connection idle, closing");
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            match result {
+            match drive(connection, &activity, idle, &shutdown).await {
                 Err(err) if bounds::is_write_timeout(&*err) => {
                     stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, "registry connection closed: the client stopped reading");
@@ -144,6 +131,35 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
     tracing::info!(connections = connections.len(), "registry API draining");
     connections.wait().await;
     tracing::info!("registry API stopped");
+}
+
+/// Runs `connection` to its end; on `shutdown`, or once it has had no request in flight for
+/// `idle`, it finishes what is in flight and closes.
+async fn drive<C>(
+    connection: C,
+    activity: &Activity,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), BoxError>
+where
+    C: GracefulConnection<Error = BoxError>,
+{
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        () = shutdown.cancelled() => {}
+        () = activity.idle_for(idle) => {
+            tracing::debug!("connection idle, closing");
+        }
+    }
+    connection.as_mut().graceful_shutdown();
+    connection.await
+}
+
+/// Whether `err` (a connection's end, from [`serve`] or [`Registry::serve_connection`]) comes
+/// from a write that made no progress for the write timeout: the client stopped reading.
+pub fn is_write_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    bounds::is_write_timeout(err)
 }
 
 impl Registry {
@@ -168,23 +184,26 @@ impl Registry {
 
     /// Serve one already-accepted connection (e.g. TLS-terminated by the interception layer)
     /// with `ctx` for every request on it, until the client closes it or `shutdown` is cancelled,
-    /// after which in-flight requests finish and the connection closes.
+    /// after which in-flight requests finish and the connection closes. The bounds of [`serve`]
+    /// hold here too: the header timeout, the idle timeout, and `write_timeout` for writes that
+    /// make no progress (its error is recognised by [`is_write_timeout`]).
     pub async fn serve_connection<I>(
         self: &Arc<Self>,
         io: I,
         ctx: RequestContext,
         shutdown: CancellationToken,
+        write_timeout: Duration,
     ) -> Result<(), BoxError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let mut connection = std::pin::pin!(self.connection(io, ctx));
-        tokio::select! {
-            result = connection.as_mut() => return result,
-            () = shutdown.cancelled() => {}
-        }
-        connection.as_mut().graceful_shutdown();
-        connection.await
+        let activity = Activity::new();
+        let connection = self.tracked_connection(
+            bounds::write_bounded(io, write_timeout),
+            ctx,
+            Some(Arc::clone(&activity)),
+        );
+        drive(connection, &activity, self.idle_timeout, &shutdown).await
     }
 
     /// One connection as a future, for callers that track connections with their own hyper-util
@@ -357,6 +376,118 @@ mod tests {
         assert!(received < CHUNK * CHUNKS, "{received} bytes");
 
         shutdown.cancel();
+        server.await.unwrap();
+    }
+
+    /// A connection accepted elsewhere (the interception layer) and handed to
+    /// [`Registry::serve_connection`]: the server's end and the client's.
+    async fn handed_over() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = connect_from([127, 0, 0, 1], listener.local_addr().unwrap()).await;
+        let (server, _) = listener.accept().await.unwrap();
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_connection_whose_client_stops_reading_ends_by_the_write_timeout() {
+        let registry = Arc::new(Registry::new(Arc::new(Large)));
+        let (server, mut client) = handed_over().await;
+        let served = tokio::spawn({
+            let registry = Arc::clone(&registry);
+            async move {
+                registry
+                    .serve_connection(
+                        server,
+                        RequestContext::default(),
+                        CancellationToken::new(),
+                        Duration::from_millis(300),
+                    )
+                    .await
+            }
+        });
+        let blob = Digest::of(b"large");
+        client
+            .write_all(
+                format!("GET /v2/a/blobs/{blob} HTTP/1.1\r\nhost: spegel\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(20), served)
+            .await
+            .expect("a connection whose client reads nothing is still served")
+            .unwrap();
+        let err = ended.expect_err("the connection ended without an error");
+        assert!(is_write_timeout(&*err), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_idle_connection_is_closed() {
+        let registry =
+            Arc::new(Registry::new(Arc::new(Large)).with_idle_timeout(Duration::from_millis(200)));
+        let (server, mut client) = handed_over().await;
+        let served = tokio::spawn({
+            let registry = Arc::clone(&registry);
+            async move {
+                registry
+                    .serve_connection(
+                        server,
+                        RequestContext::default(),
+                        CancellationToken::new(),
+                        Duration::from_secs(30),
+                    )
+                    .await
+            }
+        });
+        client
+            .write_all(b"GET /livez HTTP/1.1\r\nhost: spegel\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut answer))
+            .await
+            .expect("an idle handed-over connection is still open")
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK"), "{answer:?}");
+        served.await.unwrap().unwrap();
+    }
+
+    /// A response that takes longer than the header timeout to send, to a client that keeps
+    /// reading, is not cut: the header timeout bounds request heads only.
+    #[tokio::test]
+    async fn a_long_response_outlives_the_header_timeout() {
+        let registry = Arc::new(
+            Registry::new(Arc::new(Large)).with_header_timeout(Duration::from_millis(200)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, Arc::clone(&registry), shutdown.clone()));
+        let mut client = connect_from([127, 0, 0, 1], addr).await;
+        let blob = Digest::of(b"large");
+        client
+            .write_all(
+                format!("GET /v2/a/blobs/{blob} HTTP/1.1\r\nhost: spegel\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        // Read steadily for well over the header timeout.
+        let started = std::time::Instant::now();
+        let mut received = 0usize;
+        let mut buf = vec![0; CHUNK];
+        while started.elapsed() < Duration::from_millis(1500) {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "the response was cut after {:?} and {received} bytes",
+            started.elapsed()
+        );
+        shutdown.cancel();
+        drop(client);
         server.await.unwrap();
     }
 }

@@ -1574,7 +1574,11 @@ async fn serve_connection_uses_the_context_of_the_connection() {
             let registry = registry.clone();
             let ctx = ctx.clone();
             let shutdown = shutdown.child_token();
-            async move { registry.serve_connection(server_io, ctx, shutdown).await }
+            async move {
+                registry
+                    .serve_connection(server_io, ctx, shutdown, Duration::from_secs(30))
+                    .await
+            }
         });
         let io = hyper_util::rt::TokioIo::new(client_io);
         let (mut client, conn) = if h2 {
@@ -1620,7 +1624,11 @@ async fn serve_connection_uses_the_context_of_the_connection() {
         let registry = registry.clone();
         let shutdown = shutdown.clone();
         let ctx = ctx.clone();
-        async move { registry.serve_connection(server_io, ctx, shutdown).await }
+        async move {
+            registry
+                .serve_connection(server_io, ctx, shutdown, Duration::from_secs(30))
+                .await
+        }
     });
     let (send, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
         hyper_util::rt::TokioIo::new(client_io),
@@ -1642,7 +1650,11 @@ async fn serve_connection_uses_the_context_of_the_connection() {
     let never_used = tokio::spawn({
         let registry = registry.clone();
         let shutdown = shutdown.clone();
-        async move { registry.serve_connection(server_io, ctx, shutdown).await }
+        async move {
+            registry
+                .serve_connection(server_io, ctx, shutdown, Duration::from_secs(30))
+                .await
+        }
     });
     shutdown.cancel();
     within(served, "the connection to end on shutdown")
