@@ -12,17 +12,23 @@
 //! - `slow_reader_is_cut_off`: a client GETs a large blob from A's registry API and reads a byte
 //!   a second: other nodes' pulls are not delayed by more than about a second, A's RSS stays
 //!   within a margin, and the write timeout closes the slow connection.
+//! - `stuck_reader_on_the_interception_port_is_cut_off`: a client inside A's containerd cgroup
+//!   (so its connection to the registry is redirected to A's interception port and TLS is
+//!   terminated by A) GETs a large blob only node B holds, and stops reading: other nodes' pulls
+//!   are not delayed, A's RSS stays within a margin, and `--intercept-write-timeout` closes the
+//!   connection before the client has the whole blob.
 //!
-//! The test process reaches the daemons over the rig's bridge (it is the bridge's `.1`), so its
-//! connections come from one client address: the per-client connection cap is raised for them.
-//! Connections to the interception port are not made here (it listens on each node's loopback,
-//! inside its namespace; the interception tests cover it).
+//! The test process reaches the daemons' registry API and libp2p ports over the rig's bridge (it
+//! is the bridge's `.1`), so its connections come from one client address: the per-client
+//! connection cap is raised for them. The interception port is reached as containerd reaches
+//! it: by a process in the node's namespace and containerd's cgroup, connecting to the registry.
 //!
 //! Run with `SPEGEL_E2E=1 cargo test -p spegel-tests --test e2e_load -- --test-threads=1` as
 //! root, after `cargo build -p spegel-daemon`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
@@ -48,6 +54,8 @@ const FD_SLACK: usize = 24;
 struct Suite {
     rig: Rig,
     daemons: Vec<Spegel>,
+    /// Per node: the CA bundle its containerd trusts (system roots, the node CA, the rig CA).
+    bundles: Vec<PathBuf>,
 }
 
 impl Suite {
@@ -85,6 +93,8 @@ async fn run_scenario(name: &str, scenario: impl for<'a> FnOnce(&'a Suite) -> Bo
         &timeout,
         "--registry-max-connections-per-client",
         "512",
+        "--intercept-write-timeout",
+        &timeout,
         "--peer-buffer-max",
         "33554432",
     ]);
@@ -94,6 +104,7 @@ async fn run_scenario(name: &str, scenario: impl for<'a> FnOnce(&'a Suite) -> Bo
     let suite = Suite {
         rig,
         daemons: cluster.daemons,
+        bundles: cluster.bundles,
     };
     let outcome = std::panic::AssertUnwindSafe(async {
         scenario(&suite).await;
@@ -556,5 +567,145 @@ async fn scenario_slow_reader(suite: &Suite) {
         eprintln!("the slow reader got {read} bytes before the end, after {after:?}");
         assert!((read as u64) < 64 * MIB);
     }
+    assert!(Path::new(&format!("/proc/{}", a.process().pid().unwrap())).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn stuck_reader_on_the_interception_port_is_cut_off() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    run_scenario(
+        "stuck_reader_on_the_interception_port_is_cut_off",
+        |suite: &Suite| scenario_intercepted_stuck_reader(suite).boxed(),
+    )
+    .await;
+}
+
+/// Size of the blob the stuck client asks for: above `--peer-buffer-max`, so A receives it from
+/// B into its disk spool and holds that share of the spool budget while it sends.
+const STUCK_BLOB: u64 = 48 * MIB;
+
+async fn scenario_intercepted_stuck_reader(suite: &Suite) {
+    let a = &suite.daemons[0];
+    let registry = suite.rig.registry();
+    let big = suite
+        .rig
+        .push_image(ImageSpec::new("stuck").layers([STUCK_BLOB]).seed(9400))
+        .await
+        .expect("push stuck");
+    // Only B holds it, so A serves it from a peer (verified in its spool before the first byte).
+    suite
+        .rig
+        .node(1)
+        .cri_pull(&big.reference(Endpoint::Tls))
+        .await
+        .expect("B pulls stuck");
+    let images = images_on_a(suite, "stuck", 8, 9410).await;
+    let baseline = rollout(suite, &images[..4]).await;
+    let (rss_before, _) = usage(a);
+    let timeouts_before = a
+        .metrics()
+        .await
+        .unwrap()
+        .sum("spegel_intercept_write_timeouts_total");
+
+    // In A's namespace and containerd's cgroup, as containerd would: TLS to the registry (A's
+    // node CA answers), a GET of the blob, then nothing is read (its stdout is a pipe nobody
+    // drains, so s_client stops reading the socket once the pipe is full).
+    let node = suite.rig.node(0);
+    let host = registry.host(Endpoint::Tls);
+    let mark = a.log_mark();
+    let mut client = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$0" && exec "$@""#)
+        .arg(node.cgroup_dir().join("cgroup.procs"))
+        .args([
+            "ip",
+            "netns",
+            "exec",
+            node.netns(),
+            "openssl",
+            "s_client",
+            "-quiet",
+        ])
+        .arg("-connect")
+        .arg(&host)
+        .arg("-servername")
+        .arg(registry.hostname())
+        .arg("-CAfile")
+        .arg(&suite.bundles[0])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn openssl s_client");
+    let mut stdin = client.stdin.take().expect("stdin");
+    let path = format!("/v2/rig/stuck/blobs/{}", big.layers()[0].digest);
+    stdin
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    stdin.flush().await.unwrap();
+    let mut stdout = client.stdout.take().expect("stdout");
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loaded = rollout(suite, &images[4..]).await;
+    assert_not_delayed(&baseline, &loaded);
+    let (rss_during, _) = usage(a);
+    eprintln!("A's RSS {rss_before} → {rss_during} with a stuck intercepted reader");
+    // A terminated the TLS and answered from its peer (not passed the connection through).
+    let served = a.served_since(mark).expect("served lines");
+    assert!(
+        served
+            .iter()
+            .any(|s| s.digest == big.layers()[0].digest && s.is_blob_get() && s.source == "peer"),
+        "A did not serve the stuck client's blob from its peer: {served:#?}"
+    );
+    assert!(
+        rss_during <= rss_before + RSS_MARGIN,
+        "RSS grew past the budget: {rss_before} → {rss_during}"
+    );
+
+    // The interception write timeout closes the connection (a minute is twenty timeouts).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let timeouts = a
+            .metrics()
+            .await
+            .unwrap()
+            .sum("spegel_intercept_write_timeouts_total");
+        if timeouts > timeouts_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stuck intercepted connection was not closed by the write timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // What the client gets is the head and what was buffered, then the end: never the blob.
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stdout.read_to_end(&mut received))
+        .await
+        .expect("the client still receives after the connection was closed")
+        .expect("read the client's output");
+    let head = String::from_utf8_lossy(&received[..received.len().min(64)]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "the client got {head:?}");
+    eprintln!(
+        "the stuck client got {} bytes before the end",
+        received.len()
+    );
+    assert!(
+        (received.len() as u64) < STUCK_BLOB,
+        "the whole blob was sent"
+    );
+    drop(stdin);
+    let _ = client.kill().await;
     assert!(Path::new(&format!("/proc/{}", a.process().pid().unwrap())).exists());
 }
