@@ -14,6 +14,11 @@
 //!   oversized and garbage HTTP heads and silent connections, from inside containerd's cgroup
 //!   (redirected) and straight at the listener: the daemon stays up and closes or passes them
 //!   on, while another node pulls from it meanwhile.
+//! - `wedged_listener_detaches_then_reattaches`: A's interception accept loop is wedged (the
+//!   daemon alive, accepting nothing; a test-only switch): the daemon detaches its eBPF programs
+//!   within `--intercept-wedge-timeout`, a pull meanwhile goes straight to the registry and
+//!   succeeds, and once the listener is healthy again the programs are re-attached and the next
+//!   pull is served by spegel.
 //!
 //! After each fault: the daemons are alive, and the affected daemon's open fds and RSS are back
 //! near a baseline taken before (loose bounds). "Correct content" means containerd holds every
@@ -943,5 +948,112 @@ async fn scenario_malformed_input(suite: &Suite) {
     );
     let ready = daemon.get("/readyz").await.expect("readyz");
     assert_eq!(ready.status, 200);
+    assert_back_to_baseline(daemon, &base).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn wedged_listener_detaches_then_reattaches() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let name = "wedged_listener_detaches_then_reattaches";
+    let started = Instant::now();
+    let images = vec![
+        ImageSpec::new("while-wedged").layers([2 * MIB]).seed(7251),
+        ImageSpec::new("after-wedge").layers([2 * MIB]).seed(7252),
+    ];
+    let suite = Suite::start(name, 1, images).await;
+    run(&suite, scenario_wedged(&suite)).await;
+    suite.finish(name, started).await;
+}
+
+/// `daemon`'s eBPF redirect is attached (1) or not (0), and how often it was detached for a wedge.
+async fn redirect_state(daemon: &Spegel) -> Result<(f64, f64, f64)> {
+    let metrics = daemon.metrics().await?;
+    Ok((
+        metrics.sum("spegel_intercept_attached"),
+        metrics.sum("spegel_intercept_wedges_total"),
+        metrics.sum("spegel_intercept_accepted_total"),
+    ))
+}
+
+async fn scenario_wedged(suite: &Suite) {
+    let daemon = suite.daemon(0);
+    let wedge = suite.rig.scratch_dir().join("wedge-intercept");
+    daemon.set_intercept_wedge_file(Some(&wedge));
+    daemon
+        .process()
+        .set_env("SPEGEL_INTERCEPT_WEDGE_TIMEOUT", "2s");
+    daemon
+        .process()
+        .set_env("SPEGEL_INTERCEPT_RECOVER_AFTER", "3s");
+    let mark = daemon.log_mark();
+    daemon
+        .restart()
+        .await
+        .expect("restart with the wedge switch");
+    wait_attached(daemon, mark).await.expect("attached");
+    let base = baseline(daemon);
+    let (attached, wedges, _) = redirect_state(daemon).await.expect("metrics");
+    assert_eq!((attached, wedges), (1.0, 0.0));
+
+    // Wedged: the health watch notices and detaches.
+    std::fs::write(&wedge, b"").expect("engage the wedge");
+    let wedged_at = Instant::now();
+    let accepted_wedged = eventually("the redirect detached", Duration::from_secs(30), || async {
+        let (attached, wedges, accepted) = redirect_state(daemon).await?;
+        Ok((attached == 0.0 && wedges >= 1.0).then_some(accepted))
+    })
+    .await
+    .unwrap_or_else(|error| panic!("{error:#}"));
+    eprintln!("detached {:?} after the wedge", wedged_at.elapsed());
+
+    // containerd goes straight to the registry meanwhile: the pull works, spegel sees none of it.
+    let during = suite.image("while-wedged");
+    let pull_started = Instant::now();
+    suite.pull(0, &during).await;
+    eprintln!("pulled while wedged in {:?}", pull_started.elapsed());
+    assert_holds(suite.rig.node(0), &during).await;
+    let (attached, _, accepted) = redirect_state(daemon).await.expect("metrics");
+    assert_eq!(attached, 0.0, "re-attached while still wedged");
+    assert_eq!(
+        accepted, accepted_wedged,
+        "a connection was redirected to the wedged listener"
+    );
+
+    // Healthy again: re-attached after --intercept-recover-after, and spegel serves again.
+    std::fs::remove_file(&wedge).expect("release the wedge");
+    eventually(
+        "the redirect re-attached",
+        Duration::from_secs(30),
+        || async {
+            let (attached, _, _) = redirect_state(daemon).await?;
+            Ok((attached == 1.0).then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|error| panic!("{error:#}"));
+    let after = suite.image("after-wedge");
+    let mark = daemon.log_mark();
+    suite.pull(0, &after).await;
+    assert_holds(suite.rig.node(0), &after).await;
+    let served = daemon.served_since(mark).expect("served lines");
+    for blob in after.pulled_blobs() {
+        assert!(
+            served
+                .iter()
+                .any(|s| s.digest == blob.digest && s.is_blob_get()),
+            "spegel did not serve {} after the wedge: {served:#?}",
+            blob.digest
+        );
+    }
+    assert!(
+        daemon.events().iter().any(|event| event.level == "WARN"
+            && event.message.starts_with("interception listener wedged")),
+        "the wedge was not logged"
+    );
     assert_back_to_baseline(daemon, &base).await;
 }

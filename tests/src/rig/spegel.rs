@@ -474,6 +474,17 @@ impl Spegel {
         self.process.is_running()
     }
 
+    /// Test fault for the next (re)start: while `file` exists, the interception accept loop
+    /// accepts nothing (the daemon stays alive); `None` turns the switch off.
+    pub fn set_intercept_wedge_file(&self, file: Option<&Path>) {
+        match file {
+            Some(file) => self
+                .process
+                .set_env(switches::WEDGE_INTERCEPT_FILE_ENV, file),
+            None => self.process.remove_env(switches::WEDGE_INTERCEPT_FILE_ENV),
+        }
+    }
+
     /// TEST FAULT for the next (re)start: serve blobs to peers at most `bytes_per_second`
     /// (`None`: unthrottled again).
     pub fn set_peer_throttle(&self, bytes_per_second: Option<u64>) {
