@@ -16,7 +16,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
+    },
     helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap},
@@ -41,7 +44,8 @@ static REDIRECT_IP4: HashMap<u32, u8> = HashMap::with_max_entries(REDIRECT_IPS_E
 /// Destination IPv6 addresses (network-order bytes) to redirect, whatever the port.
 #[map]
 static REDIRECT_IP6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(REDIRECT_IPS_ENTRIES, 0);
-/// connect() -> sock_ops hand-over, keyed by socket cookie; kept for getpeername (LRU-bounded).
+/// connect() -> sock_ops hand-over, keyed by socket cookie; kept for getpeername while the
+/// socket lives, deleted when it closes (LRU-bounded besides, for sockets that never connect).
 #[map]
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_MAP_ENTRIES, 0);
 /// sock_ops -> daemon hand-over, keyed by the client's (family, local port); the daemon deletes
@@ -232,7 +236,14 @@ pub fn spegel_sockops(ctx: SockOpsContext) -> u32 {
                 port: ctx.local_port(),
             };
             let _ = ORIG_BY_PORT.insert(&key, &orig, 0);
+            // Be told when this socket closes, to forget its cookie then. Without it the entry
+            // stays until LRU eviction; getpeername still works, so a failure is ignored.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
+    } else if ctx.op() == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        // SAFETY: the cookie helper only reads the socket behind the context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = ORIG_BY_COOKIE.remove(&cookie);
     }
     1
 }
