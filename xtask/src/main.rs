@@ -38,6 +38,8 @@ const APT_PACKAGES: &[&str] = &[
     "ca-certificates",
     // promtool checks `/metrics` in unit tests; the e2e suite scrapes the rig with prometheus.
     "prometheus",
+    // The load tests count the daemon's eBPF map entries before and after.
+    "bpftool",
     // bpf-linker links LLVM 22, the same major as rustc's own LLVM.
     "llvm-22-dev",
 ];
