@@ -89,7 +89,7 @@ impl PermittedNames {
     /// The names a CA certificate's constraints permit (the inverse of
     /// [`Self::name_constraints`]): DNS subtrees but the `.invalid` sentinel, and single-address
     /// IP subtrees. Wider IP ranges are never minted by spegel and are ignored (not covered).
-    pub(super) fn from_constraints(constraints: &CanonicalConstraints) -> Self {
+    pub(crate) fn from_constraints(constraints: &CanonicalConstraints) -> Self {
         let mut permitted = PermittedNames::default();
         for subtree in &constraints.permitted {
             match subtree {
@@ -242,13 +242,13 @@ fn single_address(bytes: &[u8]) -> Option<IpAddr> {
 
 /// Name constraints reduced to comparable sets (order and unknown forms ignored).
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct CanonicalConstraints {
-    pub(super) permitted: BTreeSet<CanonicalSubtree>,
-    pub(super) excluded: BTreeSet<CanonicalSubtree>,
+pub(crate) struct CanonicalConstraints {
+    pub(crate) permitted: BTreeSet<CanonicalSubtree>,
+    pub(crate) excluded: BTreeSet<CanonicalSubtree>,
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum CanonicalSubtree {
+pub(crate) enum CanonicalSubtree {
     Dns(String),
     /// Address then mask, network byte order.
     Ip(Vec<u8>),
