@@ -40,7 +40,10 @@ impl LeafName {
             .to_ascii_lowercase();
         // DNS names only: wildcards, underscores-as-labels and IPs were handled or are refused.
         match ServerName::try_from(dns.as_str()) {
-            Ok(ServerName::DnsName(_)) if !dns.contains('*') && !dns.is_empty() => {
+            // One trailing dot is dropped above; rustls accepts a name that still ends in one.
+            Ok(ServerName::DnsName(_))
+                if !dns.contains('*') && !dns.is_empty() && !dns.ends_with('.') =>
+            {
                 Ok(LeafName::Dns(dns))
             }
             _ => Err(CaError::InvalidName(name.to_owned())),
@@ -344,5 +347,17 @@ pub(crate) mod tests {
         assert!(!p.permits(&dns("docker.io.evil.com")));
         assert!(p.permits(&dns("10.0.0.1")));
         assert!(!p.permits(&dns("10.0.0.2")));
+    }
+
+    /// Found by the `leaf_name` fuzz target: `j..` lost one trailing dot and rustls accepted
+    /// the rest, so a leaf name could end in a dot (and name the same host as `j` twice).
+    #[test]
+    fn two_trailing_dots_are_refused() {
+        assert!(LeafName::parse("j..").is_err());
+        assert!(LeafName::parse("docker.io..").is_err());
+        assert_eq!(
+            LeafName::parse("docker.io.").unwrap(),
+            LeafName::Dns("docker.io".into())
+        );
     }
 }
