@@ -277,6 +277,17 @@ fn parse_host(name: &str) -> Result<Host, RegistryError> {
             "the host must be a DNS name, an IPv4 address or a bracketed IPv6 address",
         ));
     }
+    // `20` or `10.0.0` is no DNS name: resolvers read it as an IPv4 address (inet_aton), and
+    // no certificate can name it, so TLS to it could never be mirrored.
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(RegistryError::new(
+            "a host name cannot end in a numeric label (not a full IPv4 address?)",
+        ));
+    }
     Ok(Host::Name(name.to_ascii_lowercase()))
 }
 
@@ -463,6 +474,24 @@ mod tests {
         let long = "a.".repeat(200) + "io";
         assert!(long.parse::<Registry>().is_err());
         assert!("x".repeat(100_000).parse::<Registry>().is_err());
+    }
+
+    /// Found by the `leaf_name` fuzz target: `20` was a registry name, but no leaf certificate
+    /// can be minted for it (it reads as an IPv4 address), so it could never be mirrored.
+    #[test]
+    fn numeric_last_labels_are_refused() {
+        for bad in [
+            "20",
+            "20:5000",
+            "10.0.0",
+            "https://1.2.3.4.5",
+            "registry.123",
+        ] {
+            assert!(bad.parse::<Registry>().is_err(), "{bad:?} was accepted");
+        }
+        for good in ["1password.com", "registry.1a", "10.0.0.1", "123.example"] {
+            assert!(good.parse::<Registry>().is_ok(), "{good:?} was refused");
+        }
     }
 
     #[test]
