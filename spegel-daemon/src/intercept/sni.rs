@@ -151,6 +151,12 @@ fn reassemble_handshake(buf: &[u8]) -> Result<(Vec<u8>, bool), Stop> {
     let mut records = Reader::new(buf, true);
     let mut out = Vec::new();
     loop {
+        // Decided by the first byte already: waiting for more records would change nothing.
+        if out.first().is_some_and(|&ty| ty != HANDSHAKE_CLIENT_HELLO) {
+            return Err(Stop::Malformed(
+                "first handshake message is not a ClientHello",
+            ));
+        }
         if let Some(want) = handshake_len(&out)
             && out.len() >= want
         {
@@ -490,6 +496,21 @@ mod tests {
         let ext_len_at = 5 + 4 + 2 + 32 + 1 + 4 + 2;
         bad[ext_len_at] = 0xff;
         assert!(malformed(&bad));
+    }
+
+    /// Found by the `sni` fuzz target: with its first record complete, a handshake that is
+    /// not a ClientHello was refused, but with the start of a second record behind it the
+    /// parser waited for that record instead: more bytes must never undo a decision.
+    #[test]
+    fn a_handshake_that_is_not_a_hello_is_refused_before_the_next_record() {
+        let not_hello = [0x16, 0x03, 0x18, 0x00, 0x03, 0x18, 0x00, 0x5b];
+        let refused = TlsHello::Malformed("first handshake message is not a ClientHello");
+        assert_eq!(parse_tls_client_hello(&not_hello[..6]), refused);
+        assert_eq!(parse_tls_client_hello(&not_hello), refused);
+        assert_eq!(
+            parse_tls_client_hello(&[&not_hello[..], &[0x16, 0x03]].concat()),
+            refused
+        );
     }
 
     #[test]
