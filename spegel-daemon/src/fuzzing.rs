@@ -197,14 +197,20 @@ impl ProviderStore {
     pub const PEERS: u8 = 32;
 
     pub fn new(max_keys: usize) -> Self {
-        let peers: Vec<PeerId> = (0..Self::PEERS)
-            .map(|n| {
-                Keypair::ed25519_from_bytes([n; 32])
-                    .expect("32 bytes")
-                    .public()
-                    .to_peer_id()
+        // Deriving peer ids is slow next to the store: once per process.
+        static PEERS: std::sync::OnceLock<Vec<PeerId>> = std::sync::OnceLock::new();
+        let peers = PEERS
+            .get_or_init(|| {
+                (0..Self::PEERS)
+                    .map(|n| {
+                        Keypair::ed25519_from_bytes([n; 32])
+                            .expect("32 bytes")
+                            .public()
+                            .to_peer_id()
+                    })
+                    .collect()
             })
-            .collect();
+            .clone();
         Self {
             store: store::ProviderStore::new(peers[0], max_keys),
             peers,
