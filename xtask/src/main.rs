@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask prereqs` — install what building and testing need (idempotent).
 //! - `cargo xtask test`    — prereqs, build everything (eBPF included), run every test, e2e too,
-//!   then check that a release build of the daemon carries no test-only fault switch.
+//!   then check that a release build of the daemon carries no test-only fault switch, then a
+//!   short smoke run of every fuzz target.
 //! - `cargo xtask no-faults [binary]` — fail if a daemon binary (default: the release one) has a
 //!   test-only fault switch compiled in (the check `test` ends with).
 //! - `cargo xtask demo`    — prereqs, build, bring up a local multi-node cluster and pull through it.
