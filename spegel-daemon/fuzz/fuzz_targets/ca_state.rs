@@ -4,7 +4,7 @@
 //! The first byte picks the file. A certificate is fuzzed either from scratch or as byte flips
 //! of a real CA certificate (DER), so the parser gets past the outer structure.
 //! Asserts: a CA that loads permits only normalised names, never the `.invalid` sentinel;
-//! `installed.json` as the daemon writes it reads back exactly, and `trusts` follows its rule.
+//! `installed.json` as the daemon writes it reads back, and `trusts` follows its rule.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -93,14 +93,16 @@ fuzz_target!(|data: &[u8]| {
             let Some(record) = parse_record(rest) else {
                 return;
             };
-            // What the daemon writes it reads back exactly. (Not necessarily what a hand-made
-            // file says: serde_json reads a long decimal to a neighbouring float.)
+            // What the daemon writes it reads back: the same fingerprints and boot id, and the
+            // same time to within one unit in the last place (serde_json without its
+            // `float_roundtrip` feature may read a decimal to a neighbouring float, harmless
+            // for a 10 ms clock).
             let written = serde_json::to_vec(&record).expect("serialise");
             let read = parse_record(&written).expect("reads what it writes");
+            assert_eq!(read.fingerprints, record.fingerprints);
+            assert_eq!(read.at.boot_id, record.at.boot_id);
             let (a, b) = (read.at.since_boot_secs, record.at.since_boot_secs);
             assert!((a - b).abs() <= b.abs() * 1e-15, "{a} vs {b}");
-            let again = serde_json::to_vec(&read).expect("serialise");
-            assert_eq!(parse_record(&again).as_ref(), Some(&read));
             for fingerprint in &record.fingerprints {
                 let later = InstallRecord {
                     fingerprints: Vec::new(),
