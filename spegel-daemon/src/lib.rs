@@ -6,6 +6,8 @@ pub mod body;
 pub mod config;
 pub mod daemon;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod intercept;
 pub mod metrics;
 pub mod mirror;

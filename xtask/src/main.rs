@@ -2,18 +2,22 @@
 //!
 //! - `cargo xtask prereqs` — install what building and testing need (idempotent).
 //! - `cargo xtask test`    — prereqs, build everything (eBPF included), run every test, e2e too,
-//!   then check that a release build of the daemon carries no test-only fault switch.
+//!   then check that a release build of the daemon carries no test-only fault switch, then a
+//!   short smoke run of every fuzz target.
 //! - `cargo xtask no-faults [binary]` — fail if a daemon binary (default: the release one) has a
 //!   test-only fault switch compiled in (the check `test` ends with).
 //! - `cargo xtask demo`    — prereqs, build, bring up a local multi-node cluster and pull through it.
 //! - `cargo xtask bench`   — prereqs, build, run the benchmarks (ratios against a baseline run).
+//! - `cargo xtask fuzz [--time SECS | --runs N] [target…]` — prereqs and cargo-fuzz, then every
+//!   fuzz target of `spegel-daemon/fuzz/` (or the ones named) in turn; see docs/fuzzing.md.
 //!
 //! xtask itself depends on nothing heavy, so it builds before protoc or bpf-linker exist.
 use std::{
     env,
     ffi::OsString,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -45,8 +49,11 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Seconds each fuzz target runs in `cargo xtask test` (the smoke run; 17 targets).
+const SMOKE_SECS: u64 = 5;
 
-const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | no-faults [binary] | demo | bench [name]>";
+const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | no-faults [binary] | demo | bench [name] | fuzz [--time SECS | --runs N] [target…]>";
 
 fn main() -> ExitCode {
     let mut args = env::args_os().skip(1);
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
         ),
         Some("demo") => run_tool("spegel-demo", &rest),
         Some("bench") => run_tool("spegel-bench", &rest),
+        Some("fuzz") => FuzzArgs::parse(&rest).and_then(|args| fuzz(&args)),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(64);
@@ -221,7 +229,11 @@ fn test(extra: &[OsString]) -> anyhow::Result<()> {
             .env("SPEGEL_BIN", &bin),
     )?;
     status(cargo(&path).args(["build", "--release", "--locked", "-p", "spegel-daemon"]))?;
-    no_faults(&workspace_root().join("target/release/spegel"))
+    no_faults(&workspace_root().join("target/release/spegel"))?;
+    fuzz(&FuzzArgs {
+        limit: FuzzLimit::Seconds(SMOKE_SECS),
+        targets: Vec::new(),
+    })
 }
 
 /// Fails if the daemon binary at `binary` has any test-only fault switch compiled in.
@@ -255,6 +267,184 @@ fn switches_in(bytes: &[u8]) -> Vec<&'static str> {
                 .any(|window| window == name.as_bytes())
         })
         .collect()
+}
+
+/// How long each fuzz target runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FuzzLimit {
+    /// libFuzzer's `-max_total_time`.
+    Seconds(u64),
+    /// libFuzzer's `-runs`: this many executions.
+    Runs(u64),
+}
+
+/// `cargo xtask fuzz` arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FuzzArgs {
+    limit: FuzzLimit,
+    /// Empty: every target.
+    targets: Vec<String>,
+}
+
+impl FuzzArgs {
+    fn parse(args: &[OsString]) -> anyhow::Result<Self> {
+        let mut parsed = FuzzArgs {
+            limit: FuzzLimit::Seconds(SMOKE_SECS),
+            targets: Vec::new(),
+        };
+        let mut args = args
+            .iter()
+            .map(|a| a.to_str().context("non-UTF-8 argument"));
+        while let Some(arg) = args.next().transpose()? {
+            let mut number = |flag: &str| -> anyhow::Result<u64> {
+                let value = args
+                    .next()
+                    .transpose()?
+                    .with_context(|| format!("{flag} needs a number"))?;
+                value
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .with_context(|| format!("{flag} {value}: not a positive number"))
+            };
+            match arg {
+                "--time" => parsed.limit = FuzzLimit::Seconds(number(arg)?),
+                "--runs" => parsed.limit = FuzzLimit::Runs(number(arg)?),
+                flag if flag.starts_with('-') => bail!("unknown option {flag}\n{USAGE}"),
+                target => parsed.targets.push(target.to_owned()),
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// The libFuzzer options for one run.
+    fn libfuzzer_args(&self) -> Vec<String> {
+        let limit = match self.limit {
+            FuzzLimit::Seconds(secs) => format!("-max_total_time={secs}"),
+            FuzzLimit::Runs(runs) => format!("-runs={runs}"),
+        };
+        // The final stats carry the execution count the summary reports.
+        vec![limit, "-print_final_stats=1".to_owned()]
+    }
+}
+
+fn fuzz_dir() -> PathBuf {
+    workspace_root().join("spegel-daemon/fuzz")
+}
+
+/// Every fuzz target: the files of `spegel-daemon/fuzz/fuzz_targets/`, sorted.
+fn fuzz_targets() -> anyhow::Result<Vec<String>> {
+    let dir = fuzz_dir().join("fuzz_targets");
+    let mut targets = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "rs")
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+        {
+            targets.push(stem.to_owned());
+        }
+    }
+    targets.sort();
+    Ok(targets)
+}
+
+/// Builds the fuzz targets once (nightly, no sanitizer: the daemon's parsers are safe Rust, and
+/// libFuzzer's coverage and the overflow checks are what find their bugs), then runs each in
+/// turn; a crash stops the run with the failing input left in `fuzz/artifacts/<target>/`.
+fn fuzz(args: &FuzzArgs) -> anyhow::Result<()> {
+    let path = prereqs()?;
+    let tools = tools_dir();
+    let have_fuzz = Command::new(tools.join("bin/cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION));
+    if !have_fuzz {
+        eprintln!(
+            "xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} into {}",
+            tools.display()
+        );
+        status(
+            Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["install", "--locked", "--root"])
+                .arg(&tools)
+                .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")),
+        )?;
+    }
+    let all = fuzz_targets()?;
+    let targets = if args.targets.is_empty() {
+        all
+    } else {
+        if let Some(unknown) = args.targets.iter().find(|t| !all.contains(t)) {
+            bail!("no fuzz target {unknown}; there are {all:?}");
+        }
+        args.targets.clone()
+    };
+    let cargo_fuzz = |subcommand: &str| {
+        // `rustup run` rather than `$CARGO`: the fuzz build needs nightly (`-Z` sanitizer flags).
+        let mut cmd = Command::new("rustup");
+        cmd.args([
+            "run",
+            "nightly",
+            "cargo",
+            "fuzz",
+            subcommand,
+            "--sanitizer=none",
+        ])
+        .current_dir(fuzz_dir())
+        .env("PATH", &path)
+        // The daemon's own cfg for the privileged tests; not wanted in fuzz builds.
+        .env_remove("SPEGEL_E2E");
+        cmd
+    };
+    status(&mut cargo_fuzz("build"))?;
+    let mut summary = Vec::new();
+    for target in &targets {
+        let mut cmd = cargo_fuzz("run");
+        cmd.arg(target).arg("--").args(args.libfuzzer_args());
+        let execs = run_counting_execs(&mut cmd).with_context(|| {
+            format!("fuzz target {target} failed; see spegel-daemon/fuzz/artifacts/{target}/")
+        })?;
+        summary.push(format!(
+            "{target}: {}",
+            execs.map_or("?".to_owned(), |n| n.to_string())
+        ));
+    }
+    eprintln!(
+        "xtask: fuzzed, executions per target: {}",
+        summary.join(", ")
+    );
+    Ok(())
+}
+
+/// Runs `cmd`, passing its stderr through, and returns the execution count from libFuzzer's
+/// final stats.
+fn run_counting_execs(cmd: &mut Command) -> anyhow::Result<Option<u64>> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {shown}"))?;
+    let mut execs = None;
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines() {
+            let line = line?;
+            eprintln!("{line}");
+            execs = execs.or(executed_units(&line));
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(execs)
+}
+
+/// The count in libFuzzer's `stat::number_of_executed_units: N` line.
+fn executed_units(line: &str) -> Option<u64> {
+    line.strip_prefix("stat::number_of_executed_units:")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs one of the tools of the `spegel-tests` crate (the demo, the benchmarks).
@@ -317,6 +507,61 @@ mod tests {
                 *want,
                 "{:?}",
                 String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn fuzz_arguments() {
+        let parse =
+            |args: &[&str]| FuzzArgs::parse(&args.iter().map(OsString::from).collect::<Vec<_>>());
+        assert_eq!(
+            parse(&[]).unwrap(),
+            FuzzArgs {
+                limit: FuzzLimit::Seconds(SMOKE_SECS),
+                targets: vec![]
+            }
+        );
+        let args = parse(&["--runs", "10000000", "sni", "range"]).unwrap();
+        assert_eq!(args.limit, FuzzLimit::Runs(10_000_000));
+        assert_eq!(args.targets, ["sni", "range"]);
+        assert_eq!(
+            args.libfuzzer_args(),
+            ["-runs=10000000", "-print_final_stats=1"]
+        );
+        let args = parse(&["--time", "600"]).unwrap();
+        assert_eq!(args.libfuzzer_args()[0], "-max_total_time=600");
+        for bad in [
+            &["--time"][..],
+            &["--time", "0"],
+            &["--runs", "x"],
+            &["-j", "2"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reads_libfuzzer_final_stats() {
+        assert_eq!(
+            executed_units("stat::number_of_executed_units: 10485760"),
+            Some(10_485_760)
+        );
+        assert_eq!(executed_units("stat::peak_rss_mb: 71"), None);
+        assert_eq!(executed_units("#1048576 pulse cov: 1"), None);
+    }
+
+    #[test]
+    fn every_fuzz_target_is_declared() {
+        let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
+        let targets = fuzz_targets().unwrap();
+        assert!(targets.len() > 10, "{targets:?}");
+        for target in targets {
+            assert!(
+                manifest.contains(&format!(
+                    "name = \"{target}\"\npath = \"fuzz_targets/{target}.rs\""
+                )),
+                "{target} is not a [[bin]] of spegel-daemon/fuzz/Cargo.toml"
             );
         }
     }

@@ -75,6 +75,7 @@ pub(crate) fn normalize_host(host: &str) -> Option<String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && !host.starts_with('.')
+        && !host.ends_with('.')
         && !host.contains("..");
     valid.then(|| host.to_ascii_lowercase())
 }
@@ -105,5 +106,15 @@ mod tests {
         ] {
             assert_eq!(a(bad), None, "{bad}");
         }
+    }
+
+    /// Found by the `authority` fuzz target: only one trailing dot is dropped, so a second one
+    /// used to survive normalisation (`j1.`), breaking "no trailing dot" and display → parse.
+    #[test]
+    fn two_trailing_dots_are_refused() {
+        assert_eq!(Authority::parse("J1.."), None);
+        assert_eq!(Authority::parse("docker.io..:443"), None);
+        assert_eq!(normalize_host("a.."), None);
+        assert_eq!(normalize_host("a.").as_deref(), Some("a"));
     }
 }

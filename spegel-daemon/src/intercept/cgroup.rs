@@ -313,7 +313,7 @@ fn find_cgroup2_mount(mounts: &Path) -> Result<PathBuf, CgroupError> {
 }
 
 /// `/proc/mounts` escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount_path(s: &str) -> String {
+pub(crate) fn unescape_mount_path(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -151,6 +151,12 @@ fn reassemble_handshake(buf: &[u8]) -> Result<(Vec<u8>, bool), Stop> {
     let mut records = Reader::new(buf, true);
     let mut out = Vec::new();
     loop {
+        // Decided by the first byte already: waiting for more records would change nothing.
+        if out.first().is_some_and(|&ty| ty != HANDSHAKE_CLIENT_HELLO) {
+            return Err(Stop::Malformed(
+                "first handshake message is not a ClientHello",
+            ));
+        }
         if let Some(want) = handshake_len(&out)
             && out.len() >= want
         {
@@ -165,26 +171,36 @@ fn reassemble_handshake(buf: &[u8]) -> Result<(Vec<u8>, bool), Stop> {
                 Ok((out, false))
             };
         }
-        let content_type = records.u8("record type")?;
-        if content_type != CONTENT_HANDSHAKE {
-            return Err(Stop::Malformed(
-                "non-handshake record inside the ClientHello",
-            ));
-        }
-        let version = records.take(2, "record version")?;
-        if version[0] != 3 {
-            return Err(Stop::Malformed("bad record version"));
-        }
-        let len = usize::from(records.u16("record length")?);
-        if len == 0 {
-            return Err(Stop::Malformed("empty handshake record"));
-        }
-        if len > MAX_RECORD_LEN {
-            return Err(Stop::Malformed("record longer than 2^14"));
-        }
+        let len = match record_header(&mut records) {
+            // Half a record header: what the earlier records hold may already decide.
+            Err(Stop::NeedMore) if !out.is_empty() => return Ok((out, false)),
+            other => other?,
+        };
         let fragment = records.sub(len, "record")?;
         out.extend_from_slice(fragment.data);
     }
+}
+
+/// The header of the next handshake record; the length of its fragment.
+fn record_header(records: &mut Reader<'_>) -> Result<usize, Stop> {
+    let content_type = records.u8("record type")?;
+    if content_type != CONTENT_HANDSHAKE {
+        return Err(Stop::Malformed(
+            "non-handshake record inside the ClientHello",
+        ));
+    }
+    let version = records.take(2, "record version")?;
+    if version[0] != 3 {
+        return Err(Stop::Malformed("bad record version"));
+    }
+    let len = usize::from(records.u16("record length")?);
+    if len == 0 {
+        return Err(Stop::Malformed("empty handshake record"));
+    }
+    if len > MAX_RECORD_LEN {
+        return Err(Stop::Malformed("record longer than 2^14"));
+    }
+    Ok(len)
 }
 
 /// The total length (header included) of the handshake message starting `buf`, once its header is there.
@@ -490,6 +506,39 @@ mod tests {
         let ext_len_at = 5 + 4 + 2 + 32 + 1 + 4 + 2;
         bad[ext_len_at] = 0xff;
         assert!(malformed(&bad));
+    }
+
+    /// Found by the `sni` fuzz target: with its first record complete, a handshake that is
+    /// not a ClientHello was refused, but with the start of a second record behind it the
+    /// parser waited for that record instead: more bytes must never undo a decision.
+    #[test]
+    fn a_handshake_that_is_not_a_hello_is_refused_before_the_next_record() {
+        let not_hello = [0x16, 0x03, 0x18, 0x00, 0x03, 0x18, 0x00, 0x5b];
+        let refused = TlsHello::Malformed("first handshake message is not a ClientHello");
+        assert_eq!(parse_tls_client_hello(&not_hello[..6]), refused);
+        assert_eq!(parse_tls_client_hello(&not_hello), refused);
+        assert_eq!(
+            parse_tls_client_hello(&[&not_hello[..], &[0x16, 0x03]].concat()),
+            refused
+        );
+    }
+
+    /// Found by the `sni` fuzz target: a hello already refused from its first record (here a
+    /// session id longer than 32 bytes) asked for more once half of a second record's header
+    /// was behind it.
+    #[test]
+    fn half_a_record_header_does_not_hide_a_decided_hello() {
+        let mut hello = vec![0x01, 0x00, 0x00, 0x30, 0x03, 0x03];
+        hello.extend_from_slice(&[0u8; 32]);
+        hello.push(0x40); // session id length
+        let mut record = vec![0x16, 0x03, 0x01, 0x00, hello.len() as u8];
+        record.extend_from_slice(&hello);
+        let refused = TlsHello::Malformed("session id longer than 32 bytes");
+        assert_eq!(parse_tls_client_hello(&record), refused);
+        for half in [&[0x16][..], &[0x16, 0x03], &[0x16, 0x03, 0x01, 0x00]] {
+            let buf = [&record[..], half].concat();
+            assert_eq!(parse_tls_client_hello(&buf), refused, "{half:?}");
+        }
     }
 
     #[test]

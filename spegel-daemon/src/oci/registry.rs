@@ -277,7 +277,26 @@ fn parse_host(name: &str) -> Result<Host, RegistryError> {
             "the host must be a DNS name, an IPv4 address or a bracketed IPv6 address",
         ));
     }
+    // `20`, `10.0.0` or `a.0x1f` is no DNS name: it "ends in a number" (WHATWG URL; decimal, or
+    // hex after `0x`), which resolvers read as an IPv4 address and no certificate can name, so
+    // TLS to it could never be mirrored.
+    if name.rsplit('.').next().is_some_and(ends_in_a_number) {
+        return Err(RegistryError::new(
+            "a host name cannot end in a numeric label (not a full IPv4 address?)",
+        ));
+    }
     Ok(Host::Name(name.to_ascii_lowercase()))
+}
+
+/// Whether a label is a number as IPv4 parsers read one: decimal digits, or `0x` and hex digits.
+fn ends_in_a_number(label: &str) -> bool {
+    let hex = label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"));
+    match hex {
+        Some(digits) => digits.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()),
+    }
 }
 
 /// Decimal digits only, 1..=65535.
@@ -463,6 +482,31 @@ mod tests {
         let long = "a.".repeat(200) + "io";
         assert!(long.parse::<Registry>().is_err());
         assert!("x".repeat(100_000).parse::<Registry>().is_err());
+    }
+
+    /// Found by the `leaf_name` fuzz target: `20` and `0x` were registry names, but no leaf
+    /// certificate can be minted for them (they read as IPv4 addresses), so they could never be
+    /// mirrored.
+    #[test]
+    fn numeric_last_labels_are_refused() {
+        for bad in [
+            "20",
+            "20:5000",
+            "10.0.0",
+            "https://1.2.3.4.5",
+            "registry.123",
+        ] {
+            assert!(bad.parse::<Registry>().is_err(), "{bad:?} was accepted");
+        }
+        for good in [
+            "1password.com",
+            "registry.1a",
+            "10.0.0.1",
+            "123.example",
+            "a.0xg",
+        ] {
+            assert!(good.parse::<Registry>().is_ok(), "{good:?} was refused");
+        }
     }
 
     #[test]

@@ -48,9 +48,9 @@ mod listen;
 mod lookup;
 mod lookup_cache;
 mod provide;
-mod registry_addr;
+pub(crate) mod registry_addr;
 mod seeds;
-mod store;
+pub(crate) mod store;
 #[cfg(test)]
 mod tests;
 mod transport;

@@ -15,7 +15,7 @@ const MAX_LISTEN_ADDRS: usize = 16;
 
 /// How much an address is to be trusted, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Quality {
+pub(crate) enum Quality {
     /// One of the peer's listen IPs, or the source IP of its connection to us.
     Guessed,
     /// The source IP of the peer's connection to us, which it also listens on.
@@ -27,7 +27,7 @@ pub(super) enum Quality {
 }
 
 /// The agent version announcing `registry`.
-pub(super) fn agent_version(registry: RegistryAdvertise) -> String {
+pub(crate) fn agent_version(registry: RegistryAdvertise) -> String {
     format!(
         "{AGENT_PREFIX}{} {REGISTRY_FIELD}{registry}",
         env!("CARGO_PKG_VERSION")
@@ -38,7 +38,7 @@ pub(super) fn agent_version(registry: RegistryAdvertise) -> String {
 /// field. The `registry=` value is a [`RegistryAdvertise`] (`:port`, or a socket address
 /// `IP:port` / `[v6]:port`), deliberately not the `host[:port]` registry grammar of
 /// [`crate::oci::Registry`]: a peer is reached at an IP, never through a DNS name it announces.
-pub(super) fn parse_agent_version(agent: &str) -> Option<RegistryAdvertise> {
+pub(crate) fn parse_agent_version(agent: &str) -> Option<RegistryAdvertise> {
     agent
         .strip_prefix(AGENT_PREFIX)?
         .split_ascii_whitespace()
@@ -49,7 +49,7 @@ pub(super) fn parse_agent_version(agent: &str) -> Option<RegistryAdvertise> {
 
 /// The IP of a multiaddr that starts with one (`/ip4/…`, `/ip6/…`): a multiaddr component, not
 /// a textual host, so no `host[:port]` parsing is involved.
-pub(super) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+pub(crate) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
         Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
@@ -59,7 +59,7 @@ pub(super) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
 
 /// Where to reach the registry of a peer that announced `advertise`, given the connection it
 /// was announced on and the peer's listen addresses.
-pub(super) fn resolve(
+pub(crate) fn resolve(
     advertise: RegistryAdvertise,
     endpoint: &ConnectedPoint,
     listen_addrs: &[Multiaddr],
@@ -98,7 +98,7 @@ pub(super) fn resolve(
 /// The listen addresses of an identified peer worth putting into the routing table: no
 /// unspecified IPs, loopback only when the peer itself is on loopback (otherwise dialing it
 /// would reach whoever listens on our own loopback), and a bounded number.
-pub(super) fn routable_listen_addrs(
+pub(crate) fn routable_listen_addrs(
     listen_addrs: &[Multiaddr],
     remote: &Multiaddr,
 ) -> Vec<Multiaddr> {

@@ -21,7 +21,7 @@ use libp2p::{
 
 /// Provider records by key, bounded in keys and in providers per key.
 #[derive(Debug)]
-pub(super) struct ProviderStore {
+pub(crate) struct ProviderStore {
     local: PeerId,
     /// Keys whose providers include other nodes, at most.
     max_keys: usize,
@@ -31,7 +31,7 @@ pub(super) struct ProviderStore {
 }
 
 impl ProviderStore {
-    pub(super) fn new(local: PeerId, max_keys: usize) -> Self {
+    pub(crate) fn new(local: PeerId, max_keys: usize) -> Self {
         Self {
             local,
             max_keys,
@@ -41,7 +41,7 @@ impl ProviderStore {
     }
 
     /// Drops expired records; returns how many.
-    pub(super) fn purge_expired(&mut self, now: std::time::Instant) -> usize {
+    pub(crate) fn purge_expired(&mut self, now: std::time::Instant) -> usize {
         let mut purged = 0;
         self.providers.retain(|_, records| {
             let before = records.len();

@@ -57,4 +57,4 @@ pub trait Store: Send + Sync + 'static {
 pub mod conformance;
 pub mod containerd;
 pub mod memory;
-mod walk;
+pub(crate) mod walk;

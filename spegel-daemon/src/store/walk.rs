@@ -232,7 +232,7 @@ struct Document {
 /// Parses a manifest or index; `None` for anything else (including image configs and broken
 /// JSON). Children whose digest is not sha256 are left out: nothing could serve them.
 pub(crate) fn parse_document(bytes: &[u8]) -> Option<Parsed> {
-    let document: Document = serde_json::from_slice(bytes).ok()?;
+    let document = read_object(bytes)?;
     let child = |d: RawDescriptor| Some((d.digest.parse().ok()?, d.media_type));
     if let Some(manifests) = document.manifests {
         return Some(Parsed {
@@ -261,11 +261,20 @@ pub(crate) fn sniff_media_type(bytes: &[u8]) -> Option<String> {
     if let Some(parsed) = parse_document(bytes) {
         return parsed.media_type;
     }
-    let document: Document = serde_json::from_slice(bytes).ok()?;
+    let document = read_object(bytes)?;
     if document.architecture.is_some() && document.os.is_some() && document.rootfs.is_some() {
         return Some(OCI_CONFIG.to_owned());
     }
     None
+}
+
+/// The JSON object in `bytes` as a [`Document`]. Only an object: serde would also fill a struct
+/// from a JSON array, field by field, which would make `["<anything>", []]` an index.
+fn read_object(bytes: &[u8]) -> Option<Document> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(bytes).ok()
 }
 
 /// The name itself when an image name is a `registry/repo:tag` reference; `None` for digest
@@ -391,6 +400,27 @@ mod tests {
         ] {
             assert_eq!(tag_reference(bad), None, "{bad}");
         }
+    }
+
+    /// Found by the `manifest` fuzz target: serde fills a struct from a JSON array too, so
+    /// `["<media type>", []]` read as an index with any media type at all.
+    #[test]
+    fn json_arrays_are_not_documents() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        for bytes in [
+            r#"["xxxxxxxxxxe [",[]]"#.to_owned(),
+            format!(r#"[null, [{{"digest": "{digest}"}}]]"#),
+            format!(r#"[null, null, {{"digest": "{digest}"}}, []]"#),
+            r#"[null, null, null, null, "amd64", "linux", {}]"#.to_owned(),
+        ] {
+            assert_eq!(parse_document(bytes.as_bytes()), None, "{bytes}");
+            assert_eq!(sniff_media_type(bytes.as_bytes()), None, "{bytes}");
+        }
+        let index = format!(r#" {{"manifests": [{{"digest": "{digest}"}}]}}"#);
+        assert_eq!(
+            sniff_media_type(index.as_bytes()).as_deref(),
+            Some(OCI_INDEX)
+        );
     }
 
     #[test]

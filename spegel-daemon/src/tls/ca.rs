@@ -124,10 +124,19 @@ impl NodeCa {
             Err(err) => return Err(Unusable::Unreadable(err.to_string())),
         };
         restrict_key_permissions(&key_path);
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| Unusable::Unreadable(e.to_string()))?;
-        let cert_der = pem_to_der(&cert_pem).ok_or(Unusable::Unreadable(format!(
-            "{stem}.crt holds no PEM certificate"
-        )))?;
+        Self::from_pem(&key_pem, cert_pem, leaf_validity)
+    }
+
+    /// The CA of a key and a certificate as read from disk (PEM); what [`Self::load`] checks.
+    pub(crate) fn from_pem(
+        key_pem: &str,
+        cert_pem: String,
+        leaf_validity: Duration,
+    ) -> Result<Self, Unusable> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| Unusable::Unreadable(e.to_string()))?;
+        let cert_der = pem_to_der(&cert_pem).ok_or(Unusable::Unreadable(
+            "the CA certificate file holds no PEM certificate".to_owned(),
+        ))?;
         Self::from_parts(cert_der, cert_pem, key, leaf_validity)
     }
 
@@ -295,7 +304,7 @@ impl NodeCa {
 
 /// Why a CA on disk cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum Unusable {
+pub(crate) enum Unusable {
     #[error("no CA on disk")]
     Missing,
     #[error("the CA on disk is unreadable: {0}")]
@@ -306,7 +315,7 @@ pub(super) enum Unusable {
     Unconstrained,
 }
 
-fn ca_params(permitted: &PermittedNames) -> Result<CertificateParams, CaError> {
+pub(crate) fn ca_params(permitted: &PermittedNames) -> Result<CertificateParams, CaError> {
     let now = OffsetDateTime::now_utc();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -343,7 +352,7 @@ fn hostname() -> String {
 }
 
 /// The name constraints of a CA certificate on disk, canonicalised.
-fn existing_constraints(der: &[u8]) -> Result<CanonicalConstraints, Unusable> {
+pub(crate) fn existing_constraints(der: &[u8]) -> Result<CanonicalConstraints, Unusable> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| Unusable::Unreadable(format!("ca.crt: {e}")))?;

@@ -40,7 +40,10 @@ impl LeafName {
             .to_ascii_lowercase();
         // DNS names only: wildcards, underscores-as-labels and IPs were handled or are refused.
         match ServerName::try_from(dns.as_str()) {
-            Ok(ServerName::DnsName(_)) if !dns.contains('*') && !dns.is_empty() => {
+            // One trailing dot is dropped above; rustls accepts a name that still ends in one.
+            Ok(ServerName::DnsName(_))
+                if !dns.contains('*') && !dns.is_empty() && !dns.ends_with('.') =>
+            {
                 Ok(LeafName::Dns(dns))
             }
             _ => Err(CaError::InvalidName(name.to_owned())),
@@ -89,7 +92,7 @@ impl PermittedNames {
     /// The names a CA certificate's constraints permit (the inverse of
     /// [`Self::name_constraints`]): DNS subtrees but the `.invalid` sentinel, and single-address
     /// IP subtrees. Wider IP ranges are never minted by spegel and are ignored (not covered).
-    pub(super) fn from_constraints(constraints: &CanonicalConstraints) -> Self {
+    pub(crate) fn from_constraints(constraints: &CanonicalConstraints) -> Self {
         let mut permitted = PermittedNames::default();
         for subtree in &constraints.permitted {
             match subtree {
@@ -242,13 +245,13 @@ fn single_address(bytes: &[u8]) -> Option<IpAddr> {
 
 /// Name constraints reduced to comparable sets (order and unknown forms ignored).
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct CanonicalConstraints {
-    pub(super) permitted: BTreeSet<CanonicalSubtree>,
-    pub(super) excluded: BTreeSet<CanonicalSubtree>,
+pub(crate) struct CanonicalConstraints {
+    pub(crate) permitted: BTreeSet<CanonicalSubtree>,
+    pub(crate) excluded: BTreeSet<CanonicalSubtree>,
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum CanonicalSubtree {
+pub(crate) enum CanonicalSubtree {
     Dns(String),
     /// Address then mask, network byte order.
     Ip(Vec<u8>),
@@ -344,5 +347,17 @@ pub(crate) mod tests {
         assert!(!p.permits(&dns("docker.io.evil.com")));
         assert!(p.permits(&dns("10.0.0.1")));
         assert!(!p.permits(&dns("10.0.0.2")));
+    }
+
+    /// Found by the `leaf_name` fuzz target: `j..` lost one trailing dot and rustls accepted
+    /// the rest, so a leaf name could end in a dot (and name the same host as `j` twice).
+    #[test]
+    fn two_trailing_dots_are_refused() {
+        assert!(LeafName::parse("j..").is_err());
+        assert!(LeafName::parse("docker.io..").is_err());
+        assert_eq!(
+            LeafName::parse("docker.io.").unwrap(),
+            LeafName::Dns("docker.io".into())
+        );
     }
 }

@@ -76,7 +76,12 @@ pub fn record_install(ca_dir: &Path, fingerprints: Vec<String>) -> Result<(), Ca
 /// The last install record, if there is a readable one.
 pub fn read_record(ca_dir: &Path) -> Option<InstallRecord> {
     let bytes = fs::read(ca_dir.join(RECORD_FILE)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    parse_record(&bytes)
+}
+
+/// An install record from the bytes of `installed.json`; `None` if they are not one.
+pub fn parse_record(bytes: &[u8]) -> Option<InstallRecord> {
+    serde_json::from_slice(bytes).ok()
 }
 
 /// Now, on the boot clock.
@@ -108,7 +113,7 @@ fn clock_ticks() -> f64 {
 
 /// The start time (seconds since boot) in a `/proc/<pid>/stat` line: field 22, counted after
 /// the parenthesised command name (which may itself hold spaces and parentheses).
-pub(super) fn start_time_in_stat(stat: &str, ticks: f64) -> Option<f64> {
+pub(crate) fn start_time_in_stat(stat: &str, ticks: f64) -> Option<f64> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
     // Field 3 (state) is the first after the name, so field 22 is the 20th.
     let start: u64 = after_comm.split_whitespace().nth(19)?.parse().ok()?;

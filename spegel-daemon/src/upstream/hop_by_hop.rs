@@ -2,7 +2,7 @@
 use http::{HeaderMap, HeaderName, header};
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the `Connection` header names.
-pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

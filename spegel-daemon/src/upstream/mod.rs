@@ -22,12 +22,12 @@ mod body;
 mod client;
 mod connect;
 mod error;
-mod hop_by_hop;
-mod redirect;
+pub(crate) mod hop_by_hop;
+pub(crate) mod redirect;
 mod resume;
-mod retry_after;
+pub(crate) mod retry_after;
 mod source;
-mod target;
+pub(crate) mod target;
 mod trust;
 
 pub use args::{Timeouts, UpstreamArgs};

@@ -13,22 +13,22 @@ use super::target::Target;
 
 /// Redirects followed for one object before giving up (as many as containerd's Go client would
 /// follow for a registry is far more than any registry needs; five covers CDN chains).
-pub(super) const MAX_REDIRECTS: usize = 5;
+pub(crate) const MAX_REDIRECTS: usize = 5;
 
 /// One request of a redirect chain: where it goes and what it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Hop {
+pub(crate) struct Hop {
     /// The server asked.
-    pub(super) target: Target,
+    pub(crate) target: Target,
     /// Path and query asked for.
-    pub(super) path_and_query: String,
+    pub(crate) path_and_query: String,
     /// The request headers (without `Host`, which the target gives).
-    pub(super) headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
 }
 
 /// What to do with an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Decision {
+pub(crate) enum Decision {
     /// Not a redirect: the answer is the final response.
     Stop,
     /// Send this request next.
@@ -38,7 +38,7 @@ pub(super) enum Decision {
 /// Decides what follows the answer (`status`, `location`) to `current`, the request sent after
 /// `redirects` redirects were followed, in a chain that started at `origin`. The error is the
 /// reason the redirect cannot be followed.
-pub(super) fn decide(
+pub(crate) fn decide(
     origin: &Target,
     current: &Hop,
     redirects: usize,

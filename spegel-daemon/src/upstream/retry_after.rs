@@ -6,7 +6,7 @@ use http::{HeaderMap, header};
 
 /// How long `Retry-After` in `headers` asks to wait, counted from `now`. `None` when absent or
 /// unreadable; a date in the past is zero.
-pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         // More digits than a u64 holds is "very long": the caller caps it anyway.

@@ -20,20 +20,20 @@ const SYNTHETIC_SUFFIX: &str = ".spegel.invalid";
 
 /// Where one request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Target {
+pub(crate) struct Target {
     /// `https` (verified TLS) or `http`.
-    pub(super) tls: bool,
+    pub(crate) tls: bool,
     /// Host name or IP literal (no brackets): SNI, certificate verification and `Host`.
-    pub(super) host: String,
+    pub(crate) host: String,
     /// The port asked for (`Host`, URLs, and DNS dialling).
-    pub(super) port: u16,
+    pub(crate) port: u16,
     /// The exact address to dial (intercepted origins); `None` resolves `host` with DNS.
-    pub(super) pinned: Option<SocketAddr>,
+    pub(crate) pinned: Option<SocketAddr>,
 }
 
 impl Target {
     /// The intercepted origin: its host name, dialled at the address containerd dialled.
-    pub(super) fn from_origin(origin: &Origin) -> Result<Self, UpstreamError> {
+    pub(crate) fn from_origin(origin: &Origin) -> Result<Self, UpstreamError> {
         let host = host_only(&origin.host).to_ascii_lowercase();
         if host.is_empty() || ServerName::try_from(host.as_str()).is_err() {
             return Err(UpstreamError::InvalidRequest(format!(
@@ -50,7 +50,7 @@ impl Target {
     }
 
     /// A redirect's destination, resolved with DNS; the error says why it cannot be one.
-    pub(super) fn from_url(url: &url::Url) -> Result<Self, String> {
+    pub(crate) fn from_url(url: &url::Url) -> Result<Self, String> {
         let tls = match url.scheme() {
             "https" => true,
             "http" => false,
@@ -74,12 +74,12 @@ impl Target {
     }
 
     /// `https` or `http`.
-    pub(super) fn scheme(&self) -> &'static str {
+    pub(crate) fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
     }
 
     /// `host[:port]` as it belongs in `Host` and URLs (IPv6 bracketed, default port omitted).
-    pub(super) fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         let host = match self.host.parse::<IpAddr>() {
             Ok(ip) => Host::Ip(ip).to_string(),
             Err(_) => self.host.clone(),
@@ -93,19 +93,19 @@ impl Target {
     }
 
     /// `Host` for a request we address ourselves.
-    pub(super) fn host_header(&self) -> Result<HeaderValue, UpstreamError> {
+    pub(crate) fn host_header(&self) -> Result<HeaderValue, UpstreamError> {
         HeaderValue::from_str(&self.authority())
             .map_err(|e| UpstreamError::InvalidRequest(format!("bad host `{}`: {e}", self.host)))
     }
 
     /// Same scheme, host and port (the dialled address aside).
-    pub(super) fn same_server(&self, other: &Target) -> bool {
+    pub(crate) fn same_server(&self, other: &Target) -> bool {
         self.tls == other.tls && self.host == other.host && self.port == other.port
     }
 
     /// The URI handed to hyper: real scheme and path, synthetic authority carrying the target
     /// (hex keeps every part a valid reg-name). The pool keys connections by it.
-    pub(super) fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
+    pub(crate) fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
         let pinned = self
             .pinned
             .map_or_else(|| "dns".to_owned(), |addr| hex::encode(addr.to_string()));
@@ -121,7 +121,7 @@ impl Target {
     }
 
     /// Inverse of [`Self::uri`], in the connector.
-    pub(super) fn decode(uri: &Uri) -> io::Result<Self> {
+    pub(crate) fn decode(uri: &Uri) -> io::Result<Self> {
         let invalid = || io::Error::new(io::ErrorKind::InvalidInput, "not an upstream target URI");
         let tls = match uri.scheme_str() {
             Some("https") => true,
