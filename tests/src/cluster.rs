@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 
 use crate::rig::{
-    Node, Rig,
+    Node, Rig, TestImage,
     spegel::{LogMark, Spegel, SpegelOptions, rig_registry_hosts},
     spegel_bin,
 };
@@ -154,4 +154,68 @@ pub async fn wait_until_findable(daemon: &Spegel, repository: &str, digest: &str
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// `registry:port` percent-encoded for `?ns=`.
+pub fn ns_query(host: &str) -> String {
+    format!("ns={}", host.replace(':', "%3A"))
+}
+
+/// Polls `daemon`'s registry API (not intercepted: local store, then peers) until every pulled
+/// blob of `image`, its manifest and, if given, its tag for registry `tag_registry` are found;
+/// panics after `timeout`.
+pub async fn wait_discoverable(
+    daemon: &Spegel,
+    image: &TestImage,
+    tag_registry: Option<&str>,
+    timeout: Duration,
+) {
+    let mut paths: Vec<String> = image
+        .pulled_blobs()
+        .iter()
+        .map(|blob| format!("/v2/{}/blobs/{}", image.repository, blob.digest))
+        .collect();
+    paths.push(format!(
+        "/v2/{}/manifests/{}",
+        image.repository,
+        image.digest()
+    ));
+    if let Some(registry) = tag_registry {
+        paths.push(format!(
+            "/v2/{}/manifests/{}?{}",
+            image.repository,
+            image.tag,
+            ns_query(registry)
+        ));
+    }
+    let started = std::time::Instant::now();
+    for path in paths {
+        loop {
+            let response = daemon
+                .request(
+                    "HEAD",
+                    &path,
+                    &[("Accept", crate::rig::spegel::MANIFEST_ACCEPT)],
+                )
+                .await
+                .unwrap_or_else(|error| panic!("HEAD {path} on {}: {error:#}", daemon.node_name()));
+            if response.status == 200 {
+                break;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{} still cannot find {path} after {:?} (last status {})",
+                daemon.node_name(),
+                started.elapsed(),
+                response.status
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    eprintln!(
+        "{} finds {} through its peers after {:?}",
+        daemon.node_name(),
+        image.name,
+        started.elapsed()
+    );
 }

@@ -92,6 +92,31 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
+/// Polls `check` every 200 ms until it yields a value; fails with `what` and the last reason
+/// (`not yet`, or the check's error) after `timeout`.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => "not yet".to_owned(),
+            Err(error) => format!("{error:#}"),
+        };
+        if started.elapsed() >= timeout {
+            anyhow::bail!("{what}: not within {timeout:?} (last: {last})");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Checks for root and the required programs; the error lists everything that is missing.
 fn check_prerequisites() -> Result<(), String> {
     let mut problems = Vec::new();

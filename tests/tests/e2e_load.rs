@@ -196,6 +196,16 @@ async fn bpf_map_entries(daemon: &Spegel) -> Option<usize> {
     Some(entries)
 }
 
+/// Waits until `daemon`'s counter `metric` is above `before`, failing with `failure` after a
+/// minute (twenty of the tests' client timeouts).
+async fn counter_passes(daemon: &Spegel, metric: &str, before: f64, failure: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while daemon.metrics().await.unwrap().sum(metric) <= before {
+        assert!(Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The router's TCP port, from its multiaddr.
 fn router_addr(daemon: &Spegel) -> SocketAddr {
     let port = daemon
@@ -559,24 +569,15 @@ async fn scenario_slow_reader(suite: &Suite) {
         "RSS grew past the budget: {rss_before} → {rss_during}"
     );
 
-    // The write timeout closes the slow connection (a minute is twenty timeouts); the client
-    // may still be reading what its kernel buffered, so the daemon's count tells.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let timeouts = a
-            .metrics()
-            .await
-            .unwrap()
-            .sum("spegel_registry_write_timeouts_total");
-        if timeouts > timeouts_before {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slow connection was not closed by the write timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // The write timeout closes the slow connection; the client may still be reading what its
+    // kernel buffered, so the daemon's count tells.
+    counter_passes(
+        a,
+        "spegel_registry_write_timeouts_total",
+        timeouts_before,
+        "the slow connection was not closed by the write timeout",
+    )
+    .await;
     reader.abort();
     if let Ok((read, after)) = reader.await {
         eprintln!("the slow reader got {read} bytes before the end, after {after:?}");
@@ -686,23 +687,14 @@ async fn scenario_intercepted_stuck_reader(suite: &Suite) {
         "RSS grew past the budget: {rss_before} → {rss_during}"
     );
 
-    // The interception write timeout closes the connection (a minute is twenty timeouts).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let timeouts = a
-            .metrics()
-            .await
-            .unwrap()
-            .sum("spegel_intercept_write_timeouts_total");
-        if timeouts > timeouts_before {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stuck intercepted connection was not closed by the write timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // The interception write timeout closes the connection.
+    counter_passes(
+        a,
+        "spegel_intercept_write_timeouts_total",
+        timeouts_before,
+        "the stuck intercepted connection was not closed by the write timeout",
+    )
+    .await;
 
     // What the client gets is the head and what was buffered, then the end: never the blob.
     let mut received = Vec::new();

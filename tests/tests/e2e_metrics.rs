@@ -7,10 +7,10 @@
 //! after `cargo build -p spegel-daemon`.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
+use spegel_tests::eventually;
 use spegel_tests::rig::prometheus::{Prometheus, SCRAPE_JOB};
 use spegel_tests::rig::spegel::{
     DEFAULT_REGISTRY_PORT, Spegel, SpegelOptions, configure_mirror, registry_urls,
@@ -22,27 +22,6 @@ const FIND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long Prometheus may take to scrape what the daemons count (1 s scrape interval).
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
 const SERVED_BYTES: &str = "spegel_served_bytes_total";
-
-/// Polls `check` every 500 ms until it yields a value; fails with `what` and the last reason
-/// after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let started = Instant::now();
-    loop {
-        let last = match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => "not yet".to_owned(),
-            Err(error) => format!("{error:#}"),
-        };
-        if started.elapsed() > timeout {
-            bail!("{what}: still not after {timeout:?}: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
 
 /// Waits until `daemon` finds every pulled blob of `image` through its peers.
 async fn wait_findable(daemon: &Spegel, rig: &Rig, image: &TestImage) {

@@ -32,9 +32,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use sha2::{Digest as _, Sha256};
 use spegel_tests::cluster::{self, wait_attached};
+use spegel_tests::eventually;
 use spegel_tests::rig::spegel::{
     LogEvent, LogMark, MANIFEST_ACCEPT, Resources, Spegel, SpegelOptions,
 };
@@ -192,27 +193,6 @@ async fn run<F: Future<Output = ()>>(suite: &Suite, scenario: F) {
 }
 
 // === Helpers ===
-
-/// Polls `check` every 200 ms until it yields a value; fails with `what` and the last reason
-/// after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let started = Instant::now();
-    loop {
-        let last = match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => "not yet".to_owned(),
-            Err(error) => format!("{error:#}"),
-        };
-        if started.elapsed() >= timeout {
-            bail!("{what}: not within {timeout:?} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// Waits until `daemon` (asked as containerd asks, so it looks peers up) finds every pulled
 /// blob of `image`.

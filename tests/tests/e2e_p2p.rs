@@ -27,19 +27,17 @@
 //! after `cargo build -p spegel-daemon`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use sha2::{Digest as _, Sha256};
+use spegel_tests::eventually;
 use spegel_tests::rig::spegel::{
     DEFAULT_REGISTRY_PORT, LogEvent, LogMark, MANIFEST_ACCEPT, Spegel, SpegelOptions,
     configure_mirror, registry_urls,
 };
-use spegel_tests::rig::{
-    Blob, Endpoint, ImageSpec, K8S_NAMESPACE, MIB, Node, Process, Rig, TestImage,
-};
+use spegel_tests::rig::{Blob, Endpoint, ImageSpec, MIB, Node, Process, Rig, TestImage};
 
 /// How long peers may take to find content another node just got (DHT provide + lookup).
 const FIND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -111,27 +109,6 @@ impl Drop for Diagnostics {
                 process.log_tail(40)
             );
         }
-    }
-}
-
-/// Polls `check` every 200 ms until it yields a value; fails with `what` and the last reason
-/// after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let started = Instant::now();
-    loop {
-        let last = match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => "not yet".to_owned(),
-            Err(error) => format!("{error:#}"),
-        };
-        if started.elapsed() >= timeout {
-            bail!("{what}: not within {timeout:?} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -808,42 +785,6 @@ fn assert_store_sound(node: &Node) {
     assert!(count > 0, "{} has an empty content store", node.name());
 }
 
-/// Deletes every record of `image` on `node` and garbage-collects. With `keep_config` the config
-/// blob survives as a GC root that no longer pins the unpacked snapshots, so the layers and
-/// snapshots go and a later pull fetches the layers but not the config.
-async fn forget_image(node: &Node, image: &TestImage, keep_config: bool) {
-    let config = image.config().digest.clone();
-    if keep_config {
-        node.ctr([
-            "-n",
-            K8S_NAMESPACE,
-            "content",
-            "label",
-            &config,
-            "containerd.io/gc.root=e2e-p2p",
-            "containerd.io/gc.ref.snapshot.overlayfs=",
-        ])
-        .await
-        .expect("relabel the config");
-    }
-    let names = [
-        image.reference(Endpoint::Plain),
-        image.digest_reference(Endpoint::Plain),
-        config.clone(),
-    ];
-    let mut args = vec!["-n", K8S_NAMESPACE, "images", "rm", "--sync"];
-    args.extend(names.iter().map(String::as_str));
-    node.ctr(args).await.expect("ctr images rm");
-    for layer in image.layers() {
-        assert!(
-            !node.has_blob(&layer.digest).await.unwrap(),
-            "{} kept a layer",
-            node.name()
-        );
-    }
-    assert_eq!(node.has_blob(&config).await.unwrap(), keep_config);
-}
-
 /// The events after `mark` that quarantine `peer`.
 fn quarantines_of(daemon: &Spegel, mark: LogMark, peer: &str) -> usize {
     daemon
@@ -955,7 +896,10 @@ async fn corrupt_layer_streamed_to_containerd_still_pulls_in_one_go() {
             .await
             .expect("pull from the registry");
     }
-    forget_image(fetcher_node, &tainted, true).await;
+    fetcher_node
+        .forget_image(&tainted, true)
+        .await
+        .expect("forget the image");
 
     let corrupt = rig
         .start_spegel(0, SpegelOptions::mirror().corrupt_peer_blobs())

@@ -21,7 +21,7 @@ use spegel_tests::rig::spegel::{
     DEFAULT_REGISTRY_PORT, LogEvent, LogMark, Spegel, SpegelOptions, configure_mirror,
     registry_urls,
 };
-use spegel_tests::rig::{Blob, Endpoint, ImageSpec, K8S_NAMESPACE, MIB, Node, Rig, TestImage};
+use spegel_tests::rig::{Blob, Endpoint, ImageSpec, MIB, Node, Rig, TestImage};
 
 /// How long the fetcher may take to find what its peer holds (DHT provide + lookup).
 const FIND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,35 +112,6 @@ async fn assert_holds(node: &Node, image: &TestImage) {
     }
 }
 
-/// Deletes `image` on `node` but keeps its config (as a GC root), so a later pull fetches the
-/// layer — the first blob it asks the peer for is the multi-chunk one.
-async fn forget_all_but_the_config(node: &Node, image: &TestImage) {
-    let config = image.config().digest.clone();
-    node.ctr([
-        "-n",
-        K8S_NAMESPACE,
-        "content",
-        "label",
-        &config,
-        "containerd.io/gc.root=e2e-spool",
-        "containerd.io/gc.ref.snapshot.overlayfs=",
-    ])
-    .await
-    .expect("relabel the config");
-    // CRI names the image by its config digest (the image ID) too.
-    let names = [
-        image.reference(Endpoint::Plain),
-        image.digest_reference(Endpoint::Plain),
-        config.clone(),
-    ];
-    let mut args = vec!["-n", K8S_NAMESPACE, "images", "rm", "--sync"];
-    args.extend(names.iter().map(String::as_str));
-    node.ctr(args).await.expect("ctr images rm");
-    for layer in image.layers() {
-        assert!(!node.has_blob(&layer.digest).await.unwrap(), "kept a layer");
-    }
-}
-
 fn errors_of(daemon: &Spegel) -> Vec<LogEvent> {
     daemon
         .events()
@@ -204,7 +175,11 @@ async fn set_up(seed: u64, holder: SpegelOptions) -> Setup {
             .await
             .expect("pull from the registry");
     }
-    forget_all_but_the_config(rig.node(1), &image).await;
+    // The fetcher forgets all but the config, so its pull asks the peer for the layer first.
+    rig.node(1)
+        .forget_image(&image, true)
+        .await
+        .expect("forget all but the config");
     let holder = rig.start_spegel(0, holder).await.expect("holder starts");
     let fetcher = rig
         .start_spegel(

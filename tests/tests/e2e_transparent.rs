@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use spegel_tests::cluster::{self, wait_attached};
+use spegel_tests::cluster::{self, wait_attached, wait_discoverable};
 use spegel_tests::rig::spegel::{Metrics, Spegel, SpegelOptions, http_get};
 use spegel_tests::rig::{Endpoint, ImageSpec, KIB, Node, ProcessSpec, Rig, TestImage};
 
@@ -303,64 +303,6 @@ fn no_hosts_toml_anywhere(suite: &Suite) {
     }
 }
 
-/// `registry.<prefix>.test:5443` percent-encoded for `?ns=`.
-fn ns_query(host: &str) -> String {
-    format!("ns={}", host.replace(':', "%3A"))
-}
-
-/// Polls `daemon`'s registry API (not intercepted: local store, then peers) until every blob
-/// of `image` and, if given, its tag for registry `tag_registry` are found.
-async fn wait_discoverable(daemon: &Spegel, image: &TestImage, tag_registry: Option<&str>) {
-    let mut paths: Vec<String> = image
-        .pulled_blobs()
-        .iter()
-        .map(|blob| format!("/v2/{}/blobs/{}", image.repository, blob.digest))
-        .collect();
-    paths.push(format!(
-        "/v2/{}/manifests/{}",
-        image.repository,
-        image.digest()
-    ));
-    if let Some(registry) = tag_registry {
-        paths.push(format!(
-            "/v2/{}/manifests/{}?{}",
-            image.repository,
-            image.tag,
-            ns_query(registry)
-        ));
-    }
-    let started = Instant::now();
-    for path in paths {
-        loop {
-            let response = daemon
-                .request(
-                    "HEAD",
-                    &path,
-                    &[("Accept", spegel_tests::rig::spegel::MANIFEST_ACCEPT)],
-                )
-                .await
-                .unwrap_or_else(|error| panic!("HEAD {path} on {}: {error:#}", daemon.node_name()));
-            if response.status == 200 {
-                break;
-            }
-            assert!(
-                started.elapsed() < DISCOVERY_TIMEOUT,
-                "{} still cannot find {path} after {:?} (last status {})",
-                daemon.node_name(),
-                started.elapsed(),
-                response.status
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-    eprintln!(
-        "{} finds {} through its peers after {:?}",
-        daemon.node_name(),
-        image.name,
-        started.elapsed()
-    );
-}
-
 /// Runs `program args` in `node`'s namespace, inside containerd's cgroup (`in_cgroup`) or not.
 /// Returns the output whatever the exit status.
 async fn run_on(node: &Node, in_cgroup: bool, program: &str, args: &[&str]) -> Output {
@@ -496,7 +438,7 @@ async fn scenario_pulls_fetch_each_blob_once(suite: &Suite) {
     for index in [1, 2] {
         let node = rig.node(index);
         let daemon = suite.daemon(index);
-        wait_discoverable(daemon, &four, None).await;
+        wait_discoverable(daemon, &four, None, DISCOVERY_TIMEOUT).await;
         let mark = daemon.log_mark();
         let started = Instant::now();
         let pulled = node
@@ -560,6 +502,7 @@ async fn scenario_pull_by_registry_ip(suite: &Suite) {
         daemon_b,
         &image,
         Some(&rig.registry().ip_host(Endpoint::Tls)),
+        DISCOVERY_TIMEOUT,
     )
     .await;
     let mark = daemon_b.log_mark();
@@ -870,8 +813,8 @@ async fn scenario_peers_serve_while_the_registry_is_down(suite: &Suite) {
             );
         }
     }
-    wait_discoverable(daemon_b, &by_digest, None).await;
-    wait_discoverable(daemon_b, &by_tag, Some(&registry_host)).await;
+    wait_discoverable(daemon_b, &by_digest, None, DISCOVERY_TIMEOUT).await;
+    wait_discoverable(daemon_b, &by_tag, Some(&registry_host), DISCOVERY_TIMEOUT).await;
 
     rig.registry().stop().await.unwrap();
     let mark = daemon_b.log_mark();

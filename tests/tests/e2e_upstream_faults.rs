@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use sha2::{Digest as _, Sha256};
-use spegel_tests::cluster;
+use spegel_tests::cluster::{self, wait_discoverable};
 use spegel_tests::rig::faultproxy::{Fault, FaultProxy};
 use spegel_tests::rig::spegel::{Spegel, SpegelOptions};
 use spegel_tests::rig::{ImageSpec, KIB, MIB, Node, Rig, TestImage};
@@ -215,6 +215,7 @@ async fn scenario_from_peers(suite: &Suite, status: u16, by: By) {
         daemon_b,
         &image,
         (by == By::Tag).then_some(tag_registry.as_str()),
+        DISCOVERY_TIMEOUT,
     )
     .await;
     let baseline = usages(suite);
@@ -363,58 +364,6 @@ async fn content_is_right(node: &Node, image: &TestImage) {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
         assert_eq!(digest, blob.digest, "{} holds corrupt content", node.name());
         assert_eq!(bytes.len() as u64, blob.size);
-    }
-}
-
-/// `registry:port` percent-encoded for `?ns=`.
-fn ns_query(host: &str) -> String {
-    format!("ns={}", host.replace(':', "%3A"))
-}
-
-/// Polls `daemon`'s registry API (local store, then peers) until every blob of `image`, its
-/// manifest and, if given, its tag for registry `tag_registry` are found.
-async fn wait_discoverable(daemon: &Spegel, image: &TestImage, tag_registry: Option<&str>) {
-    let mut paths: Vec<String> = image
-        .pulled_blobs()
-        .iter()
-        .map(|blob| format!("/v2/{}/blobs/{}", image.repository, blob.digest))
-        .collect();
-    paths.push(format!(
-        "/v2/{}/manifests/{}",
-        image.repository,
-        image.digest()
-    ));
-    if let Some(registry) = tag_registry {
-        paths.push(format!(
-            "/v2/{}/manifests/{}?{}",
-            image.repository,
-            image.tag,
-            ns_query(registry)
-        ));
-    }
-    let started = Instant::now();
-    for path in paths {
-        loop {
-            let response = daemon
-                .request(
-                    "HEAD",
-                    &path,
-                    &[("Accept", spegel_tests::rig::spegel::MANIFEST_ACCEPT)],
-                )
-                .await
-                .unwrap_or_else(|error| panic!("HEAD {path} on {}: {error:#}", daemon.node_name()));
-            if response.status == 200 {
-                break;
-            }
-            assert!(
-                started.elapsed() < DISCOVERY_TIMEOUT,
-                "{} still cannot find {path} after {:?} (last status {})",
-                daemon.node_name(),
-                started.elapsed(),
-                response.status
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
     }
 }
 

@@ -292,6 +292,44 @@ impl Node {
         cri::content_info(&self.socket, K8S_NAMESPACE, digest).await
     }
 
+    /// Deletes every record of `image` (by tag, by digest, and the image ID CRI names it by)
+    /// and garbage-collects, then checks its layers are gone. With `keep_config` the config blob
+    /// survives as a GC root that no longer pins the unpacked snapshots, so a later pull fetches
+    /// the layers but not the config.
+    pub async fn forget_image(&self, image: &super::TestImage, keep_config: bool) -> Result<()> {
+        let config = image.config().digest.clone();
+        if keep_config {
+            self.ctr([
+                "-n",
+                K8S_NAMESPACE,
+                "content",
+                "label",
+                &config,
+                "containerd.io/gc.root=spegel-tests",
+                "containerd.io/gc.ref.snapshot.overlayfs=",
+            ])
+            .await
+            .context("relabel the config")?;
+        }
+        let names = [
+            image.reference(Endpoint::Plain),
+            image.digest_reference(Endpoint::Plain),
+            config.clone(),
+        ];
+        let mut args = vec!["-n", K8S_NAMESPACE, "images", "rm", "--sync"];
+        args.extend(names.iter().map(String::as_str));
+        self.ctr(args).await.context("ctr images rm")?;
+        for layer in image.layers() {
+            if self.has_blob(&layer.digest).await? {
+                bail!("{} kept layer {}", self.name(), layer.digest);
+            }
+        }
+        if self.has_blob(&config).await? != keep_config {
+            bail!("{}: config present is not {keep_config}", self.name());
+        }
+        Ok(())
+    }
+
     /// Whether the node's `k8s.io` content store has the blob.
     pub async fn has_blob(&self, digest: &str) -> Result<bool> {
         Ok(self.content_info(digest).await?.is_some())

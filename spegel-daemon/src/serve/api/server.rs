@@ -379,32 +379,32 @@ mod tests {
         server.await.unwrap();
     }
 
-    /// A connection accepted elsewhere (the interception layer) and handed to
-    /// [`Registry::serve_connection`]: the server's end and the client's.
-    async fn handed_over() -> (TcpStream, TcpStream) {
+    /// A connection accepted elsewhere (the interception layer) and handed to `registry`'s
+    /// [`Registry::serve_connection`] with `write_timeout`: its serving task and the client.
+    async fn handed_over(
+        registry: Arc<Registry>,
+        write_timeout: Duration,
+    ) -> (tokio::task::JoinHandle<Result<(), BoxError>>, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = connect_from([127, 0, 0, 1], listener.local_addr().unwrap()).await;
         let (server, _) = listener.accept().await.unwrap();
-        (server, client)
+        let served = tokio::spawn(async move {
+            registry
+                .serve_connection(
+                    server,
+                    RequestContext::default(),
+                    CancellationToken::new(),
+                    write_timeout,
+                )
+                .await
+        });
+        (served, client)
     }
 
     #[tokio::test]
     async fn a_handed_over_connection_whose_client_stops_reading_ends_by_the_write_timeout() {
         let registry = Arc::new(Registry::new(Arc::new(Large)));
-        let (server, mut client) = handed_over().await;
-        let served = tokio::spawn({
-            let registry = Arc::clone(&registry);
-            async move {
-                registry
-                    .serve_connection(
-                        server,
-                        RequestContext::default(),
-                        CancellationToken::new(),
-                        Duration::from_millis(300),
-                    )
-                    .await
-            }
-        });
+        let (served, mut client) = handed_over(registry, Duration::from_millis(300)).await;
         let blob = Digest::of(b"large");
         client
             .write_all(
@@ -424,20 +424,7 @@ mod tests {
     async fn a_handed_over_idle_connection_is_closed() {
         let registry =
             Arc::new(Registry::new(Arc::new(Large)).with_idle_timeout(Duration::from_millis(200)));
-        let (server, mut client) = handed_over().await;
-        let served = tokio::spawn({
-            let registry = Arc::clone(&registry);
-            async move {
-                registry
-                    .serve_connection(
-                        server,
-                        RequestContext::default(),
-                        CancellationToken::new(),
-                        Duration::from_secs(30),
-                    )
-                    .await
-            }
-        });
+        let (served, mut client) = handed_over(registry, Duration::from_secs(30)).await;
         client
             .write_all(b"GET /livez HTTP/1.1\r\nhost: spegel\r\n\r\n")
             .await
