@@ -63,6 +63,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub registry: crate::serve::api::RegistryArgs,
     #[command(flatten)]
+    pub membership: crate::membership::MembershipArgs,
+    #[command(flatten)]
     pub router: crate::p2p::RouterArgs,
     #[command(flatten)]
     pub fetch: crate::peers::FetchArgs,

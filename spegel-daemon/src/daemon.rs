@@ -10,6 +10,7 @@ use crate::{
     body::buffered::Buffered,
     config::RunArgs,
     intercept::{self, InterceptConfig},
+    membership::Membership,
     metrics::{Instrumented, Metrics},
     p2p::P2pRouter,
     peers::{FetchConfig, PeerSource},
@@ -68,9 +69,28 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             args.data_dir.display()
         )
     })?;
+    let membership = args
+        .membership
+        .to_membership()
+        .context("invalid cluster membership")?;
+    let peer_auth = membership
+        .peer_auth()
+        .context("cannot set up peer authentication")?;
+    match &membership {
+        Membership::Open => tracing::warn!(
+            "--insecure-open-cluster: any host that reaches this node can join the DHT and read its images"
+        ),
+        Membership::Secret { transport, .. } => {
+            tracing::info!(?transport, "only cluster members join the DHT and read content")
+        }
+    }
     let p2p_config = args
         .router
-        .to_config(&args.data_dir, args.registry.registry_addr.port())
+        .to_config(
+            &args.data_dir,
+            args.registry.registry_addr.port(),
+            membership.secrets(),
+        )
         .context("invalid router flags")?;
     let upstream_client = UpstreamClient::new(&args.upstream).context("invalid upstream flags")?;
 
@@ -113,6 +133,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         dyn_router,
         fetch_config,
         transparent.then(|| Arc::clone(&upstream)),
+        peer_auth.clone(),
     );
     let intercept_stats = Arc::new(intercept::InterceptStats::default());
     let ca_stats = Arc::new(CaStats::default());
@@ -141,6 +162,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let encoder_metrics = Arc::clone(&metrics);
     let registry = Arc::new(
         Registry::new(source)
+            .with_peer_auth(peer_auth)
             .with_readiness(Arc::new(StoreReadiness::new(Arc::clone(&store))))
             .with_metrics(Arc::new(move || encoder_metrics.encode()))
             .with_max_connections(args.registry.registry_max_connections)

@@ -9,6 +9,7 @@ pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod intercept;
+pub mod membership;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

@@ -260,6 +260,8 @@ impl RigBuilder {
             }
         }));
 
+        // The cluster secret every daemon of this rig holds (a Kubernetes Secret in a cluster).
+        write_cluster_secret(&scratch.join(CLUSTER_SECRET_FILE))?;
         let registry_netns = names.netns("reg");
         let registry_dir = scratch.join("registry");
         let registry_secret = format!("spegel-rig-{}", names.prefix());
@@ -388,6 +390,11 @@ impl Rig {
     /// The host's address on the bridge (`.1`): where the test process itself appears.
     pub fn bridge_ip(&self) -> Ipv4Addr {
         self.subnet.host(1)
+    }
+
+    /// The cluster secret file every daemon gets unless told otherwise.
+    pub fn cluster_secret_path(&self) -> PathBuf {
+        self.scratch_dir().join(CLUSTER_SECRET_FILE)
     }
 
     /// The scratch folder (`/tmp/spegel-<prefix>`), removed at teardown.
@@ -619,4 +626,25 @@ mod tests {
         let error = Rig::builder().prefix("Bad!").start().await.unwrap_err();
         assert!(error.to_string().contains("prefix"), "{error:#}");
     }
+}
+
+/// The rig's cluster secret, in its scratch directory.
+const CLUSTER_SECRET_FILE: &str = "cluster.secret";
+
+/// Writes 32 random bytes, hex-encoded, to `path` (mode 0600): a fresh cluster secret.
+pub fn write_cluster_secret(path: &Path) -> Result<()> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, hex::encode(bytes).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -4,7 +4,9 @@
 //! falls back from; `configure-mirror --undo` restores the node's configuration exactly.
 //!
 //! Node roles: A (`n1`) pulls from the registry and runs the daemon; B (`n2`) pulls through A's
-//! daemon; C (`n3`) is a plain client for skopeo and curl.
+//! daemon; C (`n3`) is a plain client for skopeo and curl. Other nodes' clients read A's daemon
+//! here, Spegel's way, so the daemon runs as an open cluster (`--insecure-open-cluster`); with a
+//! cluster secret they get 401 (`e2e_trust.rs`).
 //!
 //! Each scenario is its own test on its own rig, where A holds every test image and runs the
 //! daemon; scenarios that need B mirrored through A run `configure-mirror` first and check that
@@ -239,7 +241,7 @@ async fn run_scenario(
     }
 
     let daemon = rig
-        .start_spegel(0, SpegelOptions::mirror())
+        .start_spegel(0, SpegelOptions::mirror().open_cluster())
         .await
         .expect("A's daemon starts and becomes ready");
     eprintln!(

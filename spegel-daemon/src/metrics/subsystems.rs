@@ -26,6 +26,10 @@ pub struct ConnectionStats {
     /// Connections closed because the client stopped reading: a write made no progress for
     /// the write timeout.
     pub write_timeouts: AtomicU64,
+    /// Content requests refused because they did not come from a cluster member (401).
+    pub unauthorized: AtomicU64,
+    /// Connections whose TLS handshake failed (no or a foreign client certificate).
+    pub tls_failures: AtomicU64,
 }
 
 /// Collects the subsystems' counters on every scrape; each subsystem is optional but the
@@ -50,6 +54,16 @@ impl Collector for Subsystems {
                 "spegel_registry_write_timeouts",
                 &self.api.write_timeouts,
                 "Registry API connections closed because the client stopped reading.",
+            ),
+            (
+                "spegel_registry_unauthorized_requests",
+                &self.api.unauthorized,
+                "Content requests refused (401): not from this node, nor a cluster member.",
+            ),
+            (
+                "spegel_registry_tls_failures",
+                &self.api.tls_failures,
+                "Registry API connections whose TLS handshake failed (no cluster certificate).",
             ),
         ] {
             counter(&mut encoder, name, help, load(value))?;

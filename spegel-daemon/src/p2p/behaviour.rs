@@ -30,7 +30,7 @@ pub(super) fn build_swarm(
 ) -> Result<Swarm<Behaviour>, P2pError> {
     let tunables = &config.tunables;
     let local = keypair.public().to_peer_id();
-    let transport = transport::build(config.transport, keypair)?;
+    let transport = transport::build(config.transport, keypair, config.secrets.as_ref())?;
 
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_config

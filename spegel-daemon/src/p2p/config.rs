@@ -12,6 +12,7 @@ use std::{
 use libp2p::{Multiaddr, multiaddr::Protocol};
 
 use super::DnsSeed;
+use crate::membership::ClusterSecrets;
 
 /// Flags of this subsystem.
 #[derive(Debug, Clone, clap::Args)]
@@ -123,6 +124,8 @@ pub struct P2pConfig {
     pub bootstrap_dns: Option<DnsSeed>,
     /// What this node announces about its registry API.
     pub registry: RegistryAdvertise,
+    /// Only holders of one of these secrets may connect; `None`: anyone.
+    pub secrets: Option<ClusterSecrets>,
     /// Timings and limits.
     pub tunables: Tunables,
 }
@@ -201,7 +204,13 @@ pub enum P2pError {
 impl RouterArgs {
     /// The router configuration: the node key lives in `data_dir`; unless
     /// `--registry-advertise-addr` says otherwise, peers reach the registry on `registry_port`.
-    pub fn to_config(&self, data_dir: &Path, registry_port: u16) -> Result<P2pConfig, P2pError> {
+    /// Only holders of `secrets` may connect (`None`: anyone).
+    pub fn to_config(
+        &self,
+        data_dir: &Path,
+        registry_port: u16,
+        secrets: Option<&ClusterSecrets>,
+    ) -> Result<P2pConfig, P2pError> {
         let tunables = Tunables {
             lookup_timeout: self.lookup_timeout,
             lookup_cache_ttl: self.lookup_cache_ttl,
@@ -229,6 +238,7 @@ impl RouterArgs {
             bootstrap_peers: self.bootstrap_peers.clone(),
             bootstrap_dns: self.bootstrap_dns.clone(),
             registry,
+            secrets: secrets.cloned(),
             tunables,
         };
         config.validate()?;
@@ -306,6 +316,7 @@ impl P2pConfig {
             bootstrap_peers: Vec::new(),
             bootstrap_dns: None,
             registry,
+            secrets: None,
             tunables: Tunables::default(),
         }
     }
@@ -437,7 +448,7 @@ mod tests {
         .unwrap();
         let config = cli
             .router
-            .to_config(Path::new("/var/lib/spegel"), 5000)
+            .to_config(Path::new("/var/lib/spegel"), 5000, None)
             .unwrap();
         assert_eq!(config.registry, RegistryAdvertise::Port(5000));
         assert_eq!(config.bootstrap_peers.len(), 2);
@@ -473,7 +484,7 @@ mod tests {
             "200",
         ])
         .unwrap();
-        let config = cli.router.to_config(Path::new("/tmp"), 5000).unwrap();
+        let config = cli.router.to_config(Path::new("/tmp"), 5000, None).unwrap();
         assert_eq!(limits(&config.tunables), [10, 2, 3]);
         assert_eq!(config.tunables.max_memory_bytes, 200 << 20);
 
@@ -487,7 +498,7 @@ mod tests {
         .unwrap();
         assert!(
             matches!(
-                cli.router.to_config(Path::new("/tmp"), 5000),
+                cli.router.to_config(Path::new("/tmp"), 5000, None),
                 Err(P2pError::Config(_))
             ),
             "a TTL shorter than the reprovide interval is refused"

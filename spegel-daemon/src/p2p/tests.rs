@@ -64,6 +64,16 @@ impl Node {
 
     /// A memory-transport node whose registry is "at" 127.0.0.1:(20000 + n).
     fn memory(n: u16, seeds: Vec<Multiaddr>, tunables: Tunables) -> Self {
+        Self::member(n, seeds, tunables, None)
+    }
+
+    /// [`Node::memory`] that connects only with holders of `secret`.
+    fn member(
+        n: u16,
+        seeds: Vec<Multiaddr>,
+        tunables: Tunables,
+        secret: Option<&str>,
+    ) -> Self {
         let registry = SocketAddr::from(([127, 0, 0, 1], 20_000 + n));
         let mut config = P2pConfig::new(
             NodeKey::Ephemeral,
@@ -73,6 +83,7 @@ impl Node {
         config.listen_addrs = vec!["/memory/0".parse().unwrap()];
         config.bootstrap_peers = seeds;
         config.tunables = tunables;
+        config.secrets = secret.map(|s| crate::membership::ClusterSecrets::new(&[s]).unwrap());
         Self::start(config)
     }
 
@@ -158,6 +169,33 @@ async fn expect_found(router: &P2pRouter, key: &str, count: usize, expected: &[P
             router.peer_id()
         );
         tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_holders_of_the_cluster_secret_join() {
+    init_tracing();
+    const SECRET: &str = "cluster-secret-0123456789";
+    let first = Node::member(0, Vec::new(), test_tunables(), Some(SECRET));
+    let seed = first.addr().await;
+    let member = Node::member(1, vec![seed.clone()], test_tunables(), Some(SECRET));
+    let stranger = Node::member(2, vec![seed.clone()], test_tunables(), Some("another-secret-0123456789"));
+    let open = Node::memory(3, vec![seed], test_tunables());
+    eventually("the member joins", || async { member.router.has_peers() }).await;
+    let key = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+    member.router.advertise(vec![key.to_owned()]).await.unwrap();
+    eventually("the first node finds the member's key", || async {
+        lookup(&first.router, key, 5).await == vec![member.peer()]
+    })
+    .await;
+    // Given time to bootstrap (the member joined meanwhile), neither outsider got in.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for outsider in [&stranger, &open] {
+        assert!(!outsider.router.has_peers());
+        assert!(lookup(&outsider.router, key, 5).await.is_empty());
+    }
+    for node in [first, member, stranger, open] {
+        node.stop().await;
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::{
 
 use super::{Inner, book::Active, bump, wire, wire::Span};
 use crate::{
+    membership::AUTH_HEADER,
     oci::{ByteRange, Reference, digest::Digest},
     routing::Peer,
     source::ObjectRequest,
@@ -128,8 +129,15 @@ impl Inner {
             request.registry.as_deref(),
         )
         .map_err(AttemptError::Failed)?;
-        let outgoing = wire::build_request(method, uri, request.kind, &request.headers, range)
-            .map_err(AttemptError::Failed)?;
+        let mut outgoing =
+            wire::build_request(method, uri, request.kind, &request.headers, range)
+                .map_err(AttemptError::Failed)?;
+        let token = self.plaintext.as_ref().map(|auth| {
+            let path = outgoing.uri().path_and_query().map_or("/", |p| p.as_str());
+            let token = auth.sign_request(outgoing.method(), path, std::time::SystemTime::now());
+            outgoing.headers_mut().insert(AUTH_HEADER, token.clone());
+            token
+        });
         let started = Instant::now();
         let response = self.client.request(outgoing).await.map_err(|e| {
             if e.is_connect() {
@@ -139,8 +147,26 @@ impl Inner {
             }
         })?;
         let status = response.status();
+        if let (Some(auth), Some(token)) = (&self.plaintext, &token) {
+            let headers = response.headers();
+            if !auth.verify_response(
+                token,
+                status,
+                headers.get(crate::oci::CONTENT_DIGEST_HEADER),
+                headers.get(AUTH_HEADER),
+            ) {
+                return Err(AttemptError::Failed(format!(
+                    "peer's answer ({status}) is not authenticated with our cluster secret"
+                )));
+            }
+        }
         match status {
             StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::UNAUTHORIZED => {
+                return Err(AttemptError::Failed(
+                    "peer refused us (401): do both nodes hold the same cluster secret?".into(),
+                ));
+            }
             StatusCode::NOT_FOUND => return Err(AttemptError::NotFound),
             other => return Err(AttemptError::Failed(format!("peer answered {other}"))),
         }

@@ -34,6 +34,7 @@ mod attempt;
 mod blob;
 mod book;
 mod config;
+mod connector;
 mod latency;
 mod manifest;
 mod metrics;
@@ -47,13 +48,13 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::Empty;
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::Client,
     rt::{TokioExecutor, TokioTimer},
 };
 use tokio::{sync::Semaphore, time::Instant, time::timeout};
 
 use self::{
-    attempt::AttemptError, blob::BlobStream, book::PeerBook, latency::LatencyEstimator,
+    attempt::AttemptError, connector::PeerConnector, blob::BlobStream, book::PeerBook, latency::LatencyEstimator,
     metrics::bump, race::RaceError,
 };
 pub use self::{
@@ -61,6 +62,7 @@ pub use self::{
     metrics::{FetchMetrics, FetchMetricsSnapshot},
 };
 use crate::{
+    membership::{PeerAuth, PlaintextAuth},
     oci::{ByteRange, Kind, Reference, digest::Digest},
     routing::Router,
     source::{Body, Object, ObjectRequest, Source, SourceError},
@@ -84,7 +86,9 @@ pub struct PeerSource {
 
 struct Inner {
     router: Arc<dyn Router>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<PeerConnector, Empty<Bytes>>,
+    /// Signs requests and checks answers in authenticated-plaintext mode.
+    plaintext: Option<PlaintextAuth>,
     config: FetchConfig,
     latency: LatencyEstimator,
     peers: Arc<PeerBook>,
@@ -97,15 +101,19 @@ struct Inner {
 impl PeerSource {
     /// A source that asks the peers `router` finds. `fallback` is used only to resume blob bodies
     /// that peers started but could not finish; never for whole objects (put it after this
-    /// source in the [`crate::source::Chain`] for that).
+    /// source in the [`crate::source::Chain`] for that). Peers are asked with `auth`.
     pub fn new(
         router: Arc<dyn Router>,
         config: FetchConfig,
         fallback: Option<Arc<dyn Source>>,
+        auth: PeerAuth,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
+        let (tls, plaintext) = match auth {
+            PeerAuth::Open => (None, None),
+            PeerAuth::Tls(tls) => (Some(tls), None),
+            PeerAuth::Plaintext(plaintext) => (None, Some(plaintext)),
+        };
+        let connector = PeerConnector::new(config.connect_timeout, tls);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -114,6 +122,7 @@ impl PeerSource {
             inner: Arc::new(Inner {
                 router,
                 client,
+                plaintext,
                 latency: LatencyEstimator::new(config.hedge_initial),
                 peers: Arc::new(PeerBook::default()),
                 permits: Arc::new(Semaphore::new(config.max_concurrent)),

@@ -357,7 +357,12 @@ fn config() -> FetchConfig {
 }
 
 fn source(router: &Arc<FakeRouter>, config: FetchConfig) -> PeerSource {
-    PeerSource::new(Arc::clone(router) as Arc<dyn Router>, config, None)
+    PeerSource::new(
+        Arc::clone(router) as Arc<dyn Router>,
+        config,
+        None,
+        crate::membership::PeerAuth::Open,
+    )
 }
 
 fn request(kind: Kind, reference: Reference) -> ObjectRequest {
@@ -830,6 +835,7 @@ async fn fallback_resumes_when_no_peer_can() {
         Arc::clone(&router) as Arc<dyn Router>,
         config(),
         Some(Arc::clone(&upstream) as Arc<dyn Source>),
+        crate::membership::PeerAuth::Open,
     );
 
     let object = fetch_ok(&source, &blob_request(digest)).await;

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt as _, Empty, Full};
 
 use crate::{
     body::{BoxBody as HttpBody, BoxError},
+    membership::{AUTH_HEADER, PeerAuth},
     metrics,
     oci::{
         self, API_VERSION_HEADER, CONTENT_DIGEST_HEADER, ErrorBody, ErrorCode, Kind,
@@ -131,9 +132,23 @@ pub trait Passthrough: Send + Sync + 'static {
     ) -> Response<HttpBody>;
 }
 
+/// Who sent a request, as the connection it arrived on shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Caller {
+    /// Nothing known: plain HTTP from another host.
+    #[default]
+    Remote,
+    /// A process on this node: loopback, or a connection to this node's own address from it.
+    Local,
+    /// A cluster member: its TLS client certificate comes from a cluster CA.
+    Member,
+}
+
 /// What the connection a request arrived on says about it.
 #[derive(Clone, Default)]
 pub struct RequestContext {
+    /// Who sent it.
+    pub caller: Caller,
     /// Set for transparently intercepted connections: where containerd was going.
     pub origin: Option<Origin>,
     /// The registry the request is for, from the intercepted host; overrides `?ns=`.
@@ -145,6 +160,7 @@ pub struct RequestContext {
 impl std::fmt::Debug for RequestContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RequestContext")
+            .field("caller", &self.caller)
             .field("origin", &self.origin)
             .field("registry", &self.registry)
             .field("passthrough", &self.passthrough.is_some())
@@ -164,6 +180,9 @@ pub struct Registry {
     write_timeout: Duration,
     stats: Arc<metrics::ConnectionStats>,
     builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    /// Who may read content besides this node itself and intercepted connections.
+    peer_auth: PeerAuth,
+    header_timeout: Duration,
 }
 
 /// What a request asks for, before anything is fetched.
@@ -199,7 +218,50 @@ impl Registry {
             write_timeout: server::DEFAULT_WRITE_TIMEOUT,
             stats: Arc::default(),
             builder: server::builder(server::DEFAULT_HEADER_TIMEOUT),
+            peer_auth: PeerAuth::Open,
+            header_timeout: server::DEFAULT_HEADER_TIMEOUT,
         }
+    }
+
+    /// Content goes to other hosts only when `auth` admits them: a TLS client certificate from
+    /// a cluster CA, or an authenticated-plaintext request; anyone else gets 401. This node's
+    /// own processes and intercepted connections are always served. Default: open.
+    pub fn with_peer_auth(mut self, auth: PeerAuth) -> Self {
+        self.peer_auth = auth;
+        self
+    }
+
+    /// Whether `request` may be answered with content; for authenticated-plaintext requests,
+    /// the token the answer must be signed for.
+    fn authorize<B>(
+        &self,
+        request: &Request<B>,
+        ctx: &RequestContext,
+    ) -> Result<Option<HeaderValue>, Response<HttpBody>> {
+        if ctx.origin.is_some() || matches!(ctx.caller, Caller::Local | Caller::Member) {
+            return Ok(None);
+        }
+        match &self.peer_auth {
+            PeerAuth::Open => return Ok(None),
+            PeerAuth::Plaintext(auth) => {
+                let token = request.headers().get(AUTH_HEADER);
+                let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                if auth.verify_request(request.method(), path, token, std::time::SystemTime::now()) {
+                    return Ok(token.cloned());
+                }
+            }
+            PeerAuth::Tls(_) => {}
+        }
+        self.stats
+            .unauthorized
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(path = request.uri().path(), "content request refused: not a cluster member");
+        Err(Rejection {
+            status: StatusCode::UNAUTHORIZED,
+            code: ErrorCode::Unauthorized,
+            message: "content is served to cluster members only".into(),
+        }
+        .into_response())
     }
 
     /// Answer `/readyz` with `readiness`.
@@ -250,6 +312,13 @@ impl Registry {
         let mut log = body::AccessLog::new(request.method(), request.uri().path());
         let head = request.method() == Method::HEAD;
         let route = route(&request, &ctx);
+        let mut plaintext_token = None;
+        if matches!(route, Route::Pull(_)) {
+            match self.authorize(&request, &ctx) {
+                Ok(token) => plaintext_token = token,
+                Err(refusal) => return log.finish(refusal),
+            }
+        }
         let mut response = match (route, &ctx.passthrough) {
             (Route::Pull(object_request), _) => self.pull(*object_request, &ctx, &mut log).await,
             // Transparent mode: the upstream answers everything that is not a pull we can serve,
@@ -269,6 +338,14 @@ impl Registry {
         if head {
             // Headers only, `Content-Length` included: what a GET would have sent.
             *response.body_mut() = empty_body();
+        }
+        if let (Some(token), PeerAuth::Plaintext(auth)) = (&plaintext_token, &self.peer_auth) {
+            let tag = auth.sign_response(
+                token,
+                response.status(),
+                response.headers().get(CONTENT_DIGEST_HEADER),
+            );
+            response.headers_mut().insert(AUTH_HEADER, tag);
         }
         log.finish(response)
     }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     body::BoxBody as HttpBody,
     intercept::{InterceptStats, MirroredHandler, SpliceHandler, origin_registry},
-    serve::api::{Passthrough, Registry, RequestContext, is_write_timeout},
+    serve::api::{Caller, Passthrough, Registry, RequestContext, is_write_timeout},
     source::Origin,
     tls::{TlsTerminator, continuity::CaStats},
     upstream::UpstreamClient,
@@ -69,6 +69,8 @@ pub struct RegistryHandler {
 impl MirroredHandler for RegistryHandler {
     async fn handle(&self, stream: TcpStream, origin: Origin) {
         let ctx = RequestContext {
+            // containerd on this node, redirected here.
+            caller: Caller::Local,
             registry: Some(image_registry(&origin)),
             passthrough: Some(Arc::clone(&self.passthrough)),
             origin: Some(origin.clone()),

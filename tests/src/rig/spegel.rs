@@ -95,6 +95,18 @@ pub struct SpegelOptions {
     env: Vec<(OsString, OsString)>,
     ready_timeout: Duration,
     wait_ready: bool,
+    membership: Membership,
+}
+
+/// Which cluster the daemon belongs to.
+#[derive(Debug, Clone)]
+enum Membership {
+    /// Holds the rig's cluster secret (the default).
+    Rig,
+    /// Holds these secret files, in this order.
+    Secrets(Vec<PathBuf>),
+    /// No secret: `--insecure-open-cluster`.
+    Open,
 }
 
 impl SpegelOptions {
@@ -123,7 +135,20 @@ impl SpegelOptions {
             env: Vec::new(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             wait_ready: true,
+            membership: Membership::Rig,
         }
+    }
+
+    /// Hold these cluster secret files (the first signs) instead of the rig's secret.
+    pub fn cluster_secrets(mut self, files: Vec<PathBuf>) -> Self {
+        self.membership = Membership::Secrets(files);
+        self
+    }
+
+    /// Hold no cluster secret: `--insecure-open-cluster`.
+    pub fn open_cluster(mut self) -> Self {
+        self.membership = Membership::Open;
+        self
     }
 
     /// The mode.
@@ -272,6 +297,14 @@ impl SpegelOptions {
             "--router-addr",
             &SocketAddr::from((node.ip(), self.router_port)).to_string(),
         );
+        match &self.membership {
+            Membership::Rig => push("--cluster-secret-file", &rig.cluster_secret_path()),
+            Membership::Secrets(files) => {
+                let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                push("--cluster-secret-file", &files.join(","));
+            }
+            Membership::Open => push("--insecure-open-cluster", &"true"),
+        }
         let peers = self.bootstrap_addrs(rig, node.index())?;
         if !peers.is_empty() {
             push("--bootstrap-peers", &peers.join(","));

@@ -16,16 +16,17 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
+use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    BoxError, HttpBody, Registry, RequestContext,
+    BoxError, Caller, HttpBody, Registry, RequestContext,
     bounds::{self, Activity, Tracked},
 };
-use crate::metrics::ConnectionStats;
+use crate::{membership::PeerAuth, metrics::ConnectionStats};
 
 /// How long a client may take to send a request's headers unless told otherwise (the flag's
 /// default too).
@@ -104,18 +105,42 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%err, %peer, "cannot set TCP_NODELAY");
         }
-        let activity = Activity::new();
-        let connection = registry.tracked_connection(
-            bounds::write_bounded(stream, registry.write_timeout),
-            RequestContext::default(),
-            Some(Arc::clone(&activity)),
-        );
-        let (idle, shutdown) = (registry.idle_timeout, shutdown.clone());
-        let stats = Arc::clone(&registry.stats);
+        // A process on this node connects from loopback, or from the address it connects to.
+        let local = peer.ip().is_loopback()
+            || stream
+                .local_addr()
+                .is_ok_and(|addr| addr.ip() == peer.ip());
+        let tls = match &registry.peer_auth {
+            PeerAuth::Tls(tls) => Some(tls.server_config()),
+            _ => None,
+        };
+        let registry = Arc::clone(&registry);
+        let shutdown = shutdown.clone();
         connections.spawn(async move {
-            match drive(connection, &activity, idle, &shutdown).await {
+            let result = match tls {
+                Some(config) if starts_tls(&stream, registry.header_timeout).await => {
+                    let accept = TlsAcceptor::from(config).accept(stream);
+                    match tokio::time::timeout(registry.header_timeout, accept).await {
+                        Ok(Ok(tls)) => registry.serve_accepted(tls, Caller::Member, &shutdown).await,
+                        failed => {
+                            registry.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                            let why = match failed {
+                                Ok(Err(err)) => err.to_string(),
+                                _ => "handshake timed out".to_owned(),
+                            };
+                            tracing::debug!(%peer, %why, "registry TLS handshake failed");
+                            Ok(())
+                        }
+                    }
+                }
+                _ => {
+                    let caller = if local { Caller::Local } else { Caller::Remote };
+                    registry.serve_accepted(stream, caller, &shutdown).await
+                }
+            };
+            match result {
                 Err(err) if bounds::is_write_timeout(&*err) => {
-                    stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                    registry.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, "registry connection closed: the client stopped reading");
                 }
                 Err(err) => {
@@ -132,6 +157,19 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
     connections.wait().await;
     tracing::info!("registry API stopped");
 }
+
+/// Whether the client's first byte starts a TLS handshake record (plain HTTP starts with a
+/// method name). Waits at most `timeout` for it; a silent or closed client is not TLS.
+async fn starts_tls(stream: &TcpStream, timeout: Duration) -> bool {
+    let mut first = [0; 1];
+    matches!(
+        tokio::time::timeout(timeout, stream.peek(&mut first)).await,
+        Ok(Ok(1))
+    ) && first[0] == TLS_HANDSHAKE_RECORD
+}
+
+/// The content type of a TLS handshake record, the first byte of a ClientHello.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Runs `connection` to its end; on `shutdown`, or once it has had no request in flight for
 /// `idle`, it finishes what is in flight and closes.
@@ -163,6 +201,29 @@ pub fn is_write_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl Registry {
+    /// Serves one connection [`serve`] accepted (and TLS-terminated, for members) from `caller`.
+    async fn serve_accepted<I>(
+        self: &Arc<Self>,
+        io: I,
+        caller: Caller,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BoxError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Activity::new();
+        let ctx = RequestContext {
+            caller,
+            ..RequestContext::default()
+        };
+        let connection = self.tracked_connection(
+            bounds::write_bounded(io, self.write_timeout),
+            ctx,
+            Some(Arc::clone(&activity)),
+        );
+        drive(connection, &activity, self.idle_timeout, shutdown).await
+    }
+
     /// In [`serve`], close a connection whose writes make no progress for `timeout`.
     pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
         self.write_timeout = timeout;
@@ -173,6 +234,7 @@ impl Registry {
     /// request's headers.
     pub fn with_header_timeout(mut self, timeout: Duration) -> Self {
         self.builder = builder(timeout);
+        self.header_timeout = timeout;
         self
     }
 

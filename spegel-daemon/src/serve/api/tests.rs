@@ -994,6 +994,7 @@ async fn transparent_mode_serves_pulls_and_passes_everything_else_through() {
         origin: Some(origin()),
         registry: Some("docker.io".into()),
         passthrough: Some(passthrough.clone()),
+        ..RequestContext::default()
     };
     // Pulls: from the source, the registry taken from the connection.
     check(
@@ -1566,6 +1567,7 @@ async fn serve_connection_uses_the_context_of_the_connection() {
         origin: Some(origin()),
         registry: Some("docker.io".into()),
         passthrough: Some(passthrough.clone()),
+        ..RequestContext::default()
     };
     let shutdown = CancellationToken::new();
     for h2 in [false, true] {
