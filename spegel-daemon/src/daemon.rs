@@ -81,7 +81,10 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             "--insecure-open-cluster: any host that reaches this node can join the DHT and read its images"
         ),
         Membership::Secret { transport, .. } => {
-            tracing::info!(?transport, "only cluster members join the DHT and read content")
+            tracing::info!(
+                ?transport,
+                "only cluster members join the DHT and read content"
+            )
         }
     }
     let p2p_config = args

@@ -105,7 +105,10 @@ impl MemberUpgrade {
         if member {
             Ok(())
         } else {
-            Err(refused(&self.remote, "no proof of a cluster secret we hold"))
+            Err(refused(
+                &self.remote,
+                "no proof of a cluster secret we hold",
+            ))
         }
     }
 }
@@ -166,7 +169,10 @@ mod tests {
     use super::*;
 
     /// Two ends of an in-memory byte pipe.
-    fn pipe() -> (impl AsyncRead + AsyncWrite + Unpin, impl AsyncRead + AsyncWrite + Unpin) {
+    fn pipe() -> (
+        impl AsyncRead + AsyncWrite + Unpin,
+        impl AsyncRead + AsyncWrite + Unpin,
+    ) {
         let (a, b) = tokio::io::duplex(4096);
         use tokio_util::compat::TokioAsyncReadCompatExt as _;
         (a.compat(), b.compat())

@@ -243,7 +243,10 @@ mod tests {
     #[test]
     fn short_missing_and_too_many_secrets_are_refused() {
         let short = ClusterSecrets::new(&["123456789012345\n"]).unwrap_err();
-        assert!(matches!(short, MembershipError::TooShort { len: 15, .. }), "{short}");
+        assert!(
+            matches!(short, MembershipError::TooShort { len: 15, .. }),
+            "{short}"
+        );
         let none: [&str; 0] = [];
         assert!(matches!(
             ClusterSecrets::new(&none),
@@ -261,6 +264,9 @@ mod tests {
     #[test]
     fn a_missing_file_names_its_path() {
         let err = ClusterSecrets::read(&["/nonexistent/spegel-secret"]).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/spegel-secret"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/spegel-secret"),
+            "{err}"
+        );
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints, PKCS_ECDSA_P256_SHA256,
-    PKCS_ED25519, SanType, SerialNumber,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
+    PKCS_ECDSA_P256_SHA256, PKCS_ED25519, SanType, SerialNumber,
 };
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -55,8 +55,9 @@ fn tls_error(context: &str) -> impl FnOnce(String) -> MembershipError + '_ {
 fn cluster_ca(seed: &[u8; 32]) -> Result<(CertificateDer<'static>, KeyPair), MembershipError> {
     let mut pkcs8 = ED25519_PKCS8_PREFIX.to_vec();
     pkcs8.extend_from_slice(seed);
-    let key = KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(pkcs8), &PKCS_ED25519)
-        .map_err(|e| tls_error("cluster CA key")(e.to_string()))?;
+    let key =
+        KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(pkcs8), &PKCS_ED25519)
+            .map_err(|e| tls_error("cluster CA key")(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "spegel");
@@ -98,11 +99,10 @@ impl PeerTls {
             .map_err(|e| tls_error("leaf key")(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::DnsName(
-            PEER_SERVER_NAME
-                .try_into()
-                .map_err(|e: rcgen::Error| tls_error("leaf name")(e.to_string()))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::DnsName(PEER_SERVER_NAME.try_into().map_err(
+                |e: rcgen::Error| tls_error("leaf name")(e.to_string()),
+            )?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -231,13 +231,12 @@ mod tests {
         let mut roots = RootCertStore::empty();
         let seed = ClusterSecrets::new(&[OLD]).unwrap().keys(Use::PeerCa)[0];
         roots.add(cluster_ca(&seed).unwrap().0).unwrap();
-        let anonymous = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let anonymous =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         let connector = TlsConnector::from(Arc::new(anonymous));
         let ask = async move {
             let mut tls = connector.connect(server.server_name(), a).await.ok()?;

@@ -88,7 +88,12 @@ impl PlaintextAuth {
     }
 
     /// The request header value for `method` on `path_and_query`, sent at `now`.
-    pub fn sign_request(&self, method: &Method, path_and_query: &str, now: SystemTime) -> HeaderValue {
+    pub fn sign_request(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        now: SystemTime,
+    ) -> HeaderValue {
         let time = unix(now);
         let tag = self.sign(&request_message(method, path_and_query, time));
         HeaderValue::from_str(&format!("v1 {time} {tag}")).unwrap_or(HeaderValue::from_static(""))
@@ -164,8 +169,18 @@ mod tests {
         assert!(a.verify_request(&Method::GET, PATH, Some(&token), now));
         assert!(a.verify_request(&Method::GET, PATH, Some(&token), now + WINDOW));
         assert!(!a.verify_request(&Method::HEAD, PATH, Some(&token), now));
-        assert!(!a.verify_request(&Method::GET, "/v2/library/alpine/manifests/3.21?ns=docker.io", Some(&token), now));
-        assert!(!a.verify_request(&Method::GET, PATH, Some(&token), now + WINDOW + Duration::from_secs(1)));
+        assert!(!a.verify_request(
+            &Method::GET,
+            "/v2/library/alpine/manifests/3.21?ns=docker.io",
+            Some(&token),
+            now
+        ));
+        assert!(!a.verify_request(
+            &Method::GET,
+            PATH,
+            Some(&token),
+            now + WINDOW + Duration::from_secs(1)
+        ));
         assert!(!a.verify_request(&Method::GET, PATH, None, now));
         assert!(!auth(&[NEW]).verify_request(&Method::GET, PATH, Some(&token), now));
         assert!(auth(&[NEW, OLD]).verify_request(&Method::GET, PATH, Some(&token), now));
@@ -175,9 +190,20 @@ mod tests {
     fn malformed_tokens_are_refused() {
         let (a, now) = (auth(&[OLD]), SystemTime::now());
         let time = unix(now);
-        for bad in ["", "v1", "v2 1 00", &format!("v1 {time} zz"), &format!("v1 {time} 0"), &format!("v1 {time} 00 extra"), "v1 -5 00"] {
+        for bad in [
+            "",
+            "v1",
+            "v2 1 00",
+            &format!("v1 {time} zz"),
+            &format!("v1 {time} 0"),
+            &format!("v1 {time} 00 extra"),
+            "v1 -5 00",
+        ] {
             let value = HeaderValue::from_str(bad).unwrap();
-            assert!(!a.verify_request(&Method::GET, PATH, Some(&value), now), "{bad:?}");
+            assert!(
+                !a.verify_request(&Method::GET, PATH, Some(&value), now),
+                "{bad:?}"
+            );
         }
     }
 
@@ -192,7 +218,12 @@ mod tests {
         let swapped = HeaderValue::from_static("sha256:bb");
         assert!(!a.verify_response(&token, StatusCode::OK, Some(&swapped), Some(&tag)));
         assert!(!a.verify_response(&other, StatusCode::OK, Some(&digest), Some(&tag)));
-        assert!(!a.verify_response(&token, StatusCode::PARTIAL_CONTENT, Some(&digest), Some(&tag)));
+        assert!(!a.verify_response(
+            &token,
+            StatusCode::PARTIAL_CONTENT,
+            Some(&digest),
+            Some(&tag)
+        ));
         assert!(!a.verify_response(&token, StatusCode::OK, Some(&digest), None));
     }
 }

@@ -68,12 +68,7 @@ impl Node {
     }
 
     /// [`Node::memory`] that connects only with holders of `secret`.
-    fn member(
-        n: u16,
-        seeds: Vec<Multiaddr>,
-        tunables: Tunables,
-        secret: Option<&str>,
-    ) -> Self {
+    fn member(n: u16, seeds: Vec<Multiaddr>, tunables: Tunables, secret: Option<&str>) -> Self {
         let registry = SocketAddr::from(([127, 0, 0, 1], 20_000 + n));
         let mut config = P2pConfig::new(
             NodeKey::Ephemeral,
@@ -179,7 +174,12 @@ async fn only_holders_of_the_cluster_secret_join() {
     let first = Node::member(0, Vec::new(), test_tunables(), Some(SECRET));
     let seed = first.addr().await;
     let member = Node::member(1, vec![seed.clone()], test_tunables(), Some(SECRET));
-    let stranger = Node::member(2, vec![seed.clone()], test_tunables(), Some("another-secret-0123456789"));
+    let stranger = Node::member(
+        2,
+        vec![seed.clone()],
+        test_tunables(),
+        Some("another-secret-0123456789"),
+    );
     let open = Node::memory(3, vec![seed], test_tunables());
     eventually("the member joins", || async { member.router.has_peers() }).await;
     let key = "sha256:0000000000000000000000000000000000000000000000000000000000000001";

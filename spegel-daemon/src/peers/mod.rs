@@ -54,8 +54,8 @@ use hyper_util::{
 use tokio::{sync::Semaphore, time::Instant, time::timeout};
 
 use self::{
-    attempt::AttemptError, connector::PeerConnector, blob::BlobStream, book::PeerBook, latency::LatencyEstimator,
-    metrics::bump, race::RaceError,
+    attempt::AttemptError, blob::BlobStream, book::PeerBook, connector::PeerConnector,
+    latency::LatencyEstimator, metrics::bump, race::RaceError,
 };
 pub use self::{
     config::{FetchArgs, FetchConfig, FetchConfigError},

@@ -246,7 +246,8 @@ impl Registry {
             PeerAuth::Plaintext(auth) => {
                 let token = request.headers().get(AUTH_HEADER);
                 let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-                if auth.verify_request(request.method(), path, token, std::time::SystemTime::now()) {
+                if auth.verify_request(request.method(), path, token, std::time::SystemTime::now())
+                {
                     return Ok(token.cloned());
                 }
             }
@@ -255,7 +256,10 @@ impl Registry {
         self.stats
             .unauthorized
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(path = request.uri().path(), "content request refused: not a cluster member");
+        tracing::debug!(
+            path = request.uri().path(),
+            "content request refused: not a cluster member"
+        );
         Err(Rejection {
             status: StatusCode::UNAUTHORIZED,
             code: ErrorCode::Unauthorized,

@@ -931,7 +931,7 @@ impl HttpResponse {
 
     /// Parses curl's `--include` output: status line, headers, blank line, body. Interim 1xx
     /// responses are skipped.
-    fn parse(raw: &[u8], elapsed: Duration) -> Result<Self> {
+    pub fn parse(raw: &[u8], elapsed: Duration) -> Result<Self> {
         let mut rest = raw;
         loop {
             let end = find(rest, b"\r\n\r\n").with_context(|| {

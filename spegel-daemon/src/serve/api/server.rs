@@ -106,10 +106,8 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
             tracing::debug!(%err, %peer, "cannot set TCP_NODELAY");
         }
         // A process on this node connects from loopback, or from the address it connects to.
-        let local = peer.ip().is_loopback()
-            || stream
-                .local_addr()
-                .is_ok_and(|addr| addr.ip() == peer.ip());
+        let local =
+            peer.ip().is_loopback() || stream.local_addr().is_ok_and(|addr| addr.ip() == peer.ip());
         let tls = match &registry.peer_auth {
             PeerAuth::Tls(tls) => Some(tls.server_config()),
             _ => None,
