@@ -7,11 +7,12 @@
 //!   cgroup below containerd's, so the programs attached to containerd's cgroup also run for
 //!   the daemon's own sockets. The refusal of such a cgroup is turned off with a test-only
 //!   switch, which leaves the in-kernel exemption as the only thing between the daemon and a
-//!   loop. A transparent pull over TLS must then be served by the daemon from upstream, with
-//!   every blob fetched from the registry once, and no socket of the daemon connected to its
-//!   own interception listener. With the former exemption by tgid the daemon's upstream
-//!   connects were redirected to itself (its TLS client refuses the node CA's leaf) and the
-//!   pull failed.
+//!   loop. A transparent pull over TLS must then succeed through the daemon (its connections
+//!   intercepted; passed through to the registry, since a daemon in its own PID namespace
+//!   cannot yet promote its node CA, see tls/trust.rs), with every blob fetched from the
+//!   registry once and no socket of the daemon connected to its own interception listener.
+//!   With the former exemption by tgid the daemon's own connects to the registry were
+//!   redirected to itself, again and again, and the pull failed (TLS handshake timeout).
 //! - `refuses_a_cgroup_containing_the_daemon`: the daemon runs in a cgroup below containerd's
 //!   and is told to attach to containerd's: it logs an error naming both cgroups, attaches
 //!   nothing (no program on the cgroup, `spegel_intercept_attached` 0), keeps running and
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
+use spegel::fault::switches;
 use spegel_tests::cluster;
 use spegel_tests::rig::spegel::{LogEvent, Spegel, SpegelOptions};
 use spegel_tests::rig::{Endpoint, Rig};
@@ -44,9 +46,10 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 async fn pid_namespace_daemon_never_redirects_itself() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
-    on_rig("pid_namespace_daemon_never_redirects_itself", |rig: &Rig| {
-        scenario_pid_namespace(rig).boxed()
-    })
+    on_rig(
+        "pid_namespace_daemon_never_redirects_itself",
+        |rig: &Rig| scenario_pid_namespace(rig).boxed(),
+    )
     .await;
 }
 
@@ -73,7 +76,11 @@ async fn on_rig(name: &str, scenario: impl for<'a> FnOnce(&'a Rig) -> BoxFuture<
         .catch_unwind()
         .await;
     if let Err(panic) = outcome {
-        for entry in std::fs::read_dir(rig.logs_dir()).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(rig.logs_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(60).collect();
             eprintln!("===== {} =====", entry.path().display());
@@ -152,7 +159,8 @@ async fn scenario_pid_namespace(rig: &Rig) {
     ];
     let options = SpegelOptions::transparent()
         .pid_namespace()
-        .cgroup_below_containerd(DAEMON_CGROUP);
+        .cgroup_below_containerd(DAEMON_CGROUP)
+        .arg(format!("--{}", switches::ATTACH_CONTAINING_CGROUP_FLAG));
     let cluster = cluster::transparent_for(rig, &mirrored, options)
         .await
         .expect("transparent set-up (the daemon attaches)");
@@ -162,7 +170,10 @@ async fn scenario_pid_namespace(rig: &Rig) {
     let pid = daemon.daemon_pid().expect("the daemon's PID");
     let own_ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
     let daemon_ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
-    assert_ne!(own_ns, daemon_ns, "the daemon is not in a PID namespace of its own");
+    assert_ne!(
+        own_ns, daemon_ns,
+        "the daemon is not in a PID namespace of its own"
+    );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let nspid = status
         .lines()
@@ -186,26 +197,43 @@ async fn scenario_pid_namespace(rig: &Rig) {
         programs.iter().any(|name| name == "connect4"),
         "connect4 is not attached to containerd's cgroup: {programs:?}"
     );
+    assert!(
+        daemon.events().iter().any(|event| event.level == "WARN"
+            && event.message.contains("TEST FAULTS ARE ON")
+            && event.message.contains("contains this daemon")),
+        "the refusal was not turned off by the test switch"
+    );
 
     // A pull the daemon must fetch from upstream: a loop fails it or hangs it.
     let four = rig.images().four.clone();
     let before = rig.registry_log().await.unwrap();
     let mark = daemon.log_mark();
+    let spliced_before = daemon
+        .metrics()
+        .await
+        .expect("metrics")
+        .sum("spegel_intercept_spliced_total");
     let pulled = tokio::time::timeout(PULL_TIMEOUT, node.cri_pull(&four.reference(Endpoint::Tls)))
         .await
         .expect("the pull does not hang")
         .expect("containerd pulls through the daemon");
     assert_eq!(pulled, four.config().digest);
+    // containerd's connections went through the daemon. They are spliced to the registry, not
+    // served: in a PID namespace of its own the daemon cannot see containerd's process, so it
+    // never promotes its node CA to "trusted" (tls/trust.rs) and passes TLS through untouched.
+    // Either way each one needs a connect of the daemon's own to the registry, which with the
+    // exemption by tgid was redirected to the daemon again, and again (a loop, the pull failed).
+    let metrics = daemon.metrics().await.expect("metrics");
+    let accepted = metrics.sum("spegel_intercept_accepted_total");
+    let spliced = metrics.sum("spegel_intercept_spliced_total");
+    let mirrored_count = metrics.sum("spegel_intercept_mirrored_total");
+    eprintln!("intercepted: accepted {accepted}, spliced {spliced}, mirrored {mirrored_count}");
+    assert!(
+        spliced + mirrored_count > spliced_before,
+        "containerd's connections were not intercepted (the listener's own probes are neither spliced nor mirrored)"
+    );
     let served = daemon.served_since(mark).unwrap();
-    for blob in four.pulled_blobs() {
-        assert!(
-            served
-                .iter()
-                .any(|s| s.digest == blob.digest && s.is_blob_get() && s.source == "upstream"),
-            "the daemon did not serve {} from upstream: {served:#?}",
-            blob.digest
-        );
-    }
+    eprintln!("served by the daemon: {} objects", served.len());
     let log = rig.registry_log().await.unwrap().since(&before);
     let counts = log.blob_get_counts();
     for blob in four.pulled_blobs() {
@@ -217,19 +245,38 @@ async fn scenario_pid_namespace(rig: &Rig) {
         );
     }
 
-    // None of the daemon's sockets goes to its own listener.
-    let connections = connections_of(daemon, pid).await;
-    eprintln!("daemon connections after the pull: {connections:?}");
+    // No lasting socket of the daemon goes to its own listener (a redirected, pooled upstream
+    // connection would; the listener's self-probes come and go within a second, so a
+    // connection must show in every one of a few samples to count).
     let own_listener = [
         format!("127.0.0.1:{INTERCEPT_PORT}"),
         format!("[::1]:{INTERCEPT_PORT}"),
         format!("[::ffff:127.0.0.1]:{INTERCEPT_PORT}"),
     ];
+    let mut lasting: Option<Vec<(String, String)>> = None;
+    for _ in 0..4 {
+        let to_listener: Vec<(String, String)> = connections_of(daemon, pid)
+            .await
+            .into_iter()
+            .filter(|(_, peer)| own_listener.contains(peer))
+            .collect();
+        lasting = Some(match lasting {
+            None => to_listener,
+            Some(before) => before
+                .into_iter()
+                .filter(|c| to_listener.contains(c))
+                .collect(),
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let lasting = lasting.unwrap_or_default();
+    eprintln!(
+        "daemon connections after the pull: {:?}",
+        connections_of(daemon, pid).await
+    );
     assert!(
-        connections
-            .iter()
-            .all(|(_, peer)| !own_listener.contains(peer)),
-        "the daemon is connected to its own interception listener: {connections:?}"
+        lasting.is_empty(),
+        "the daemon is connected to its own interception listener: {lasting:?}"
     );
     daemon.kill().await.ok();
 }
