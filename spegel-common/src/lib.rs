@@ -12,10 +12,14 @@ pub const AF_INET6: u32 = 10;
 /// Index in the `CONFIG` array: the port of the daemon's interception listener (host order).
 /// Zero disables every redirect.
 pub const CFG_PROXY_PORT: u32 = 0;
-/// Index in the `CONFIG` array: the daemon's tgid; connects made by it are never redirected.
-pub const CFG_PROXY_TGID: u32 = 1;
+/// Index in the `CONFIG` array: the low 32 bits of the daemon's own cgroup v2 id (the inode of
+/// its cgroup directory, what `bpf_get_current_cgroup_id` returns). Connects made from that
+/// cgroup are never redirected; while the id is zero (unknown) nothing is.
+pub const CFG_OWN_CGROUP_LO: u32 = 1;
 /// Index in the `CONFIG` array: `CFG_FLAG_*` bits.
 pub const CFG_FLAGS: u32 = 2;
+/// Index in the `CONFIG` array: the high 32 bits of the daemon's own cgroup v2 id.
+pub const CFG_OWN_CGROUP_HI: u32 = 3;
 /// Number of entries in the `CONFIG` array.
 pub const CFG_LEN: u32 = 4;
 

@@ -61,6 +61,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     #[cfg(feature = "fault-injection")]
     let intercept_config = intercept_config.map(|mut c| {
         c.accept_wedge = args.fault.accept_wedge();
+        c.attach_containing_cgroup = args.fault.test_attach_containing_cgroup;
         c
     });
     std::fs::create_dir_all(&args.data_dir).with_context(|| {

@@ -24,7 +24,7 @@ use spegel::{
     intercept::CgroupWatcher, intercept::InterceptConfig, intercept::Interceptor,
     intercept::Listener, intercept::MirroredHandler, intercept::cgroup::CgroupFinder,
     intercept::cgroup::Locator, intercept::ebpf::RedirectConfig, intercept::ebpf::Redirector,
-    intercept::registries::MirroredRegistries, source::Origin,
+    intercept::guard::OwnCgroup, intercept::registries::MirroredRegistries, source::Origin,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -422,16 +422,19 @@ async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
         probe_interval: Duration::from_secs(1),
         #[cfg(feature = "fault-injection")]
         accept_wedge: None,
+        #[cfg(feature = "fault-injection")]
+        attach_containing_cgroup: false,
     };
+    let mut finder = CgroupFinder::new(config.locator.clone(), None)?;
+    let own = OwnCgroup::current(finder.mount())?;
     let mut redirector = Redirector::load(&RedirectConfig {
         listener_port: listener.port(),
         ipv6_listener: listener.has_ipv6(),
         ports: config.redirect_ports.clone(),
         ips: config.redirect_ips.clone(),
-        own_tgid: std::process::id(),
+        own_cgroup: own.id,
     })?;
-    let mut finder = CgroupFinder::new(config.locator.clone(), None)?;
-    CgroupWatcher::default().check(&mut finder, &mut redirector)?;
+    CgroupWatcher::new(own).check(&mut finder, &mut redirector)?;
     ensure!(
         redirector.attached().map(|c| c.path.as_path()) == Some(cgroup.path.as_path()),
         "not attached: {:?}",

@@ -8,9 +8,11 @@
 //!   `accept()`. This runs before the final ACK, so before `accept()` can return.
 //! - `cgroup/getpeername4`, `cgroup/getpeername6`: the client sees the original peer, not the proxy.
 //!
-//! Loop avoidance: the daemon runs outside the cgroup; as a second guard, connects made by the
-//! daemon's tgid and connects to the listener itself are never rewritten. Destinations on loopback
-//! are left alone unless their address is listed explicitly.
+//! Loop avoidance: the daemon runs outside the cgroup (it refuses to attach to a cgroup that
+//! contains its own); as a second guard, connects made from the daemon's own cgroup (by cgroup
+//! id, the same in every PID namespace, unlike a tgid) and connects to the listener itself are
+//! never rewritten, and nothing is while the daemon's cgroup id or the listener port is unknown
+//! (zero). Destinations on loopback are left alone unless their address is listed explicitly.
 #![no_std]
 #![no_main]
 
@@ -20,15 +22,16 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use spegel_common::{
-    AF_INET, AF_INET6, CFG_FLAG_IPV6_LISTENER, CFG_FLAGS, CFG_LEN, CFG_PROXY_PORT, CFG_PROXY_TGID,
-    ConnKey, ORIG_MAP_ENTRIES, OrigDst, REDIRECT_IPS_ENTRIES, REDIRECT_PORTS_ENTRIES,
+    AF_INET, AF_INET6, CFG_FLAG_IPV6_LISTENER, CFG_FLAGS, CFG_LEN, CFG_OWN_CGROUP_HI,
+    CFG_OWN_CGROUP_LO, CFG_PROXY_PORT, ConnKey, ORIG_MAP_ENTRIES, OrigDst, REDIRECT_IPS_ENTRIES,
+    REDIRECT_PORTS_ENTRIES,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -77,16 +80,17 @@ fn port_listed(port: u16) -> bool {
     unsafe { REDIRECT_PORTS.get(&port) }.is_some()
 }
 
-/// The daemon's listener port when the connect may be redirected at all (listener configured, not
-/// the daemon's own connect).
+/// The daemon's listener port when the connect may be redirected at all: the listener and the
+/// daemon's own cgroup are known (fail open otherwise), and the caller is not in that cgroup.
 #[inline(always)]
 fn proxy_port_for_caller() -> Option<u16> {
     let proxy_port = cfg(CFG_PROXY_PORT) as u16;
-    if proxy_port == 0 {
+    let own_cgroup = (u64::from(cfg(CFG_OWN_CGROUP_HI)) << 32) | u64::from(cfg(CFG_OWN_CGROUP_LO));
+    if proxy_port == 0 || own_cgroup == 0 {
         return None;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid == cfg(CFG_PROXY_TGID) {
+    // SAFETY: the helper takes no argument and only reads the current task's cgroup.
+    if unsafe { bpf_get_current_cgroup_id() } == own_cgroup {
         return None;
     }
     Some(proxy_port)

@@ -31,6 +31,10 @@ pub struct FaultArgs {
     /// TEST ONLY: while this file exists, the interception listener accepts no connection.
     #[arg(long = switches::WEDGE_INTERCEPT_FILE_FLAG, env = switches::WEDGE_INTERCEPT_FILE_ENV, hide = true)]
     pub test_wedge_intercept_file: Option<PathBuf>,
+    /// TEST ONLY: attach the eBPF programs even to a cgroup that contains the daemon's own (the
+    /// refusal becomes a warning), to test the programs' exemption of the daemon's cgroup.
+    #[arg(long = switches::ATTACH_CONTAINING_CGROUP_FLAG, env = switches::ATTACH_CONTAINING_CGROUP_ENV, hide = true)]
+    pub test_attach_containing_cgroup: bool,
 }
 
 impl FaultArgs {

@@ -15,6 +15,11 @@ pub const WEDGE_INTERCEPT_FILE_FLAG: &str = "test-wedge-intercept-file";
 /// Environment twin of [`WEDGE_INTERCEPT_FILE_FLAG`].
 pub const WEDGE_INTERCEPT_FILE_ENV: &str = "SPEGEL_TEST_WEDGE_INTERCEPT_FILE";
 
+/// Flag (without `--`) that lets the daemon attach to a cgroup containing its own (warning).
+pub const ATTACH_CONTAINING_CGROUP_FLAG: &str = "test-attach-containing-cgroup";
+/// Environment twin of [`ATTACH_CONTAINING_CGROUP_FLAG`].
+pub const ATTACH_CONTAINING_CGROUP_ENV: &str = "SPEGEL_TEST_ATTACH_CONTAINING_CGROUP";
+
 /// Every fault flag and env name; none of them may appear in a release binary.
 pub const ALL: &[&str] = &[
     CORRUPT_PEER_BLOBS_FLAG,
@@ -23,4 +28,6 @@ pub const ALL: &[&str] = &[
     THROTTLE_PEER_BYTES_ENV,
     WEDGE_INTERCEPT_FILE_FLAG,
     WEDGE_INTERCEPT_FILE_ENV,
+    ATTACH_CONTAINING_CGROUP_FLAG,
+    ATTACH_CONTAINING_CGROUP_ENV,
 ];

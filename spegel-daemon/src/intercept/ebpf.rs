@@ -20,10 +20,12 @@ use aya::{
     },
 };
 use spegel_common::{
-    AF_INET, AF_INET6, CFG_FLAG_IPV6_LISTENER, CFG_FLAGS, CFG_PROXY_PORT, CFG_PROXY_TGID, ConnKey,
-    OrigDst, REDIRECT_IPS_ENTRIES, REDIRECT_PORTS_ENTRIES,
+    AF_INET, AF_INET6, CFG_FLAG_IPV6_LISTENER, CFG_FLAGS, CFG_OWN_CGROUP_HI, CFG_OWN_CGROUP_LO,
+    CFG_PROXY_PORT, ConnKey, OrigDst, REDIRECT_IPS_ENTRIES, REDIRECT_PORTS_ENTRIES,
 };
 use tokio::task::JoinHandle;
+
+use crate::intercept::guard::GuardError;
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spegel"));
@@ -67,6 +69,8 @@ pub enum EbpfError {
     },
     #[error("map entry has an unknown address family {0}")]
     BadFamily(u32),
+    #[error(transparent)]
+    Guard(#[from] GuardError),
 }
 
 /// What the programs redirect, and where to.
@@ -80,14 +84,20 @@ pub struct RedirectConfig {
     pub ports: Vec<u16>,
     /// Destination addresses whose connects are redirected whatever the port (loopback included).
     pub ips: Vec<IpAddr>,
-    /// Connects made by this process (tgid as the kernel sees it) are never redirected.
-    pub own_tgid: u32,
+    /// Connects made from this cgroup (the daemon's own; a cgroup v2 id, the inode of its
+    /// directory) are never redirected. Must not be zero.
+    pub own_cgroup: u64,
 }
 
 impl RedirectConfig {
     fn validate(&self) -> Result<(), EbpfError> {
         if self.listener_port == 0 {
             return Err(EbpfError::Config("the listener port must not be 0".into()));
+        }
+        if self.own_cgroup == 0 {
+            return Err(EbpfError::Config(
+                "the daemon's own cgroup id must be known (not 0)".into(),
+            ));
         }
         if self.ports.contains(&0) {
             return Err(EbpfError::Config("port 0 cannot be redirected".into()));
@@ -290,6 +300,26 @@ impl Redirector {
         Ok(())
     }
 
+    /// Tells the programs the daemon's own cgroup id anew (the daemon was moved to another
+    /// cgroup): connects from there are never redirected.
+    pub fn set_own_cgroup(&mut self, id: u64) -> Result<(), EbpfError> {
+        if id == 0 {
+            return Err(EbpfError::Config(
+                "the daemon's own cgroup id must be known (not 0)".into(),
+            ));
+        }
+        let mut cfg: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut("CONFIG").ok_or(EbpfError::Missing {
+                kind: "map",
+                name: "CONFIG",
+            })?)
+            .map_err(|source| EbpfError::Map {
+                name: "CONFIG",
+                source,
+            })?;
+        set_own_cgroup(&mut cfg, id)
+    }
+
     /// Detaches every program; connections from the cgroup go direct again.
     pub fn detach(&mut self) {
         self.links.clear();
@@ -399,8 +429,7 @@ fn configure_maps(ebpf: &mut Ebpf, config: &RedirectConfig) -> Result<(), EbpfEr
     } else {
         0
     };
-    cfg.set(CFG_PROXY_TGID, config.own_tgid, 0)
-        .map_err(map_err("CONFIG"))?;
+    set_own_cgroup(&mut cfg, config.own_cgroup)?;
     cfg.set(CFG_FLAGS, flags, 0).map_err(map_err("CONFIG"))?;
     // The port last: a zero port disables everything, so the programs never see half a config.
     cfg.set(CFG_PROXY_PORT, u32::from(config.listener_port), 0)
@@ -442,6 +471,26 @@ fn configure_maps(ebpf: &mut Ebpf, config: &RedirectConfig) -> Result<(), EbpfEr
         }
     }
     Ok(())
+}
+
+/// Writes the daemon's own cgroup id into `CONFIG` (two 32-bit halves). A program that reads
+/// the halves while they change sees an id that is no cgroup's: the daemon's connects are not
+/// exempt for that moment, but the daemon's cgroup is never one the programs run for (the guard
+/// refuses such an attach), so nothing changes.
+fn set_own_cgroup(cfg: &mut Array<&mut MapData, u32>, id: u64) -> Result<(), EbpfError> {
+    let map_err = |source| EbpfError::Map {
+        name: "CONFIG",
+        source,
+    };
+    let (lo, hi) = own_cgroup_halves(id);
+    cfg.set(CFG_OWN_CGROUP_HI, hi, 0).map_err(map_err)?;
+    cfg.set(CFG_OWN_CGROUP_LO, lo, 0).map_err(map_err)
+}
+
+/// A cgroup id as the `CONFIG` halves the programs reassemble: `(low, high)`.
+pub(crate) fn own_cgroup_halves(id: u64) -> (u32, u32) {
+    // Truncation is the point: the low and the high 32 bits.
+    (id as u32, (id >> 32) as u32)
 }
 
 /// An IPv4 address, or the IPv4 address inside a v4-mapped IPv6 one (connect6 looks those up in
@@ -638,13 +687,22 @@ mod tests {
     }
 
     #[test]
+    fn own_cgroup_id_in_two_halves() {
+        assert_eq!(own_cgroup_halves(1), (1, 0));
+        let id = 0x0000_0001_0000_2a2a_u64;
+        let (lo, hi) = own_cgroup_halves(id);
+        assert_eq!((lo, hi), (0x2a2a, 1));
+        assert_eq!((u64::from(hi) << 32) | u64::from(lo), id);
+    }
+
+    #[test]
     fn config_validation() {
         let good = RedirectConfig {
             listener_port: 15001,
             ipv6_listener: true,
             ports: vec![443, 80],
             ips: vec!["10.0.0.1".parse().unwrap()],
-            own_tgid: 1,
+            own_cgroup: 1,
         };
         assert!(good.validate().is_ok());
         let bad = |f: fn(&mut RedirectConfig)| {
@@ -653,6 +711,7 @@ mod tests {
             c.validate().is_err()
         };
         assert!(bad(|c| c.listener_port = 0));
+        assert!(bad(|c| c.own_cgroup = 0));
         assert!(bad(|c| c.ports.push(0)));
         assert!(bad(|c| c.ports.push(15001)));
         assert!(bad(|c| c.ports = (1..=65).collect()));

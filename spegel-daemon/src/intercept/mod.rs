@@ -5,7 +5,8 @@
 //!
 //! This file holds the flags and their validation into [`InterceptConfig`]; along the data path:
 //! [`ebpf`] (the programs and the original-destination map) and [`cgroup`] (finding containerd's
-//! cgroup) redirect, [`run`] keeps them attached, [`listener`] accepts, [`origin`] says where a
+//! cgroup) redirect, [`guard`] (the daemon's own cgroup) refuses a cgroup that contains the
+//! daemon, [`run`] keeps them attached, [`listener`] accepts, [`origin`] says where a
 //! connection was going, [`sniff`] classifies its first bytes with [`sni`] (ClientHello),
 //! [`http_host`] (HTTP head) and [`authority`] (`host[:port]`), [`registries`] decides whether
 //! it is mirrored, and [`handler`] serves it or [`splice`] passes it through; [`stats`] counts.
@@ -15,6 +16,7 @@
 pub mod authority;
 pub mod cgroup;
 pub mod ebpf;
+pub mod guard;
 pub mod handler;
 pub mod health;
 pub mod http_host;
@@ -178,6 +180,9 @@ pub struct InterceptConfig {
     /// Test only: a switch that stops the accept loop on demand.
     #[cfg(feature = "fault-injection")]
     pub accept_wedge: Option<std::sync::Arc<crate::fault::wedge::AcceptWedge>>,
+    /// Test only: attach even to a cgroup that contains the daemon's own (warning instead).
+    #[cfg(feature = "fault-injection")]
+    pub attach_containing_cgroup: bool,
 }
 
 impl InterceptConfig {
@@ -254,6 +259,8 @@ impl InterceptConfig {
             probe_interval: args.intercept_probe_interval,
             #[cfg(feature = "fault-injection")]
             accept_wedge: None,
+            #[cfg(feature = "fault-injection")]
+            attach_containing_cgroup: false,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! The interception lifecycle: listen, load the eBPF programs, keep them attached to
 //! containerd's current cgroup, serve until shutdown, then detach and drain. Meanwhile the
 //! listener is probed: when it is wedged the programs are detached (containerd connects
-//! directly) until it has been healthy again for a while.
+//! directly) until it has been healthy again for a while. A cgroup that contains the daemon's
+//! own is never attached to: interception stops with that error (see [`guard`](super::guard)).
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
@@ -15,6 +16,7 @@ use crate::intercept::{
     InterceptConfig, InterceptError, InterceptStats, Interceptor, Listener, MirroredHandler,
     cgroup::CgroupFinder,
     ebpf::{EbpfError, RedirectConfig, Redirector},
+    guard::{GuardError, OwnCgroup},
     health::{Action, HealthWatch, Sample},
     probe::probe,
 };
@@ -44,17 +46,25 @@ pub async fn run_with_stats(
 ) -> Result<(), InterceptError> {
     // Listen before attaching, so a redirected connect never meets a closed port.
     let listener = Listener::bind(config.listener_port).await?;
+    let mut finder = CgroupFinder::new(config.locator.clone(), config.cgroup2_mount.clone())?;
+    // Without its own cgroup the daemon can neither be exempted nor tell a cgroup that contains
+    // it: no interception.
+    let own = OwnCgroup::current(finder.mount()).map_err(EbpfError::from)?;
     let mut redirector = Redirector::load(&RedirectConfig {
         listener_port: listener.port(),
         ipv6_listener: listener.has_ipv6(),
         ports: config.redirect_ports.clone(),
         ips: config.redirect_ips.clone(),
-        own_tgid: std::process::id(),
+        own_cgroup: own.id,
     })?;
-    let mut finder = CgroupFinder::new(config.locator.clone(), config.cgroup2_mount.clone())?;
-    let mut watcher = CgroupWatcher::default();
-    // A first attach that fails for lack of privileges or a verifier error will not get better:
-    // report it. A cgroup that vanished between finding and attaching is retried like any other.
+    let mut watcher = CgroupWatcher::new(own);
+    #[cfg(feature = "fault-injection")]
+    {
+        watcher.attach_containing = config.attach_containing_cgroup;
+    }
+    // A first attach that fails for lack of privileges or a verifier error, or is refused (the
+    // cgroup contains the daemon), will not get better: report it. A cgroup that vanished
+    // between finding and attaching is retried like any other.
     match watcher.check(&mut finder, &mut redirector) {
         Ok(()) => {}
         Err(error @ EbpfError::Cgroup { .. }) => {
@@ -93,14 +103,17 @@ pub async fn run_with_stats(
 
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let outcome = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break Ok(()),
             _ = tick.tick() => {
                 // A bypassed listener stays bypassed until the health watch restores it.
                 if !health.bypassed()
                     && let Err(error) = watcher.check(&mut finder, &mut redirector)
                 {
+                    if is_refusal(&error) {
+                        break Err(error);
+                    }
                     tracing::warn!(%error, "cannot attach the eBPF redirect; retrying");
                 }
             }
@@ -125,6 +138,9 @@ pub async fn run_with_stats(
                             "interception listener healthy again: re-attaching the eBPF redirect"
                         );
                         if let Err(error) = watcher.check(&mut finder, &mut redirector) {
+                            if is_refusal(&error) {
+                                break Err(error);
+                            }
                             tracing::warn!(%error, "cannot attach the eBPF redirect; retrying");
                         }
                     }
@@ -135,13 +151,18 @@ pub async fn run_with_stats(
         stats
             .attached
             .store(redirector.attached().is_some(), Ordering::Relaxed);
-    }
+    };
     drop(redirector); // detach: from here on connects go direct
     stats.attached.store(false, Ordering::Relaxed);
     serve_stop.cancel();
     let _ = prober.await;
     let _ = server.await;
-    Ok(())
+    outcome.map_err(Into::into)
+}
+
+/// Whether `error` is the guard's refusal of a cgroup that contains the daemon: not retried.
+fn is_refusal(error: &EbpfError) -> bool {
+    matches!(error, EbpfError::Guard(GuardError::ContainsDaemon { .. }))
 }
 
 /// Probes every listener address each `interval` (each probe must be accepted within the
@@ -182,17 +203,38 @@ pub async fn probe_loop(
     }
 }
 
-/// Keeps the programs attached to containerd's current cgroup.
-#[derive(Debug, Default)]
+/// Keeps the programs attached to containerd's current cgroup, never to one that contains the
+/// daemon's own.
+#[derive(Debug)]
 pub struct CgroupWatcher {
     /// The last "cannot find" message, so a lasting condition is logged once.
     last_error: Option<String>,
+    /// The daemon's own cgroup, as the programs were last told.
+    own: OwnCgroup,
+    /// TEST ONLY: attach even to a cgroup that contains the daemon's (warning once).
+    #[cfg(feature = "fault-injection")]
+    pub attach_containing: bool,
+    #[cfg(feature = "fault-injection")]
+    warned_containing: bool,
 }
 
 impl CgroupWatcher {
+    /// A watcher for a daemon in cgroup `own` (what the programs were loaded with).
+    pub fn new(own: OwnCgroup) -> Self {
+        Self {
+            last_error: None,
+            own,
+            #[cfg(feature = "fault-injection")]
+            attach_containing: false,
+            #[cfg(feature = "fault-injection")]
+            warned_containing: false,
+        }
+    }
+
     /// Finds containerd's cgroup and attaches there if it is not where the programs are. Not
-    /// finding it is logged (once per distinct reason) and retried later; failing to attach is
-    /// an error.
+    /// finding it is logged (once per distinct reason) and retried later; a cgroup that
+    /// contains the daemon's own is refused ([`GuardError::ContainsDaemon`]); failing to attach
+    /// is an error.
     pub fn check(
         &mut self,
         finder: &mut CgroupFinder,
@@ -214,9 +256,38 @@ impl CgroupWatcher {
                 return Ok(());
             }
         };
+        // Checked on every poll: the daemon, too, may have been moved.
+        let own = OwnCgroup::current(finder.mount())?;
+        if own != self.own {
+            tracing::info!(
+                cgroup = %own.path.display(),
+                previous = %self.own.path.display(),
+                "this daemon's own cgroup changed"
+            );
+            redirector.set_own_cgroup(own.id)?;
+            self.own = own;
+        }
+        if let Err(refusal) = self.own.check_target(&found) {
+            self.allow_containing(refusal)?;
+        }
         if redirector.attached() == Some(&found) {
             return Ok(());
         }
         redirector.attach(&found)
+    }
+
+    /// The guard's refusal, unless a test switch turns it into a warning.
+    fn allow_containing(&mut self, refusal: GuardError) -> Result<(), GuardError> {
+        #[cfg(feature = "fault-injection")]
+        if self.attach_containing {
+            if !std::mem::replace(&mut self.warned_containing, true) {
+                tracing::warn!(
+                    error = %refusal,
+                    "TEST FAULTS ARE ON: attaching although the cgroup contains this daemon; only the programs' exemption of its own cgroup keeps its connects direct"
+                );
+            }
+            return Ok(());
+        }
+        Err(refusal)
     }
 }

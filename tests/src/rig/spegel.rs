@@ -96,6 +96,8 @@ pub struct SpegelOptions {
     ready_timeout: Duration,
     wait_ready: bool,
     membership: Membership,
+    pid_namespace: bool,
+    cgroup_below_containerd: Option<String>,
 }
 
 /// Which cluster the daemon belongs to.
@@ -136,6 +138,8 @@ impl SpegelOptions {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             wait_ready: true,
             membership: Membership::Rig,
+            pid_namespace: false,
+            cgroup_below_containerd: None,
         }
     }
 
@@ -272,6 +276,23 @@ impl SpegelOptions {
         self
     }
 
+    /// Runs the daemon in a PID namespace of its own (`unshare --pid --fork --mount-proc`), as a
+    /// DaemonSet without `hostPID` does: it is PID 1 there and the kernel knows it by another
+    /// PID. `unshare` ignores SIGTERM while it waits for its child, so [`Spegel::stop`] ends in
+    /// SIGKILL after the grace (the daemon dies with `unshare`, `--kill-child`); prefer
+    /// [`Spegel::kill`] at the end of a test.
+    pub fn pid_namespace(mut self) -> Self {
+        self.pid_namespace = true;
+        self
+    }
+
+    /// Starts the daemon in cgroup `<containerd's cgroup>/<child>` instead of the test's own
+    /// cgroup: a cgroup that containerd's contains (created on demand, removed at teardown).
+    pub fn cgroup_below_containerd(mut self, child: impl Into<String>) -> Self {
+        self.cgroup_below_containerd = Some(child.into());
+        self
+    }
+
     /// The `spegel run` arguments for `node` of `rig`.
     fn run_args(&self, rig: &Rig, node: &Node, data_dir: &Path) -> Result<Vec<OsString>> {
         let mut args: Vec<OsString> = Vec::new();
@@ -393,12 +414,29 @@ impl Rig {
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let binary = spegel_bin()?;
-        let spec = ProcessSpec::new(format!("spegel-{}", node.name()), &binary)
+        let name = format!("spegel-{}", node.name());
+        let spec = if options.pid_namespace {
+            ProcessSpec::new(name, "unshare")
+                .args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
+                .arg(&binary)
+        } else {
+            ProcessSpec::new(name, &binary)
+        };
+        let mut spec = spec
             .arg("run")
             .args(options.run_args(self, node, &data_dir)?)
             .mode(NetnsMode::Nsenter)
             .env("RUST_BACKTRACE", "1")
             .envs(options.env.iter().map(|(k, v)| (k, v)));
+        if let Some(child) = &options.cgroup_below_containerd {
+            let containerd = node
+                .cgroup_dir()
+                .file_name()
+                .context("node cgroup directory has no name")?
+                .to_string_lossy()
+                .into_owned();
+            spec = spec.cgroup(format!("{containerd}/{child}"));
+        }
         let process = node.spawn(spec)?;
         let daemon = Spegel {
             index,
@@ -411,6 +449,7 @@ impl Rig {
             data_dir,
             process,
             ready_timeout: options.ready_timeout,
+            pid_namespace: options.pid_namespace,
         };
         if options.wait_ready {
             daemon.wait_ready().await?;
@@ -445,6 +484,7 @@ pub struct Spegel {
     data_dir: PathBuf,
     process: Process,
     ready_timeout: Duration,
+    pid_namespace: bool,
 }
 
 /// A position in a daemon's log; events after it are what an action under test caused.
@@ -500,6 +540,25 @@ impl Spegel {
     /// The rig process (PID, signals, raw log path).
     pub fn process(&self) -> &Process {
         &self.process
+    }
+
+    /// The daemon's own PID as this test sees it: the rig process itself, or, in a PID
+    /// namespace of its own ([`SpegelOptions::pid_namespace`]), the only child of `unshare`.
+    pub fn daemon_pid(&self) -> Result<u32> {
+        let pid = self
+            .process
+            .pid()
+            .with_context(|| format!("spegel on {} is not running", self.node_name))?;
+        if !self.pid_namespace {
+            return Ok(pid);
+        }
+        let path = format!("/proc/{pid}/task/{pid}/children");
+        let children = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|child| child.parse().ok())
+            .with_context(|| format!("unshare ({pid}) has no child yet"))
     }
 
     /// Whether the daemon is running.
