@@ -52,7 +52,7 @@ pub struct RunArgs {
     pub shutdown_grace: Duration,
     /// Transparent mode: answer intercepted manifest requests by tag from upstream first (tags
     /// move), and from this node or its peers only when upstream fails or times out. `false`
-    /// answers them like digests: local store, then peers, then upstream.
+    /// asks this node's own store first, then upstream; peers still only when upstream fails.
     #[arg(long, env = "SPEGEL_TAG_UPSTREAM_FIRST", action = clap::ArgAction::Set, default_value_t = true)]
     pub tag_upstream_first: bool,
     /// How often the advertised keys are re-read from the store even without a change event.

@@ -17,7 +17,7 @@ use crate::{
     routing::Router,
     serve::{
         api::{self, Registry, StoreReadiness},
-        policy::ServePolicy,
+        policy::{ServePolicy, TagStats},
         transparent::{RegistryHandler, UpstreamPassthrough},
     },
     source::{Source, local::LocalSource},
@@ -146,6 +146,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         transparent.then(|| Arc::clone(&intercept_stats)),
         Some(router),
     );
+    let tag_stats = Arc::new(TagStats::default());
+    let metrics = metrics.with_tags(Arc::clone(&tag_stats));
     let metrics = Arc::new(match transparent {
         true => metrics.with_ca(Arc::clone(&ca_stats)),
         false => metrics,
@@ -159,7 +161,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             .context("cannot prepare the peer blob spool")?,
     );
     let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first)
-        .with_backoff(backoff);
+        .with_backoff(backoff)
+        .with_tag_stats(tag_stats);
     let source: Arc<dyn Source> =
         Arc::new(Instrumented::new(Arc::new(policy), Arc::clone(&metrics)));
 

@@ -498,13 +498,7 @@ async fn scenario_pull_by_registry_ip(suite: &Suite) {
     assert!(mirrored > mirrored_before, "no IP connection was mirrored");
 
     let daemon_b = suite.daemon(1);
-    wait_discoverable(
-        daemon_b,
-        &image,
-        Some(&rig.registry().ip_host(Endpoint::Tls)),
-        DISCOVERY_TIMEOUT,
-    )
-    .await;
+    wait_discoverable(daemon_b, &image, None, DISCOVERY_TIMEOUT).await;
     let mark = daemon_b.log_mark();
     rig.node(1)
         .cri_pull(&reference)
@@ -814,9 +808,9 @@ async fn scenario_peers_serve_while_the_registry_is_down(suite: &Suite) {
         }
     }
     wait_discoverable(daemon_b, &by_digest, None, DISCOVERY_TIMEOUT).await;
-    wait_discoverable(daemon_b, &by_tag, Some(&registry_host), DISCOVERY_TIMEOUT).await;
-
+    // Tags are resolved through peers only while the registry cannot be reached.
     rig.registry().stop().await.unwrap();
+    wait_discoverable(daemon_b, &by_tag, Some(&registry_host), DISCOVERY_TIMEOUT).await;
     let mark = daemon_b.log_mark();
     let started = Instant::now();
     let pulled = b
@@ -835,8 +829,9 @@ async fn scenario_peers_serve_while_the_registry_is_down(suite: &Suite) {
 
     // The tag went to the registry first and fell back to the peers because it was down.
     let fell_back = daemon_b.events_since(mark).into_iter().any(|event| {
-        event.message.contains("upstream failed for a tag")
+        event.message.contains("tag answered in upstream's place")
             && event.str("repository") == Some(by_tag.repository.as_str())
+            && event.str("why").is_some_and(|why| why.starts_with("upstream unreachable"))
     });
     assert!(
         fell_back,

@@ -141,13 +141,7 @@ async fn outsiders_neither_join_nor_read_while_members_share() {
     a.cri_pull(&image.reference(Endpoint::Plain))
         .await
         .expect("A pulls");
-    wait_discoverable(
-        &members[1],
-        &image,
-        Some(&rig.registry().host(Endpoint::Plain)),
-        FIND_TIMEOUT,
-    )
-    .await;
+    wait_discoverable(&members[1], &image, None, FIND_TIMEOUT).await;
     b.cri_pull(&image.reference(Endpoint::Plain))
         .await
         .expect("B pulls");
@@ -297,6 +291,115 @@ async fn authenticated_plaintext_peers_share_and_refuse_forged_requests() {
             .expect("C reaches A");
         assert_unauthorized("C (forged)", &path, &with_forged);
     }
+    eprintln!("passed in {:?}", started.elapsed());
+    rig.shutdown().await.expect("clean teardown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn a_rogue_member_cannot_change_a_tag_while_upstream_is_up() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let started = Instant::now();
+    let rig = rig(2).await;
+    let (r, v) = (rig.node(0), rig.node(1));
+    let images = rig.images().clone();
+    let (small, four) = (&images.small, &images.four);
+    let registry_host = rig.registry().host(Endpoint::Plain);
+
+    // R holds the secret but lies: its containerd says `small`'s tag (and `small:latest`) is
+    // `four`.
+    r.cri_pull(&four.reference(Endpoint::Plain))
+        .await
+        .expect("R pulls four");
+    let latest = format!("{registry_host}/{}:latest", small.repository);
+    for alias in [small.reference(Endpoint::Plain), latest] {
+        r.ctr([
+            "-n",
+            "k8s.io",
+            "images",
+            "tag",
+            "--force",
+            &four.reference(Endpoint::Plain),
+            &alias,
+        ])
+        .await
+        .expect("R re-tags four");
+    }
+    let options = SpegelOptions::mirror()
+        .bootstrap_other_nodes()
+        .args(["--advertise-resync=1s"]);
+    let daemons =
+        futures::future::try_join_all((0..2).map(|i| rig.start_spegel(i, options.clone())))
+            .await
+            .expect("R's and V's daemons start");
+    let victim = &daemons[1];
+    wait_discoverable(victim, four, None, FIND_TIMEOUT).await;
+
+    // Registry up: V gets the real `small`, whatever R says.
+    let pulled = v
+        .cri_pull(&small.reference(Endpoint::Plain))
+        .await
+        .expect("V pulls small");
+    assert_eq!(
+        pulled,
+        small.config().digest,
+        "V got R's image for small's tag"
+    );
+    let tag_path = |tag: &str| {
+        format!(
+            "/v2/{}/manifests/{tag}?{}",
+            small.repository,
+            ns_query(&registry_host)
+        )
+    };
+    let accept = [("Accept", spegel_tests::rig::spegel::MANIFEST_ACCEPT)];
+    let asked = victim
+        .request("HEAD", &tag_path(&small.tag), &accept)
+        .await
+        .unwrap();
+    assert_eq!(
+        asked.status, 404,
+        "a tag while the registry is up is left to it"
+    );
+
+    // Registry down, V forgets small: an unfiltered tag is answered by a peer (here R's lie),
+    // and logged and counted as such; a filtered one (`:latest`) never comes from peers.
+    rig.registry().stop().await.expect("registry stops");
+    v.remove_all_images().await.unwrap();
+    let mark = victim.log_mark();
+    let answered = eventually(
+        "V resolves small's tag through peers",
+        FIND_TIMEOUT,
+        || async {
+            let response = victim
+                .request("HEAD", &tag_path(&small.tag), &accept)
+                .await?;
+            Ok((response.status == 200).then_some(response))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        answered.header("docker-content-digest"),
+        Some(four.digest())
+    );
+    let logged = victim.events_since(mark).into_iter().any(|e| {
+        e.message.contains("tag answered in upstream's place")
+            && e.fields.get("source").and_then(|s| s.as_str()) == Some("peer")
+    });
+    assert!(logged, "the peer's tag answer was not logged");
+    let metrics = victim.metrics().await.unwrap();
+    assert!(metrics.value("spegel_tag_fallbacks_total", &[("source", "peer")]) >= 1.0);
+    let filtered = victim
+        .request("HEAD", &tag_path("latest"), &accept)
+        .await
+        .unwrap();
+    assert_eq!(filtered.status, 404, "a filtered tag came from a peer");
+
     eprintln!("passed in {:?}", started.elapsed());
     rig.shutdown().await.expect("clean teardown");
 }

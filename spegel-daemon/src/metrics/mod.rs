@@ -14,6 +14,7 @@ mod ca;
 mod format;
 mod served;
 mod subsystems;
+mod tags;
 #[cfg(test)]
 mod tests;
 
@@ -63,6 +64,13 @@ impl Metrics {
     /// The registry API's connection counters, for the server to count into.
     pub fn connection_stats(&self) -> Arc<ConnectionStats> {
         Arc::clone(&self.api)
+    }
+
+    /// Also exports the serve policy's tag counters (`spegel_tag_fallbacks_total`, ...).
+    pub fn with_tags(mut self, stats: Arc<crate::serve::policy::TagStats>) -> Self {
+        self.registry
+            .register_collector(Box::new(tags::TagCollector(stats)));
+        self
     }
 
     /// Also exports the node CA's continuity stats (`spegel_ca_*`).

@@ -1,30 +1,62 @@
-//! The order in which sources answer a request: local containerd, then peers, then upstream — except
-//! manifests by tag on an intercepted connection, which ask upstream first (tags move) and fall
-//! back to what this node and its peers know only when upstream fails, times out, answers with a
-//! server error or rate-limits. While that upstream is backing off (its `Retry-After`, or a
-//! short default after a failure: see [`Backoff`]), the next tag requests ask this node and its
-//! peers first, and upstream only when they have nothing: backoff never fails a pull, and never
-//! delays the request that met the failure.
-use std::sync::Arc;
+//! The order in which sources answer a request.
+//!
+//! - **Digests**: local containerd, then peers, then upstream (upstream answers only intercepted
+//!   requests): the bytes are verified against the digest, so whoever has them may answer.
+//! - **Tags** are only as good as whoever resolves them, so peers answer a tag only when upstream
+//!   cannot be reached, never before asking it, and the peers' own tag filters still apply
+//!   (`--tag-filters`: such tags never come from peers). Every tag answered in upstream's place
+//!   is logged and counted by source ([`TagStats`]).
+//!   - Intercepted (transparent mode): upstream first (or, with `--tag-upstream-first=false`,
+//!     this node's own store first, then upstream); on a connection failure, timeout, server
+//!     error or rate limiting, this node's store, then peers; if nobody has it, upstream's own
+//!     answer. 401, 403 and 404 are answers and go back as they are. While that upstream is
+//!     backing off after a failure (its `Retry-After`, or a short default: see [`Backoff`]), it
+//!     counts as unreachable: store and peers first, upstream only when they have nothing.
+//!   - Mirror mode (containerd asks with `?ns=`): the registry is probed ([`Reachability`]). If
+//!     it accepts connections the answer is 404 and containerd asks it itself; if not, this
+//!     node's store, then peers.
+//!   - A peer asking (`X-Spegel-Mirrored`): this node's own store only; the asking node has
+//!     already found upstream unreachable.
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use crate::{
     oci::Reference,
-    source::{Chain, Object, ObjectRequest, Source, SourceError},
-    upstream::Backoff,
+    source::{Chain, Object, ObjectRequest, Origin, Source, SourceError},
+    upstream::{Backoff, Reachability},
 };
+
+/// Tags answered in upstream's place, and tags left to upstream, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct TagStats {
+    /// Answered by this node's store while upstream was unreachable.
+    pub from_local: AtomicU64,
+    /// Answered by a peer while upstream was unreachable.
+    pub from_peers: AtomicU64,
+    /// Mirror mode: upstream was reachable, so containerd was sent there (404).
+    pub left_to_upstream: AtomicU64,
+}
 
 /// Tries sources in the order a request needs.
 pub struct ServePolicy {
+    local: Arc<dyn Source>,
+    peers: Arc<dyn Source>,
+    upstream: Option<Arc<dyn Source>>,
     by_digest: Chain,
-    /// For tags on intercepted connections: `None` = same as digests.
-    tags_upstream_first: Option<(Arc<dyn Source>, Chain)>,
+    /// Intercepted tags: upstream before this node's store.
+    tags_upstream_first: bool,
     /// Which upstreams are resting; `None`: never skip upstream.
     backoff: Option<Arc<Backoff>>,
+    reachability: Arc<Reachability>,
+    stats: Arc<TagStats>,
 }
 
 impl ServePolicy {
-    /// `local`, then `peers`, then `upstream` (which answers only intercepted requests). With
-    /// `tags_upstream_first`, an intercepted tag request goes to `upstream` first.
+    /// `local`, then `peers`, then `upstream` (which answers only intercepted requests) for
+    /// digests; tags as the module docs say. `tags_upstream_first`: intercepted tags ask
+    /// upstream before `local`.
     pub fn new(
         local: Arc<dyn Source>,
         peers: Arc<dyn Source>,
@@ -33,16 +65,15 @@ impl ServePolicy {
     ) -> Self {
         let mut chain = vec![Arc::clone(&local), Arc::clone(&peers)];
         chain.extend(upstream.clone());
-        let tags_upstream_first = match upstream {
-            Some(upstream) if tags_upstream_first => {
-                Some((upstream, Chain::new(vec![local, peers])))
-            }
-            _ => None,
-        };
         Self {
+            local,
+            peers,
+            upstream,
             by_digest: Chain::new(chain),
             tags_upstream_first,
             backoff: None,
+            reachability: Arc::new(Reachability::default()),
+            stats: Arc::default(),
         }
     }
 
@@ -52,61 +83,129 @@ impl ServePolicy {
         self.backoff = Some(backoff);
         self
     }
+
+    /// Probe mirror-mode registries with `reachability`.
+    pub fn with_reachability(mut self, reachability: Arc<Reachability>) -> Self {
+        self.reachability = reachability;
+        self
+    }
+
+    /// Count tags answered in upstream's place into `stats` (for `/metrics`).
+    pub fn with_tag_stats(mut self, stats: Arc<TagStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// The tag counters.
+    pub fn tag_stats(&self) -> Arc<TagStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// This node's store, then peers, for a tag upstream could not answer (`why`); logged and
+    /// counted by who answered.
+    async fn in_upstreams_place(
+        &self,
+        request: &ObjectRequest,
+        why: &str,
+    ) -> Result<Object, SourceError> {
+        let (object, counter) = match self.local.fetch(request).await {
+            Ok(object) => (object, &self.stats.from_local),
+            Err(_) => (self.peers.fetch(request).await?, &self.stats.from_peers),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            registry = request.registry.as_deref().unwrap_or_default(),
+            repository = %request.repository,
+            reference = ?request.reference,
+            digest = %object.digest,
+            source = object.source,
+            why,
+            "tag answered in upstream's place"
+        );
+        Ok(object)
+    }
+
+    /// A tag on an intercepted connection.
+    async fn intercepted_tag(
+        &self,
+        request: &ObjectRequest,
+        origin: &Origin,
+        upstream: &Arc<dyn Source>,
+    ) -> Result<Object, SourceError> {
+        let resting = self
+            .backoff
+            .as_ref()
+            .and_then(|backoff| backoff.remaining(origin));
+        if let Some(remaining) = resting {
+            return match self
+                .in_upstreams_place(request, "upstream is backing off")
+                .await
+            {
+                Ok(object) => Ok(object),
+                // Nobody here has it: upstream after all, and its answer as it is.
+                Err(err) => {
+                    tracing::debug!(host = %origin.host, repository = %request.repository, ?remaining, %err, "upstream is backing off, but nobody else has the tag");
+                    upstream.fetch(request).await
+                }
+            };
+        }
+        if !self.tags_upstream_first
+            && let Ok(object) = self.local.fetch(request).await
+        {
+            return Ok(object);
+        }
+        match upstream.fetch(request).await {
+            // Upstream is down or slow: what this node or a peer knows beats failing the pull.
+            Err(SourceError::Unavailable(reason)) => {
+                self.in_upstreams_place(request, &format!("upstream unreachable: {reason}"))
+                    .await
+            }
+            // Upstream answered, but with a failure of its own (5xx, rate limited): same as
+            // down. If nobody here has the tag either, the client sees upstream's answer
+            // (with its `Retry-After`), not ours.
+            Err(SourceError::Upstream {
+                status,
+                headers,
+                body,
+            }) if upstream_failed(status) => self
+                .in_upstreams_place(request, &format!("upstream answered {status}"))
+                .await
+                .map_err(|_| SourceError::Upstream {
+                    status,
+                    headers,
+                    body,
+                }),
+            other => other,
+        }
+    }
+
+    /// A tag asked for by this node's containerd in mirror mode.
+    async fn mirror_tag(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
+        let Some(registry) = request.registry.as_deref() else {
+            return Err(SourceError::NotFound);
+        };
+        if self.reachability.reachable(registry).await {
+            self.stats.left_to_upstream.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%registry, repository = %request.repository, "upstream reachable: the tag is left to it");
+            return Err(SourceError::NotFound);
+        }
+        self.in_upstreams_place(request, "upstream unreachable")
+            .await
+    }
 }
 
 #[async_trait::async_trait]
 impl Source for ServePolicy {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
-        if let (Reference::Tag(_), Some(origin), Some((upstream, fallback))) = (
-            &request.reference,
-            &request.origin,
-            &self.tags_upstream_first,
-        ) {
-            let resting = self
-                .backoff
-                .as_ref()
-                .and_then(|backoff| backoff.remaining(origin));
-            if let Some(remaining) = resting {
-                match fallback.fetch(request).await {
-                    Ok(object) => {
-                        tracing::info!(host = %origin.host, repository = %request.repository, ?remaining, "upstream is backing off; tag answered by local store or peers");
-                        return Ok(object);
-                    }
-                    // Nobody here has it: upstream after all, and its answer as it is.
-                    Err(err) => {
-                        tracing::debug!(host = %origin.host, repository = %request.repository, %err, "upstream is backing off, but nobody else has the tag");
-                        return upstream.fetch(request).await;
-                    }
-                }
-            }
-            return match upstream.fetch(request).await {
-                // Upstream is down or slow: what this node or a peer knows beats failing the pull.
-                Err(SourceError::Unavailable(reason)) => {
-                    tracing::info!(%reason, repository = %request.repository, "upstream failed for a tag; asking local store and peers");
-                    fallback.fetch(request).await
-                }
-                // Upstream answered, but with a failure of its own (5xx, rate limited): same as
-                // down. If nobody here has the tag either, the client sees upstream's answer
-                // (with its `Retry-After`), not ours.
-                Err(SourceError::Upstream {
-                    status,
-                    headers,
-                    body,
-                }) if upstream_failed(status) => {
-                    tracing::info!(%status, repository = %request.repository, "upstream failed for a tag; asking local store and peers");
-                    fallback
-                        .fetch(request)
-                        .await
-                        .map_err(|_| SourceError::Upstream {
-                            status,
-                            headers,
-                            body,
-                        })
-                }
-                other => other,
-            };
+        if !matches!(request.reference, Reference::Tag(_)) {
+            return self.by_digest.fetch(request).await;
         }
-        self.by_digest.fetch(request).await
+        match (&request.origin, &self.upstream) {
+            (Some(origin), Some(upstream)) => self.intercepted_tag(request, origin, upstream).await,
+            (Some(_), None) => self.by_digest.fetch(request).await,
+            (None, _) if request.mirrored => self.local.fetch(request).await,
+            (None, _) => self.mirror_tag(request).await,
+        }
     }
 }
 
@@ -365,13 +464,82 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn configurable_peer_first_tags() {
+    async fn local_first_tags_still_ask_upstream_before_peers() {
         let (local, peers, upstream) =
             (Named::ok("local"), Named::ok("peer"), Named::ok("upstream"));
-        let policy = ServePolicy::new(local, peers, Some(upstream), false);
+        let policy = ServePolicy::new(local, peers.clone(), Some(upstream.clone()), false);
         assert_eq!(
             policy.fetch(&request(tag(), true)).await.unwrap().source,
             "local"
         );
+        let nobody = Named::failing("local", || SourceError::NotFound);
+        let policy = ServePolicy::new(nobody, peers.clone(), Some(upstream), false);
+        assert_eq!(
+            policy.fetch(&request(tag(), true)).await.unwrap().source,
+            "upstream"
+        );
+        assert_eq!(peers.calls.load(Ordering::SeqCst), 0);
+    }
+
+    fn mirror_policy(reachable: bool, local: Arc<Named>, peers: Arc<Named>) -> ServePolicy {
+        ServePolicy::new(local, peers, None, true)
+            .with_reachability(Arc::new(Reachability::fixed(reachable)))
+    }
+
+    #[tokio::test]
+    async fn mirror_tags_are_left_to_a_reachable_upstream() {
+        let (local, peers) = (Named::ok("local"), Named::ok("peer"));
+        let policy = mirror_policy(true, local.clone(), peers.clone());
+        let err = policy.fetch(&request(tag(), false)).await.unwrap_err();
+        assert!(matches!(err, SourceError::NotFound), "{err}");
+        assert_eq!(local.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(peers.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            policy.tag_stats().left_to_upstream.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn mirror_tags_come_from_store_then_peers_when_upstream_is_unreachable() {
+        let nobody = Named::failing("local", || SourceError::NotFound);
+        let peers = Named::ok("peer");
+        let policy = mirror_policy(false, nobody, peers.clone());
+        let object = policy.fetch(&request(tag(), false)).await.unwrap();
+        assert_eq!(object.source, "peer");
+        assert_eq!(policy.tag_stats().from_peers.load(Ordering::Relaxed), 1);
+        let policy = mirror_policy(false, Named::ok("local"), peers);
+        assert_eq!(
+            policy.fetch(&request(tag(), false)).await.unwrap().source,
+            "local"
+        );
+        assert_eq!(policy.tag_stats().from_local.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_peer_asking_for_a_tag_gets_this_nodes_store_only() {
+        let (local, peers) = (
+            Named::failing("local", || SourceError::NotFound),
+            Named::ok("peer"),
+        );
+        let policy = mirror_policy(false, local, peers.clone());
+        let mut asked = request(tag(), false);
+        asked.mirrored = true;
+        assert!(matches!(
+            policy.fetch(&asked).await,
+            Err(SourceError::NotFound)
+        ));
+        assert_eq!(peers.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn digests_in_mirror_mode_ignore_reachability() {
+        let (local, peers) = (
+            Named::failing("local", || SourceError::NotFound),
+            Named::ok("peer"),
+        );
+        let policy = mirror_policy(true, local, peers);
+        let digest = request(Reference::Digest(Digest::of(b"d")), false);
+        assert_eq!(policy.fetch(&digest).await.unwrap().source, "peer");
     }
 }

@@ -23,6 +23,7 @@ mod client;
 mod connect;
 mod error;
 pub(crate) mod hop_by_hop;
+mod reachability;
 pub(crate) mod redirect;
 mod resume;
 pub(crate) mod retry_after;
@@ -34,6 +35,7 @@ pub use args::{Timeouts, UpstreamArgs};
 pub use backoff::Backoff;
 pub use client::UpstreamClient;
 pub use error::UpstreamError;
+pub use reachability::Reachability;
 pub use source::UpstreamSource;
 
 #[cfg(test)]
