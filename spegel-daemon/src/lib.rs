@@ -11,6 +11,7 @@ pub mod fuzzing;
 pub mod intercept;
 pub mod metrics;
 pub mod mirror;
+pub mod net;
 pub mod oci;
 pub mod p2p;
 pub mod peers;
