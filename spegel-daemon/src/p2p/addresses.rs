@@ -3,14 +3,14 @@
 //! learn its address.
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     num::NonZeroUsize,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use libp2p::{
-    PeerId, StreamProtocol, Swarm,
+    Multiaddr, PeerId, StreamProtocol, Swarm,
     core::ConnectedPoint,
     identify,
     kad::store::RecordStore as _,
@@ -146,19 +146,15 @@ impl PeerBook {
                 );
                 if let Some((ip, reason)) = resolved.refused {
                     refused.fetch_add(1, Ordering::Relaxed);
-                    let why = match reason {
-                        Refused::Special(special) => special.to_string(),
-                        Refused::NotThePeer => {
-                            "neither the address the peer is reached at nor in --node-cidrs"
-                                .to_owned()
-                        }
-                    };
-                    let remote = endpoint.get_remote_address();
-                    if self.warned.put(peer, ()).is_none() {
-                        tracing::warn!(peer_id = %peer, %remote, announced = %ip, reason = %why, used = ?resolved.addr.map(|(addr, _)| addr), "refusing the registry address a peer announced; using the address it is reached at");
-                    } else {
-                        tracing::debug!(peer_id = %peer, %remote, announced = %ip, reason = %why, "refusing the registry address a peer announced");
-                    }
+                    let used = resolved.addr.map(|(addr, _)| addr);
+                    log_refused(
+                        &mut self.warned,
+                        peer,
+                        endpoint.get_remote_address(),
+                        ip,
+                        reason,
+                        used,
+                    );
                 }
                 match resolved.addr {
                     Some((addr, quality)) => {
@@ -222,6 +218,30 @@ impl PeerBook {
                 false
             }
         }
+    }
+}
+
+/// Logs a refused registry announcement: at warn the first time for `peer`, then at debug
+/// (Identify repeats it on every connection and push); `warned` remembers who was warned about.
+fn log_refused(
+    warned: &mut LruCache<PeerId, ()>,
+    peer: PeerId,
+    remote: &Multiaddr,
+    announced: IpAddr,
+    reason: Refused,
+    used: Option<SocketAddr>,
+) {
+    let reason = match reason {
+        Refused::Special(special) => special.to_string(),
+        Refused::NotThePeer => {
+            "neither the address the peer is reached at nor within --node-cidrs".to_owned()
+        }
+    };
+    let message = "refusing the registry address a peer announced";
+    if warned.put(peer, ()).is_none() {
+        tracing::warn!(peer_id = %peer, %remote, %announced, %reason, ?used, "{message}");
+    } else {
+        tracing::debug!(peer_id = %peer, %remote, %announced, %reason, ?used, "{message}");
     }
 }
 
