@@ -152,8 +152,13 @@ async fn scenario_announced(announced: IpAddr) {
     };
 
     // B finds every blob of A's through its peers (HEAD without `X-Spegel-Mirrored`).
-    let found_after = wait_found(&daemon_b, &image).await;
-    eprintln!("B finds A's content after {found_after:?}");
+    match wait_found(&daemon_b, &image).await {
+        Ok(after) => eprintln!("B finds A's content after {after:?}"),
+        Err(error) => panic!(
+            "{error:#}; B connected {} time(s) to {announced} on itself",
+            trap.connections()
+        ),
+    }
     let mark = daemon_b.log_mark();
     for blob in image.pulled_blobs() {
         let path = format!("/v2/{}/blobs/{}", image.repository, blob.digest);
@@ -314,7 +319,7 @@ async fn pull(node: &Node, reference: &str) -> String {
 
 /// Waits until `daemon` answers 200 to a HEAD of every pulled blob of `image` (from its peers);
 /// how long that took.
-async fn wait_found(daemon: &Spegel, image: &TestImage) -> Duration {
+async fn wait_found(daemon: &Spegel, image: &TestImage) -> anyhow::Result<Duration> {
     let started = Instant::now();
     eventually(
         &format!(
@@ -333,7 +338,6 @@ async fn wait_found(daemon: &Spegel, image: &TestImage) -> Duration {
             Ok(Some(()))
         },
     )
-    .await
-    .unwrap_or_else(|error| panic!("{error:#}"));
-    started.elapsed()
+    .await?;
+    Ok(started.elapsed())
 }
