@@ -12,6 +12,7 @@ pub mod intercept;
 pub mod membership;
 pub mod metrics;
 pub mod mirror;
+pub mod net;
 pub mod oci;
 pub mod p2p;
 pub mod peers;

@@ -28,6 +28,7 @@ mod process;
 pub mod prometheus;
 mod registry;
 pub mod spegel;
+pub mod trap;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -194,6 +194,11 @@ impl Collector for Subsystems {
                     &stats.provides_failed,
                     "Provider records that failed to publish.",
                 ),
+                (
+                    "spegel_router_registry_addrs_refused",
+                    &stats.registry_addrs_refused,
+                    "Registry addresses peers announced that the address policy refused (their port is used with the IP they are reached at).",
+                ),
             ] {
                 counter(&mut encoder, name, help, load(value))?;
             }

@@ -1,10 +1,16 @@
 //! Peers' registry addresses: the connections they came over, what their Identify answers say
 //! (fed into Kademlia's routing table and the per-peer address cache), and dialing a provider to
 //! learn its address.
-use std::{collections::HashMap, net::SocketAddr, num::NonZeroUsize, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use libp2p::{
-    PeerId, StreamProtocol, Swarm,
+    Multiaddr, PeerId, StreamProtocol, Swarm,
     core::ConnectedPoint,
     identify,
     kad::store::RecordStore as _,
@@ -20,17 +26,25 @@ use super::{
     KAD_PROTOCOL,
     behaviour::Behaviour,
     key::ContentKey,
-    registry_addr::{self, Quality},
+    registry_addr::{self, Quality, Refused},
 };
+use crate::net::Cidr;
 
 /// Peers whose registry address is remembered, at most.
 const REGISTRY_CACHE_CAPACITY: usize = 16_384;
+/// Peers remembered as already warned about for a refused registry announcement, at most.
+const WARNED_CAPACITY: usize = 4096;
 
 /// What this node knows about its peers' registry APIs.
 pub(super) struct PeerBook {
     connections: HashMap<ConnectionId, Connection>,
     registry: RegistryCache,
     kad_protocol: StreamProtocol,
+    /// Where peers may announce their registry besides the IP we reach them at.
+    node_cidrs: Vec<Cidr>,
+    /// Peers whose refused registry announcement was logged at warn already (once per peer,
+    /// not per Identify).
+    warned: LruCache<PeerId, ()>,
 }
 
 /// An established connection, as far as registry addresses are concerned.
@@ -59,12 +73,15 @@ struct Entry {
 // === impl PeerBook ===
 
 impl PeerBook {
-    /// Nothing known yet; addresses are trusted for `ttl` without a fresh Identify.
-    pub(super) fn new(ttl: Duration) -> Self {
+    /// Nothing known yet; addresses are trusted for `ttl` without a fresh Identify; peers may
+    /// announce registry addresses within `node_cidrs`.
+    pub(super) fn new(ttl: Duration, node_cidrs: Vec<Cidr>) -> Self {
         Self {
             connections: HashMap::new(),
             registry: RegistryCache::new(ttl, REGISTRY_CACHE_CAPACITY),
             kad_protocol: StreamProtocol::new(KAD_PROTOCOL),
+            node_cidrs,
+            warned: LruCache::new(NonZeroUsize::new(WARNED_CAPACITY).unwrap_or(NonZeroUsize::MIN)),
         }
     }
 
@@ -96,14 +113,15 @@ impl PeerBook {
     }
 
     /// A peer identified itself on `connection`: its listen addresses go into Kademlia's routing
-    /// table, its registry announcement into the cache. `false` if the connection is unknown
-    /// (already closed), in which case nothing was learned.
+    /// table, its registry announcement into the cache (refusals counted in `refused`). `false`
+    /// if the connection is unknown (already closed), in which case nothing was learned.
     pub(super) fn identified(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
         connection: ConnectionId,
         peer: PeerId,
         info: &identify::Info,
+        refused: &AtomicU64,
     ) -> bool {
         let Some(connection) = self.connections.get_mut(&connection) else {
             return false;
@@ -120,7 +138,25 @@ impl PeerBook {
         }
         match registry_addr::parse_agent_version(&info.agent_version) {
             Some(advertise) => {
-                match registry_addr::resolve(advertise, endpoint, &info.listen_addrs) {
+                let resolved = registry_addr::resolve(
+                    advertise,
+                    endpoint,
+                    &info.listen_addrs,
+                    &self.node_cidrs,
+                );
+                if let Some((ip, reason)) = resolved.refused {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    let used = resolved.addr.map(|(addr, _)| addr);
+                    log_refused(
+                        &mut self.warned,
+                        peer,
+                        endpoint.get_remote_address(),
+                        ip,
+                        reason,
+                        used,
+                    );
+                }
+                match resolved.addr {
                     Some((addr, quality)) => {
                         self.registry.insert(peer, addr, quality, Instant::now());
                     }
@@ -182,6 +218,30 @@ impl PeerBook {
                 false
             }
         }
+    }
+}
+
+/// Logs a refused registry announcement: at warn the first time for `peer`, then at debug
+/// (Identify repeats it on every connection and push); `warned` remembers who was warned about.
+fn log_refused(
+    warned: &mut LruCache<PeerId, ()>,
+    peer: PeerId,
+    remote: &Multiaddr,
+    announced: IpAddr,
+    reason: Refused,
+    used: Option<SocketAddr>,
+) {
+    let reason = match reason {
+        Refused::Special(special) => special.to_string(),
+        Refused::NotThePeer => {
+            "neither the address the peer is reached at nor within --node-cidrs".to_owned()
+        }
+    };
+    let message = "refusing the registry address a peer announced";
+    if warned.put(peer, ()).is_none() {
+        tracing::warn!(peer_id = %peer, %remote, %announced, %reason, ?used, "{message}");
+    } else {
+        tracing::debug!(peer_id = %peer, %remote, %announced, %reason, ?used, "{message}");
     }
 }
 

@@ -13,6 +13,7 @@ use libp2p::{Multiaddr, multiaddr::Protocol};
 
 use super::DnsSeed;
 use crate::membership::ClusterSecrets;
+use crate::net::Cidr;
 
 /// Flags of this subsystem.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,6 +34,16 @@ pub struct RouterArgs {
     /// node at) or `IP:PORT`. Default: `:<registry port>`.
     #[arg(long, env = "SPEGEL_REGISTRY_ADVERTISE_ADDR")]
     pub registry_advertise_addr: Option<RegistryAdvertise>,
+    /// The cluster's node networks (`10.0.0.0/16,fd00::/64`): a peer announcing its registry
+    /// at a full `IP:PORT` is believed when the IP is within them; otherwise only the IP the
+    /// peer is reached at is (loopback, link-local, unspecified and multicast never are).
+    #[arg(
+        long,
+        env = "SPEGEL_NODE_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub node_cidrs: Vec<Cidr>,
     /// How long a lookup may search for providers.
     #[arg(long, env = "SPEGEL_LOOKUP_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub lookup_timeout: Duration,
@@ -126,6 +137,8 @@ pub struct P2pConfig {
     pub registry: RegistryAdvertise,
     /// Only holders of one of these secrets may connect; `None`: anyone.
     pub secrets: Option<ClusterSecrets>,
+    /// Networks within which peers' announced registry IPs are believed.
+    pub node_cidrs: Vec<Cidr>,
     /// Timings and limits.
     pub tunables: Tunables,
 }
@@ -239,6 +252,7 @@ impl RouterArgs {
             bootstrap_dns: self.bootstrap_dns.clone(),
             registry,
             secrets: secrets.cloned(),
+            node_cidrs: self.node_cidrs.clone(),
             tunables,
         };
         config.validate()?;
@@ -317,6 +331,7 @@ impl P2pConfig {
             bootstrap_dns: None,
             registry,
             secrets: None,
+            node_cidrs: Vec::new(),
             tunables: Tunables::default(),
         }
     }
@@ -444,6 +459,8 @@ mod tests {
             "spegel-bootstrap.spegel.svc.cluster.local".into(),
             "--router-addr".into(),
             "0.0.0.0:6001".into(),
+            "--node-cidrs".into(),
+            "10.0.0.0/16,fd00::/64".into(),
         ])
         .unwrap();
         let config = cli
@@ -451,6 +468,8 @@ mod tests {
             .to_config(Path::new("/var/lib/spegel"), 5000, None)
             .unwrap();
         assert_eq!(config.registry, RegistryAdvertise::Port(5000));
+        let cidrs: Vec<String> = config.node_cidrs.iter().map(Cidr::to_string).collect();
+        assert_eq!(cidrs, ["10.0.0.0/16", "fd00::/64"]);
         assert_eq!(config.bootstrap_peers.len(), 2);
         assert_eq!(config.listen_addrs[0].to_string(), "/ip4/0.0.0.0/tcp/6001");
         assert_eq!(config.default_seed_port(), 6001);
@@ -507,6 +526,7 @@ mod tests {
         assert!(Cli::try_parse_from(["spegel", "--router-max-connections", "0"]).is_err());
         assert!(Cli::try_parse_from(["spegel", "--router-max-memory-mib", "0"]).is_err());
         assert!(Cli::try_parse_from(["spegel", "--registry-advertise-addr", "x"]).is_err());
+        assert!(Cli::try_parse_from(["spegel", "--node-cidrs", "10.0.0.0/33"]).is_err());
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl EventLoop {
             shared,
             bootstrap: Bootstrap::new(config, local),
             listening: Listening::new(&config.listen_addrs),
-            peers: PeerBook::new(tunables.registry_addr_ttl),
+            peers: PeerBook::new(tunables.registry_addr_ttl, config.node_cidrs.clone()),
             lookups: Lookups::new(local, tunables.lookup_timeout, tunables.lookup_cache_ttl),
             providing: Providing::default(),
             next_purge: Instant::now() + PURGE_INTERVAL,
@@ -270,10 +270,13 @@ impl EventLoop {
                 peer_id,
                 info,
             } => {
-                if self
-                    .peers
-                    .identified(&mut self.swarm, connection_id, peer_id, &info)
-                {
+                if self.peers.identified(
+                    &mut self.swarm,
+                    connection_id,
+                    peer_id,
+                    &info,
+                    &self.shared.stats.registry_addrs_refused,
+                ) {
                     self.peer_resolved(peer_id);
                 }
             }

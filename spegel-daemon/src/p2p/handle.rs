@@ -27,6 +27,9 @@ pub struct Stats {
     pub provides_ok: AtomicU64,
     /// Provide queries that reached no peer (retried).
     pub provides_failed: AtomicU64,
+    /// Registry addresses peers announced that the address policy refused (only their port
+    /// was used).
+    pub registry_addrs_refused: AtomicU64,
 }
 
 /// A handle to the router. Cheap to clone; the event loop stops when every handle is dropped

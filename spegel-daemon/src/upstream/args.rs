@@ -3,6 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use super::Backoff;
+use crate::net::Cidr;
 
 /// Flags of the upstream client.
 #[derive(Debug, Clone, clap::Args)]
@@ -43,6 +44,17 @@ pub struct UpstreamArgs {
     /// breaks is resumed with `Range` on a new request before the transfer fails.
     #[arg(long, env = "SPEGEL_UPSTREAM_BLOB_RESUMES", default_value_t = 3)]
     pub upstream_blob_resumes: usize,
+    /// Networks (`127.0.0.1/32,169.254.169.254`) an upstream redirect may lead to although
+    /// they are loopback, link-local, unspecified, multicast or this node's own addresses,
+    /// which are refused otherwise (checked on every address a redirect's host resolves to).
+    /// The intercepted registry itself is never subject to this.
+    #[arg(
+        long,
+        env = "SPEGEL_UPSTREAM_ALLOW_REDIRECT_TO",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub upstream_allow_redirect_to: Vec<Cidr>,
 }
 
 impl UpstreamArgs {

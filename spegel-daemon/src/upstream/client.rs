@@ -22,11 +22,13 @@ use super::{
     error::error_chain,
     hop_by_hop::strip_hop_by_hop,
     redirect::{self, Decision, Hop},
+    redirect_addr::{self, RedirectAddrs},
     target::Target,
     trust,
 };
 use crate::{
     body::{BoxBody, BoxError},
+    net::Cidr,
     source::Origin,
 };
 
@@ -47,16 +49,43 @@ impl fmt::Debug for UpstreamClient {
 
 impl UpstreamClient {
     /// A client trusting the system roots (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`) plus the
-    /// `--upstream-ca-file`s. Blocking file IO: call at startup.
+    /// `--upstream-ca-file`s, following redirects to special or own addresses only within
+    /// `--upstream-allow-redirect-to`. Blocking file IO: call at startup.
     pub fn new(args: &UpstreamArgs) -> Result<Self, UpstreamError> {
         let roots = trust::roots(&args.upstream_ca_files)?;
-        Self::with_roots(roots, Timeouts::from(args))
+        Self::build(
+            roots,
+            Timeouts::from(args),
+            RedirectAddrs::new(args.upstream_allow_redirect_to.clone()),
+        )
     }
 
-    /// A client trusting exactly `roots`.
+    /// A client trusting exactly `roots`, with the default redirect address policy.
     pub fn with_roots(roots: RootCertStore, timeouts: Timeouts) -> Result<Self, UpstreamError> {
+        Self::build(roots, timeouts, RedirectAddrs::default())
+    }
+
+    /// [`Self::with_roots`], redirects allowed to any address within `allowed` too (tests
+    /// whose servers are all on loopback).
+    pub fn with_roots_allowing_redirects_to(
+        roots: RootCertStore,
+        timeouts: Timeouts,
+        allowed: Vec<Cidr>,
+    ) -> Result<Self, UpstreamError> {
+        Self::build(roots, timeouts, RedirectAddrs::new(allowed))
+    }
+
+    fn build(
+        roots: RootCertStore,
+        timeouts: Timeouts,
+        redirects: RedirectAddrs,
+    ) -> Result<Self, UpstreamError> {
         let config = trust::client_config(roots)?;
-        let connector = Connector::new(TlsConnector::from(Arc::new(config)), timeouts.connect);
+        let connector = Connector::new(
+            TlsConnector::from(Arc::new(config)),
+            timeouts.connect,
+            redirects,
+        );
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -154,10 +183,13 @@ impl UpstreamClient {
                 target: target.to_string(),
                 timeout: header_timeout,
             }),
-            Ok(Err(err)) => Err(UpstreamError::Request {
-                target: target.to_string(),
-                detail: error_chain(&err),
-            }),
+            Ok(Err(err)) => match redirect_addr::refusal_in(&err) {
+                Some(refused) => Err(UpstreamError::RedirectRefused(refused.to_string())),
+                None => Err(UpstreamError::Request {
+                    target: target.to_string(),
+                    detail: error_chain(&err),
+                }),
+            },
             Ok(Ok(response)) => Ok(response),
         }
     }

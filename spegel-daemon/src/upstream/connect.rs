@@ -1,6 +1,7 @@
 //! Dialling upstreams: the [`Connector`] hyper-util's pool calls with a synthetic URI, which
-//! decodes the [`Target`], connects (pinned address or DNS, bounded by the connect timeout) and
-//! does the verified TLS handshake.
+//! decodes the [`Target`], connects (pinned address, or DNS for redirect targets, whose resolved
+//! addresses must pass the redirect address policy; bounded by the connect timeout) and does the
+//! verified TLS handshake.
 use std::{
     io,
     net::SocketAddr,
@@ -22,7 +23,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::target::Target;
+use super::{redirect_addr::RedirectAddrs, target::Target};
 
 /// Any byte stream to an upstream: plain TCP or TLS over it.
 pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -43,12 +44,18 @@ impl Connection for Box<dyn Io> {
 pub(super) struct Connector {
     tls: TlsConnector,
     timeout: Duration,
+    redirects: RedirectAddrs,
 }
 
 impl Connector {
-    /// Dials with `tls` for TLS targets, giving up on a connection after `timeout`.
-    pub(super) fn new(tls: TlsConnector, timeout: Duration) -> Self {
-        Self { tls, timeout }
+    /// Dials with `tls` for TLS targets, giving up on a connection after `timeout`; redirect
+    /// targets only at addresses `redirects` allows.
+    pub(super) fn new(tls: TlsConnector, timeout: Duration, redirects: RedirectAddrs) -> Self {
+        Self {
+            tls,
+            timeout,
+            redirects,
+        }
     }
 }
 
@@ -80,10 +87,18 @@ impl tower_service::Service<Uri> for Connector {
 impl Connector {
     async fn connect(&self, target: &Target) -> io::Result<Conn> {
         let addrs: Vec<SocketAddr> = match target.pinned {
+            // The intercepted origin, at the address containerd dialled: not a redirect.
             Some(addr) => vec![addr],
-            None => tokio::net::lookup_host((target.host.as_str(), target.port))
-                .await?
-                .collect(),
+            // Only redirect targets are resolved with DNS: checked on what they resolve to,
+            // which is exactly what is dialled below.
+            None => {
+                let addrs: Vec<SocketAddr> =
+                    tokio::net::lookup_host((target.host.as_str(), target.port))
+                        .await?
+                        .collect();
+                self.redirects.check(&target.host, &addrs)?;
+                addrs
+            }
         };
         let mut last_error = None;
         let mut tcp = None;

@@ -27,6 +27,10 @@ pub enum UpstreamError {
     /// A redirect could not be followed.
     #[error("bad redirect from {target}: {reason}")]
     Redirect { target: String, reason: String },
+    /// A redirect led to an address the redirect address policy refuses (the message says
+    /// which and why).
+    #[error("{0}")]
+    RedirectRefused(String),
     /// The TLS client configuration could not be built.
     #[error("TLS configuration: {0}")]
     Tls(#[source] rustls::Error),

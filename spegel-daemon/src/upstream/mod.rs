@@ -10,7 +10,8 @@
 //!
 //! The files, top-down: `source` (object requests → upstream requests → verified objects) and
 //! `client` (passthrough, and the request loop that follows redirects) use `redirect` (the
-//! redirect policy, a pure decision), `hop_by_hop`, `body` (reading answers), `connect` and
+//! redirect policy, a pure decision), `redirect_addr` (where redirects may lead, checked on
+//! the resolved addresses when dialling), `hop_by_hop`, `body` (reading answers), `connect` and
 //! `target` (dialling, the synthetic authority) and `trust` (CA roots, TLS configuration);
 //! `args` and `error` are the flags and the failures. `backoff` (with `retry_after`) remembers
 //! which registries failed or asked for a pause, for the serve policy; `resume` continues a
@@ -25,6 +26,7 @@ mod error;
 pub(crate) mod hop_by_hop;
 mod reachability;
 pub(crate) mod redirect;
+mod redirect_addr;
 mod resume;
 pub(crate) mod retry_after;
 mod source;

@@ -479,7 +479,14 @@ async fn follows_redirects_and_drops_credentials_across_hosts() {
         Reference::Digest(digest),
         Some(origin(&registry, true)),
     );
-    let object = source(&pki).fetch(&req).await.unwrap();
+    // The fakes are all on loopback, where redirects go only when the operator allows it.
+    let client = UpstreamClient::with_roots_allowing_redirects_to(
+        pki.roots.clone(),
+        Timeouts::default(),
+        vec!["127.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()],
+    )
+    .unwrap();
+    let object = UpstreamSource::new(client).fetch(&req).await.unwrap();
     assert_eq!(collect(object.body.unwrap()).await.unwrap(), BLOB);
 
     let at_registry = registry.seen();
@@ -501,6 +508,51 @@ async fn follows_redirects_and_drops_credentials_across_hosts() {
     );
     assert!(!at_cdn[0].headers.contains_key(header::AUTHORIZATION));
     assert_eq!(at_cdn[0].headers[header::USER_AGENT], "containerd/2.1");
+}
+
+/// The intercepted origin on loopback is fine (it is not a redirect), but its redirect to
+/// `localhost` (another host, resolved with DNS) or to a loopback IP is refused unless allowed.
+#[tokio::test]
+async fn redirects_to_loopback_are_refused() {
+    let pki = pki();
+    let cdn = fake(Some(Arc::clone(&pki.server)), blob_handler()).await;
+    let cdn_port = cdn.addr.port();
+    let digest = Digest::of(BLOB);
+    for host in ["localhost", "127.0.0.1", "[::ffff:127.0.0.1]"] {
+        let location = format!("https://{host}:{cdn_port}/v2/x/blobs/{digest}");
+        let registry = fake(
+            Some(Arc::clone(&pki.server)),
+            Arc::new(move |_: &Seen| {
+                Reply::Respond(
+                    Response::builder()
+                        .status(307)
+                        .header(header::LOCATION, location.clone())
+                        .body(Full::default())
+                        .unwrap(),
+                )
+            }),
+        )
+        .await;
+        let req = request(
+            Kind::Blob,
+            Reference::Digest(digest),
+            Some(origin(&registry, true)),
+        );
+        let result = source(&pki).fetch(&req).await;
+        let Err(SourceError::Unavailable(message)) = &result else {
+            panic!("{host}: {result:?}");
+        };
+        assert!(
+            message.contains("refusing redirect") && message.contains("loopback"),
+            "{host}: {message}"
+        );
+        assert_eq!(
+            registry.seen().len(),
+            1,
+            "{host}: the origin itself is asked"
+        );
+        assert!(cdn.seen().is_empty(), "{host}: the redirect was followed");
+    }
 }
 
 #[tokio::test]

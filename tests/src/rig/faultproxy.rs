@@ -1,6 +1,7 @@
 //! A fault-injecting proxy in front of the rig's real registry: a registry that misbehaves on
 //! demand (answers 503 or 429 with `Retry-After`, stalls or breaks blob bodies, resets
-//! connections), switchable while a test runs, counting every request.
+//! connections, redirects blob requests elsewhere), switchable while a test runs, counting every
+//! request.
 //!
 //! Where it sits: it listens *inside the registry's network namespace*, on the registry's own
 //! address and [`FaultProxy::PORT`], so `registry.<prefix>.test:6443` (the name every node
@@ -63,6 +64,9 @@ pub enum Fault {
     ResetBlobs { after: u64, times: usize },
     /// Every new connection is reset at once (TCP RST, before TLS).
     ResetConnections,
+    /// Every blob request (GET or HEAD) is answered `307` with `Location: <to><path>`, e.g.
+    /// `https://127.0.0.1:8443` + `/v2/<repository>/blobs/<digest>`; the registry is not asked.
+    RedirectBlobs { to: String },
 }
 
 /// A request the proxy saw, and what became of it.
@@ -284,7 +288,7 @@ fn tls_config(cert: &Path, key: &Path) -> Result<ServerConfig> {
 /// A listening socket on `addr` in network namespace `netns`, made on a thread of its own
 /// (`setns` changes the namespace of the calling thread only; the thread ends right after, and
 /// the socket stays in the namespace it was made in).
-fn listen_in_netns(netns: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
+pub(crate) fn listen_in_netns(netns: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
     let path = Path::new("/run/netns").join(netns);
     std::thread::scope(|scope| {
         scope
@@ -408,6 +412,15 @@ async fn handle(
         state.record(seen);
         return response;
     }
+    if let Fault::RedirectBlobs { to } = state.fault()
+        && path.contains("/blobs/")
+    {
+        let response = redirect(&format!("{to}{path}"));
+        seen.status = response.status().as_u16();
+        seen.fault = Some(Fault::RedirectBlobs { to });
+        state.record(seen);
+        return response;
+    }
     let (mut parts, body) = request.into_parts();
     parts.uri = match format!("http://{backend}{path}").parse() {
         Ok(uri) => uri,
@@ -475,6 +488,20 @@ fn cut(body: Incoming, after: u64, reset: bool) -> ProxyBody {
         Err(io::Error::other("fault proxy cut the body"))
     });
     StreamBody::new(frames.chain(end)).boxed_unsync()
+}
+
+/// A `307` to `location`, with an empty body.
+fn redirect(location: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
 }
 
 /// The proxy's own answer: an OCI error body, `Retry-After` when given.
