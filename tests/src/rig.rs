@@ -600,6 +600,27 @@ pub fn spegel_bin() -> Result<PathBuf> {
         })
 }
 
+/// The rig's cluster secret, in its scratch directory.
+const CLUSTER_SECRET_FILE: &str = "cluster.secret";
+
+/// Writes 32 random bytes, hex-encoded, to `path` (mode 0600): a fresh cluster secret.
+pub fn write_cluster_secret(path: &Path) -> Result<()> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, hex::encode(bytes).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -627,25 +648,4 @@ mod tests {
         let error = Rig::builder().prefix("Bad!").start().await.unwrap_err();
         assert!(error.to_string().contains("prefix"), "{error:#}");
     }
-}
-
-/// The rig's cluster secret, in its scratch directory.
-const CLUSTER_SECRET_FILE: &str = "cluster.secret";
-
-/// Writes 32 random bytes, hex-encoded, to `path` (mode 0600): a fresh cluster secret.
-pub fn write_cluster_secret(path: &Path) -> Result<()> {
-    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut random| random.read_exact(&mut bytes))
-        .context("reading /dev/urandom")?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    std::io::Write::write_all(&mut file, hex::encode(bytes).as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
 }

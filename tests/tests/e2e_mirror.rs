@@ -575,9 +575,9 @@ async fn scenario_node_b_pulls_everything_through_a(rig: &Rig, daemon: &Spegel) 
     // nothing else.
     let tags: Vec<&str> = all.iter().map(|image| image.tag.as_str()).collect();
     assert!(
-        from_b
-            .iter()
-            .all(|entry| entry.manifest_reference().is_some_and(|r| tags.contains(&r))),
+        from_b.iter().all(|entry| entry
+            .manifest_reference()
+            .is_some_and(|r| tags.contains(&r))),
         "B asked the registry for more than tags: {:#?}",
         from_b.entries()
     );

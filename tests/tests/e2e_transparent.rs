@@ -831,7 +831,9 @@ async fn scenario_peers_serve_while_the_registry_is_down(suite: &Suite) {
     let fell_back = daemon_b.events_since(mark).into_iter().any(|event| {
         event.message.contains("tag answered in upstream's place")
             && event.str("repository") == Some(by_tag.repository.as_str())
-            && event.str("why").is_some_and(|why| why.starts_with("upstream unreachable"))
+            && event
+                .str("why")
+                .is_some_and(|why| why.starts_with("upstream unreachable"))
     });
     assert!(
         fell_back,

@@ -255,8 +255,11 @@ async fn scenario_from_peers(suite: &Suite, status: u16, by: By) {
             assert!(from_b[0].is_tag(&image.tag), "{from_b:#?}");
             assert_eq!(from_b[0].status, status);
             let fell_back = daemon_b.events_since(mark).into_iter().any(|event| {
-                event.message.contains("upstream failed for a tag")
+                event.message.contains("tag answered in upstream's place")
                     && event.str("repository") == Some(image.repository.as_str())
+                    && event
+                        .str("why")
+                        .is_some_and(|why| why.starts_with(&format!("upstream answered {status}")))
             });
             assert!(fell_back, "B's daemon never fell back for the tag");
 
@@ -270,10 +273,10 @@ async fn scenario_from_peers(suite: &Suite, status: u16, by: By) {
                 1,
                 "backing off: the second tag pull skips upstream: {from_b:#?}"
             );
-            let skipped = daemon_b
-                .events_since(mark)
-                .into_iter()
-                .any(|event| event.message.contains("upstream is backing off"));
+            let skipped = daemon_b.events_since(mark).into_iter().any(|event| {
+                event.message.contains("tag answered in upstream's place")
+                    && event.str("why") == Some("upstream is backing off")
+            });
             assert!(skipped, "B's daemon never said it skipped upstream");
         }
     }
