@@ -161,15 +161,9 @@ pub fn ns_query(host: &str) -> String {
     format!("ns={}", host.replace(':', "%3A"))
 }
 
-/// Polls `daemon`'s registry API (not intercepted: local store, then peers) until every pulled
-/// blob of `image`, its manifest and, if given, its tag for registry `tag_registry` are found;
-/// panics after `timeout`.
-pub async fn wait_discoverable(
-    daemon: &Spegel,
-    image: &TestImage,
-    tag_registry: Option<&str>,
-    timeout: Duration,
-) {
+/// The registry API paths of `image`'s content: every pulled blob, the manifest by digest and,
+/// with `tag_registry`, the manifest by tag (`?ns=` as containerd asks).
+pub fn content_paths(image: &TestImage, tag_registry: Option<&str>) -> Vec<String> {
     let mut paths: Vec<String> = image
         .pulled_blobs()
         .iter()
@@ -188,8 +182,20 @@ pub async fn wait_discoverable(
             ns_query(registry)
         ));
     }
+    paths
+}
+
+/// Polls `daemon`'s registry API (not intercepted: local store, then peers) until every pulled
+/// blob of `image`, its manifest and, if given, its tag for registry `tag_registry` are found;
+/// panics after `timeout`.
+pub async fn wait_discoverable(
+    daemon: &Spegel,
+    image: &TestImage,
+    tag_registry: Option<&str>,
+    timeout: Duration,
+) {
     let started = std::time::Instant::now();
-    for path in paths {
+    for path in content_paths(image, tag_registry) {
         loop {
             let response = daemon
                 .request(

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use spegel_tests::cluster::{ns_query, wait_discoverable};
+use spegel_tests::cluster::{content_paths, ns_query, wait_discoverable};
 use spegel_tests::eventually;
 use spegel_tests::rig::spegel::{
     DEFAULT_REGISTRY_PORT, HttpResponse, Spegel, SpegelOptions, configure_mirror, http_request,
@@ -43,26 +43,32 @@ async fn rig(nodes: usize) -> Rig {
     rig
 }
 
-/// Every content path of `image` on a daemon: each pulled blob and the manifest by digest, and
-/// the manifest by tag.
-fn content_paths(rig: &Rig, image: &TestImage) -> Vec<String> {
-    let mut paths: Vec<String> = image
-        .pulled_blobs()
-        .iter()
-        .map(|blob| format!("/v2/{}/blobs/{}", image.repository, blob.digest))
-        .collect();
-    paths.push(format!(
-        "/v2/{}/manifests/{}",
-        image.repository,
-        image.digest()
-    ));
-    paths.push(format!(
-        "/v2/{}/manifests/{}?{}",
-        image.repository,
-        image.tag,
-        ns_query(&rig.registry().host(Endpoint::Plain))
-    ));
-    paths
+/// A (node 0) pulls `image` from the registry; once B's daemon finds it, B (node 1) pulls it
+/// from its peers: each blob leaves the registry once, none for B.
+async fn members_share(rig: &Rig, daemon_b: &Spegel, image: &TestImage) {
+    let (a, b) = (rig.node(0), rig.node(1));
+    let before = rig.registry_log().await.unwrap();
+    a.cri_pull(&image.reference(Endpoint::Plain))
+        .await
+        .expect("A pulls");
+    wait_discoverable(daemon_b, image, None, FIND_TIMEOUT).await;
+    b.cri_pull(&image.reference(Endpoint::Plain))
+        .await
+        .expect("B pulls");
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert!(
+        log.blob_gets_by(b.ip()).is_empty(),
+        "B got blobs from the registry: {:?}",
+        log.blob_gets_by(b.ip())
+    );
+    for blob in image.pulled_blobs() {
+        assert_eq!(
+            log.blob_get_count(&blob.digest),
+            1,
+            "{} left the registry more than once",
+            blob.digest
+        );
+    }
 }
 
 /// `curl` from the rig's host namespace (outside every node), like the rig's in-node requests.
@@ -116,7 +122,7 @@ async fn outsiders_neither_join_nor_read_while_members_share() {
     let _serial = spegel_tests::serial().await;
     let started = Instant::now();
     let rig = rig(3).await;
-    let (a, b, c) = (rig.node(0), rig.node(1), rig.node(2));
+    let c = rig.node(2);
     let image = rig.images().small.clone();
     let foreign_secret = rig.scratch_dir().join("foreign.secret");
     write_cluster_secret(&foreign_secret).unwrap();
@@ -137,28 +143,7 @@ async fn outsiders_neither_join_nor_read_while_members_share() {
         .expect("C's daemon starts");
 
     // A pulls (from the registry: nobody has it yet); B finds it through its peers.
-    let before = rig.registry_log().await.unwrap();
-    a.cri_pull(&image.reference(Endpoint::Plain))
-        .await
-        .expect("A pulls");
-    wait_discoverable(&members[1], &image, None, FIND_TIMEOUT).await;
-    b.cri_pull(&image.reference(Endpoint::Plain))
-        .await
-        .expect("B pulls");
-    let log = rig.registry_log().await.unwrap().since(&before);
-    assert!(
-        log.blob_gets_by(b.ip()).is_empty(),
-        "B got blobs from the registry: {:?}",
-        log.blob_gets_by(b.ip())
-    );
-    for blob in image.pulled_blobs() {
-        assert_eq!(
-            log.blob_get_count(&blob.digest),
-            1,
-            "{} left the registry more than once",
-            blob.digest
-        );
-    }
+    members_share(&rig, &members[1], &image).await;
 
     // C's daemon was refused by both members: it has no peer, finds nothing, and they logged why.
     let metrics = outsider.metrics().await.unwrap();
@@ -186,7 +171,7 @@ async fn outsiders_neither_join_nor_read_while_members_share() {
         .await
         .unwrap()
         .sum("spegel_registry_unauthorized_requests_total");
-    let paths = content_paths(&rig, &image);
+    let paths = content_paths(&image, Some(&rig.registry().host(Endpoint::Plain)));
     for path in &paths {
         let url = format!("{}{path}", members[0].url());
         let from_c = http_request(c, "GET", &url, &[])
@@ -249,7 +234,7 @@ async fn authenticated_plaintext_peers_share_and_refuse_forged_requests() {
     let _serial = spegel_tests::serial().await;
     let started = Instant::now();
     let rig = rig(3).await;
-    let (a, b, c) = (rig.node(0), rig.node(1), rig.node(2));
+    let c = rig.node(2);
     let image = rig.images().small.clone();
     let options = SpegelOptions::mirror()
         .bootstrap_other_nodes()
@@ -259,19 +244,7 @@ async fn authenticated_plaintext_peers_share_and_refuse_forged_requests() {
             .await
             .expect("A's and B's daemons start");
 
-    let before = rig.registry_log().await.unwrap();
-    a.cri_pull(&image.reference(Endpoint::Plain))
-        .await
-        .expect("A pulls");
-    wait_discoverable(&members[1], &image, None, FIND_TIMEOUT).await;
-    b.cri_pull(&image.reference(Endpoint::Plain))
-        .await
-        .expect("B pulls");
-    let log = rig.registry_log().await.unwrap().since(&before);
-    assert!(
-        log.blob_gets_by(b.ip()).is_empty(),
-        "B got blobs from the registry"
-    );
+    members_share(&rig, &members[1], &image).await;
 
     // Without the header, or with a forged one, C gets 401.
     let now = std::time::SystemTime::now()
@@ -280,7 +253,7 @@ async fn authenticated_plaintext_peers_share_and_refuse_forged_requests() {
         .as_secs();
     let forged = format!("X-Spegel-Auth: v1 {now} {}", "00".repeat(32));
     let forged = forged.split_once(": ").unwrap();
-    for path in content_paths(&rig, &image) {
+    for path in content_paths(&image, Some(&rig.registry().host(Endpoint::Plain))) {
         let url = format!("{}{path}", members[0].url());
         let bare = http_request(c, "GET", &url, &[])
             .await

@@ -37,6 +37,7 @@ pub struct MemberUpgrade {
 
 impl MemberUpgrade {
     /// The upgrade of a connection between `local` and the noise-authenticated `remote`.
+    /// The keys are derived here: build one per transport and [`Self::to`] per connection.
     pub fn new(secrets: &ClusterSecrets, local: PeerId, remote: PeerId) -> Self {
         let keys = secrets
             .keys(Use::Libp2p)
@@ -48,6 +49,14 @@ impl MemberUpgrade {
             local,
             remote,
             yamux: yamux::Config::default(),
+        }
+    }
+
+    /// The same upgrade (same keys, no new derivation) for a connection to `remote`.
+    pub fn to(&self, remote: PeerId) -> Self {
+        Self {
+            remote,
+            ..self.clone()
         }
     }
 

@@ -73,10 +73,14 @@ where
 {
     let authenticated = transport.upgrade(Version::V1).authenticate(noise);
     match secrets {
-        Some(secrets) => authenticated
-            .multiplex_ext(move |remote, _| MemberUpgrade::new(&secrets, local, *remote))
-            .timeout(HANDSHAKE_TIMEOUT)
-            .boxed(),
+        Some(secrets) => {
+            // Keys derived once; each connection's upgrade only names its remote peer.
+            let member = MemberUpgrade::new(&secrets, local, local);
+            authenticated
+                .multiplex_ext(move |remote, _| member.to(*remote))
+                .timeout(HANDSHAKE_TIMEOUT)
+                .boxed()
+        }
         None => authenticated
             .multiplex(yamux::Config::default())
             .timeout(HANDSHAKE_TIMEOUT)
