@@ -199,7 +199,8 @@ pub fn is_write_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl Registry {
-    /// Serves one connection [`serve`] accepted (and TLS-terminated, for members) from `caller`.
+    /// Serves one connection [`serve`] accepted (and TLS-terminated, for members) from `caller`,
+    /// with the same bounds as [`Registry::serve_connection`].
     async fn serve_accepted<I>(
         self: &Arc<Self>,
         io: I,
@@ -209,17 +210,12 @@ impl Registry {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let activity = Activity::new();
         let ctx = RequestContext {
             caller,
             ..RequestContext::default()
         };
-        let connection = self.tracked_connection(
-            bounds::write_bounded(io, self.write_timeout),
-            ctx,
-            Some(Arc::clone(&activity)),
-        );
-        drive(connection, &activity, self.idle_timeout, shutdown).await
+        self.serve_connection(io, ctx, shutdown.clone(), self.write_timeout)
+            .await
     }
 
     /// In [`serve`], close a connection whose writes make no progress for `timeout`.
