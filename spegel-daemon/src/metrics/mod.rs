@@ -21,6 +21,7 @@ mod tests;
 pub use format::Format;
 pub use served::Instrumented;
 pub use subsystems::ConnectionStats;
+pub use tags::TagStats;
 
 use served::Served;
 use subsystems::Subsystems;
@@ -67,7 +68,7 @@ impl Metrics {
     }
 
     /// Also exports the serve policy's tag counters (`spegel_tag_fallbacks_total`, ...).
-    pub fn with_tags(mut self, stats: Arc<crate::serve::policy::TagStats>) -> Self {
+    pub fn with_tags(mut self, stats: Arc<TagStats>) -> Self {
         self.registry
             .register_collector(Box::new(tags::TagCollector(stats)));
         self

@@ -1,8 +1,11 @@
 //! Tags answered in upstream's place (`spegel_tag_fallbacks_total{source}`) and mirror-mode
-//! tags left to a reachable upstream, read at scrape time from the serve policy's [`TagStats`].
+//! tags left to a reachable upstream, read at scrape time from [`TagStats`], which the serve policy counts into.
 use std::{
     fmt,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use prometheus_client::{
@@ -11,7 +14,17 @@ use prometheus_client::{
     metrics::counter::ConstCounter,
 };
 
-use crate::serve::policy::TagStats;
+/// Tags answered in upstream's place, and tags left to upstream, counted by the serve policy
+/// (`serve::policy`) and exported here.
+#[derive(Debug, Default)]
+pub struct TagStats {
+    /// Answered by this node's store while upstream was unreachable.
+    pub from_local: AtomicU64,
+    /// Answered by a peer while upstream was unreachable.
+    pub from_peers: AtomicU64,
+    /// Mirror mode: upstream was reachable, so containerd was sent there (404).
+    pub left_to_upstream: AtomicU64,
+}
 
 /// Collects [`TagStats`] on every scrape.
 #[derive(Debug)]

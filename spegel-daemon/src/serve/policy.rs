@@ -17,27 +17,14 @@
 //!     node's store, then peers.
 //!   - A peer asking (`X-Spegel-Mirrored`): this node's own store only; the asking node has
 //!     already found upstream unreachable.
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::{Arc, atomic::Ordering};
 
 use crate::{
+    metrics::TagStats,
     oci::Reference,
     source::{Chain, Object, ObjectRequest, Origin, Source, SourceError},
     upstream::{Backoff, Reachability},
 };
-
-/// Tags answered in upstream's place, and tags left to upstream, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct TagStats {
-    /// Answered by this node's store while upstream was unreachable.
-    pub from_local: AtomicU64,
-    /// Answered by a peer while upstream was unreachable.
-    pub from_peers: AtomicU64,
-    /// Mirror mode: upstream was reachable, so containerd was sent there (404).
-    pub left_to_upstream: AtomicU64,
-}
 
 /// Tries sources in the order a request needs.
 pub struct ServePolicy {
