@@ -154,7 +154,8 @@ fn install(args: &InstallCaArgs) -> anyhow::Result<Outcome> {
     };
     match outcome {
         Outcome::Changed => println!(
-            "containerd must be restarted to trust it (Go loads its roots once per process):              systemctl daemon-reload && systemctl restart {}",
+            "containerd must be restarted to trust it (Go loads its roots once per process): \
+             systemctl daemon-reload && systemctl restart {}",
             args.containerd_unit
         ),
         Outcome::Unchanged => println!("nothing changed: containerd needs no restart"),
@@ -262,7 +263,8 @@ fn install_host_wide(args: &InstallCaArgs, cas: &CaSet) -> anyhow::Result<Outcom
     let pem = cas.bundle_pem();
     let layout = TrustLayout::detect(&args.trust_root).with_context(|| {
         format!(
-            "unknown trust store layout under {}: neither usr/local/share/ca-certificates              (Debian/Ubuntu) nor etc/pki/ca-trust/source/anchors (RHEL/Azure Linux) exists",
+            "unknown trust store layout under {}: neither usr/local/share/ca-certificates \
+             (Debian/Ubuntu) nor etc/pki/ca-trust/source/anchors (RHEL/Azure Linux) exists",
             args.trust_root.display()
         )
     })?;

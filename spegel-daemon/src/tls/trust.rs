@@ -211,7 +211,8 @@ impl TrustWatch {
                 if synced == Synced::Rewritten {
                     tracing::info!(
                         fingerprints = ?self.cas.bundle_fingerprints(),
-                        "rewrote containerd's trust bundle (system roots plus the node CA bundle);                          containerd loads it when it next restarts"
+                        "rewrote containerd's trust bundle (system roots plus the node CA bundle); \
+                         containerd loads it when it next restarts"
                     );
                 }
                 self.last_bundle_error = None;
