@@ -208,9 +208,10 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             config.locator.clone(),
             config.cgroup2_mount.clone(),
         );
-        // Checked once before serving, so an installed next CA is used from the first pull.
+        // Checked once before serving, so an installed next CA is used from the first pull (and
+        // containerd's trust bundle holds a CA minted just now).
         let watch = tokio::task::spawn_blocking(move || {
-            watch.check();
+            watch.poll();
             watch
         })
         .await

@@ -17,8 +17,8 @@ use crate::rig::{
 pub struct Transparent {
     /// Per node (in node order): its daemon, intercepting containerd's registry connections.
     pub daemons: Vec<Spegel>,
-    /// Per node: the CA bundle containerd trusts (`SSL_CERT_FILE`): the system roots, the node's
-    /// spegel CA and the rig's test CA.
+    /// Per node: the CA bundle containerd trusts (`SSL_CERT_FILE`, as `install-ca`'s drop-in
+    /// sets it): the node's system roots (with the rig's test CA) and the node's spegel CA.
     pub bundles: Vec<PathBuf>,
 }
 
@@ -31,10 +31,12 @@ pub async fn transparent(rig: &Rig, options: SpegelOptions) -> Result<Vec<Spegel
 
 /// Runs spegel in transparent mode on every node of `rig`, mirroring `mirrored` (`host:port`),
 /// as an operator would deploy it: the rig's default `hosts.toml` files are removed (containerd
-/// has no mirror configuration at all); `spegel install-ca --bundle` creates each node's CA, and
-/// each node's containerd is restarted once trusting that bundle plus the rig's CA
-/// (`SSL_CERT_FILE`, read once per process by Go); then the daemons start, and this returns once
-/// every daemon's redirect is attached. Any `mirrored_registries` in `options` is replaced.
+/// has no mirror configuration at all); `spegel install-ca` (default: trust scoped to
+/// containerd) creates each node's CA, its containerd trust bundle and the systemd drop-in under
+/// the node's root ([`node_root`]); each node's containerd is restarted once as systemd would,
+/// with the drop-in's `SSL_CERT_FILE` ([`restart_containerd_as_systemd`]); then the daemons
+/// start, and this returns once every daemon's redirect is attached. Any `mirrored_registries`
+/// in `options` is replaced.
 pub async fn transparent_for(
     rig: &Rig,
     mirrored: &[String],
@@ -73,23 +75,63 @@ fn remove_hosts_toml(node: &Node) -> Result<()> {
     Ok(())
 }
 
-/// `spegel install-ca --bundle` for the node's daemon data dir (creating its CA), plus the rig
-/// CA, as containerd's `SSL_CERT_FILE`; containerd is restarted to load it (Go reads the roots
-/// once per process). Returns the bundle's path.
-async fn trust_node_ca(rig: &Rig, node: &Node, mirrored: &[String]) -> Result<PathBuf> {
-    let data_dir = node.dir().join("spegel");
-    std::fs::create_dir_all(&data_dir)
+/// The system CA bundle of the machine the rig runs on.
+const HOST_SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Relative to a node root: the system bundle every process on the node trusts.
+pub const NODE_SYSTEM_ROOTS: &str = "etc/ssl/certs/ca-certificates.crt";
+/// Relative to a node root: where a Debian node keeps locally added CAs (`--host-wide`).
+pub const NODE_LOCAL_ANCHORS: &str = "usr/local/share/ca-certificates";
+/// Relative to a node root: where systemd keeps containerd's drop-ins.
+pub const NODE_CONTAINERD_DROP_INS: &str = "etc/systemd/system/containerd.service.d";
+
+/// The node's filesystem root as `spegel install-ca --trust-root` sees it (the rig's nodes share
+/// the machine's filesystem, and a test must never change the machine's trust store or systemd
+/// units): a Debian layout whose system bundle is the machine's plus the rig's test CA (the
+/// registry's CA, as an operator would have added it to the node's trust store), an empty local
+/// CA directory and an empty systemd unit directory. Created on first use.
+pub fn node_root(rig: &Rig, node: &Node) -> Result<PathBuf> {
+    let root = node.dir().join("root");
+    let system_roots = root.join(NODE_SYSTEM_ROOTS);
+    if !system_roots.exists() {
+        for dir in [NODE_LOCAL_ANCHORS, "etc/systemd/system", "etc/ssl/certs"] {
+            std::fs::create_dir_all(root.join(dir))
+                .with_context(|| format!("creating {}", root.join(dir).display()))?;
+        }
+        let mut pem = std::fs::read_to_string(HOST_SYSTEM_ROOTS)
+            .with_context(|| format!("reading {HOST_SYSTEM_ROOTS}"))?;
+        if !pem.ends_with('\n') {
+            pem.push('\n');
+        }
+        pem.push_str(rig.ca().cert_pem());
+        std::fs::write(&system_roots, pem)
+            .with_context(|| format!("writing {}", system_roots.display()))?;
+    }
+    Ok(root)
+}
+
+/// Runs `spegel install-ca` for the daemon data dir `data_dir` and `mirrored` against the
+/// node's root ([`node_root`]), with `extra` arguments (e.g. `--host-wide`). Returns its
+/// standard output.
+pub async fn install_ca(
+    rig: &Rig,
+    node: &Node,
+    data_dir: &Path,
+    mirrored: &[String],
+    extra: &[&str],
+) -> Result<String> {
+    let root = node_root(rig, node)?;
+    std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let bundle = node.dir().join("ca-bundle.pem");
     let mut data_arg = OsString::from("--data-dir=");
-    data_arg.push(&data_dir);
-    let mut bundle_arg = OsString::from("--bundle=");
-    bundle_arg.push(&bundle);
+    data_arg.push(data_dir);
+    let mut root_arg = OsString::from("--trust-root=");
+    root_arg.push(&root);
     let output = tokio::process::Command::new(spegel_bin()?)
         .arg("install-ca")
         .arg(data_arg)
         .arg(format!("--mirrored-registries={}", mirrored.join(",")))
-        .arg(bundle_arg)
+        .arg(root_arg)
+        .args(extra)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .stdin(Stdio::null())
@@ -102,27 +144,71 @@ async fn trust_node_ca(rig: &Rig, node: &Node, mirrored: &[String]) -> Result<Pa
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The environment the drop-ins for containerd's unit under the node's root set
+/// (`Environment=KEY=VALUE` lines, in file-name order, as systemd applies them).
+pub fn containerd_drop_in_env(rig: &Rig, node: &Node) -> Result<Vec<(String, String)>> {
+    let dir = node_root(rig, node)?.join(NODE_CONTAINERD_DROP_INS);
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .map(|entry| entry.map(|entry| entry.path()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", dir.display()))?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", dir.display())),
+    };
+    files.retain(|path| path.extension().is_some_and(|ext| ext == "conf"));
+    files.sort();
+    let mut env = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        for line in text.lines() {
+            if let Some((key, value)) = line
+                .strip_prefix("Environment=")
+                .and_then(|assignment| assignment.split_once('='))
+            {
+                env.push((key.to_owned(), value.to_owned()));
+            }
+        }
+    }
+    Ok(env)
+}
+
+/// Restarts the node's containerd as `systemctl daemon-reload && systemctl restart containerd`
+/// would: with the environment its drop-ins set. Returns the `SSL_CERT_FILE` they set.
+pub async fn restart_containerd_as_systemd(rig: &Rig, node: &Node) -> Result<PathBuf> {
+    let env = containerd_drop_in_env(rig, node)?;
+    let bundle = env
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "SSL_CERT_FILE")
+        .map(|(_, value)| PathBuf::from(value))
+        .with_context(|| {
+            format!(
+                "no drop-in for containerd on {} sets SSL_CERT_FILE",
+                node.name()
+            )
+        })?;
+    node.restart_containerd_with_env(env).await?;
+    Ok(bundle)
+}
+
+/// `spegel install-ca` (trust scoped to containerd) for the node's daemon data dir, creating
+/// its CA; containerd is restarted with the drop-in's `SSL_CERT_FILE` (Go reads the roots once
+/// per process). Returns the bundle's path.
+async fn trust_node_ca(rig: &Rig, node: &Node, mirrored: &[String]) -> Result<PathBuf> {
+    let data_dir = node.dir().join("spegel");
+    install_ca(rig, node, &data_dir, mirrored, &[]).await?;
     let node_ca = data_dir.join("ca");
     ensure!(
         node_ca.is_dir(),
         "install-ca did not create {}",
         node_ca.display()
     );
-    append_rig_ca(&bundle, rig.ca().cert_pem())?;
-    node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)])
-        .await?;
-    Ok(bundle)
-}
-
-/// Appends the rig CA's PEM to the bundle at `bundle`, on a line of its own.
-fn append_rig_ca(bundle: &Path, ca_pem: &str) -> Result<()> {
-    let mut pem =
-        std::fs::read_to_string(bundle).with_context(|| format!("reading {}", bundle.display()))?;
-    if !pem.ends_with('\n') {
-        pem.push('\n');
-    }
-    pem.push_str(ca_pem);
-    std::fs::write(bundle, pem).with_context(|| format!("writing {}", bundle.display()))
+    restart_containerd_as_systemd(rig, node).await
 }
 
 /// Waits until `daemon` logged (after `mark`) that its redirect programs are attached.

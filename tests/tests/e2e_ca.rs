@@ -10,23 +10,21 @@
 //! - `a_changed_list_never_fails_a_pull`: after the change, a pull by IP works (spliced: the
 //!   daemon serves none of it), a pull by name is still served by spegel, containerd logs no TLS
 //!   failure, and the change shows in the metrics.
-//! - `install_ca_and_a_containerd_restart_promote_the_next_ca`: after the change, `install-ca`
-//!   (bundle with both CAs) and a containerd restart: the daemon promotes the next CA, and a
-//!   pull by IP is served by spegel again.
+//! - `install_ca_and_a_containerd_restart_promote_the_next_ca`: after the change, the daemon
+//!   has already put the next CA into containerd's trust bundle; `install-ca` (default: scoped
+//!   to containerd) and a containerd restart: the daemon promotes the next CA, and a pull by IP
+//!   is served by spegel again.
 //!
 //! Run with `SPEGEL_E2E=1 cargo test -p spegel-tests --test e2e_ca` as root, after
 //! `cargo build -p spegel-daemon`.
 
-use std::ffi::OsString;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use spegel_tests::cluster::{self, wait_attached};
 use spegel_tests::rig::spegel::{LogMark, Spegel, SpegelOptions};
-use spegel_tests::rig::{Endpoint, ImageSpec, KIB, Rig, spegel_bin};
+use spegel_tests::rig::{Endpoint, ImageSpec, KIB, Rig};
 
 const SPLICED_UNCOVERED: &str = "spegel_ca_spliced_uncovered_total";
 const UNCOVERED: &str = "spegel_ca_uncovered_registries";
@@ -213,19 +211,31 @@ async fn scenario_a_changed_list_never_fails_a_pull(changed: &Changed) {
 async fn scenario_promote(changed: &Changed) {
     let (rig, daemon) = (&changed.rig, &changed.daemon);
     let node = rig.node(0);
+    eprintln!("--- the daemon already put the next CA into containerd's bundle");
+    let bundle = daemon.data_dir().join("containerd-trust.pem");
+    let next = std::fs::read_to_string(daemon.data_dir().join("ca/next.crt")).unwrap();
+    let pem = std::fs::read_to_string(&bundle).unwrap();
+    assert!(pem.contains(&next), "the bundle lacks the next CA");
+    assert!(
+        pem.contains(rig.ca().cert_pem()),
+        "the bundle lacks the node's system roots"
+    );
+
     eprintln!("--- install-ca with the new list, containerd restarted");
-    let bundle = node.dir().join("ca-bundle-next.pem");
-    install_ca(daemon.data_dir(), &changed.mirrored, &bundle).await;
+    let output = cluster::install_ca(rig, node, daemon.data_dir(), &changed.mirrored, &[])
+        .await
+        .expect("install-ca");
+    eprintln!("{output}");
     let pem = std::fs::read_to_string(&bundle).unwrap();
     assert!(
         pem.matches("BEGIN CERTIFICATE").count() >= 3,
         "the bundle lacks the system roots or one of the two node CAs"
     );
-    std::fs::write(&bundle, format!("{pem}\n{}", rig.ca().cert_pem())).unwrap();
     let mark = daemon.log_mark();
-    node.restart_containerd_with_env([("SSL_CERT_FILE", &bundle)])
+    let trusted = cluster::restart_containerd_as_systemd(rig, node)
         .await
         .unwrap();
+    assert_eq!(trusted, bundle);
     daemon
         .wait_for_event(mark, Duration::from_secs(30), |e| {
             e.message.contains("promoted it to current")
@@ -262,30 +272,6 @@ async fn scenario_promote(changed: &Changed) {
     assert_eq!(
         spliced, spliced_before,
         "a covered registry was passed through"
-    );
-}
-
-/// `spegel install-ca --bundle` for `data_dir` and `mirrored`.
-async fn install_ca(data_dir: &Path, mirrored: &[String], out: &Path) {
-    let mut data_arg = OsString::from("--data-dir=");
-    data_arg.push(data_dir);
-    let mut bundle_arg = OsString::from("--bundle=");
-    bundle_arg.push(out);
-    let output = tokio::process::Command::new(spegel_bin().unwrap())
-        .arg("install-ca")
-        .arg(data_arg)
-        .arg(format!("--mirrored-registries={}", mirrored.join(",")))
-        .arg(bundle_arg)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("spawning spegel install-ca");
-    assert!(
-        output.status.success(),
-        "install-ca failed: {}",
-        String::from_utf8_lossy(&output.stderr)
     );
 }
 

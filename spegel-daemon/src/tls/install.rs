@@ -1,16 +1,24 @@
-//! The `install-ca` subcommand: the node CA bundle (`continuity.rs`: the current CA and, while
-//! one waits, the next CA) into the host trust store (Debian or RHEL layout), or into a bundle
-//! file, or printed. Every install is recorded (`trust.rs`), so the daemon knows when a
+//! The `install-ca` subcommand: makes containerd trust the node CA bundle (`continuity.rs`: the
+//! current CA and, while one waits, the next CA). By default only containerd: a bundle of the
+//! system roots plus the node CA for its `SSL_CERT_FILE`, and a systemd drop-in setting it
+//! (`scoped.rs`). With `--host-wide`, the host trust store (Debian or RHEL layout) instead; or
+//! the bundle printed. Every install is recorded (`trust.rs`), so the daemon knows when a
 //! containerd restarted after it trusts the next CA.
 use std::{
-    fs,
+    fs, io,
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
 };
 
+use anyhow::Context as _;
+
 use super::{
-    args::CaArgs, ca::write_file_atomically, continuity::CaSet, names::PermittedNames,
+    args::CaArgs,
+    ca::write_file_atomically,
+    continuity::CaSet,
+    names::PermittedNames,
+    scoped::{self, Scope},
     trust::record_install,
 };
 use crate::oci::RegistryList;
@@ -33,20 +41,34 @@ pub struct InstallCaArgs {
         default_values_t = [crate::intercept::registries::default_mirrored_registries()]
     )]
     pub mirrored_registries: Vec<RegistryList>,
-    /// Operate on the trust store under this root instead of `/` (the refresh command is then
-    /// not run: it only knows the real root).
+    /// Operate on the node under this root instead of `/`: its system roots, systemd unit
+    /// directory and trust store (the trust store's refresh command is then not run: it only
+    /// knows the real root).
     #[arg(long, env = "SPEGEL_TRUST_ROOT", default_value = "/")]
     pub trust_root: PathBuf,
     #[command(flatten)]
     pub ca: CaArgs,
     /// Only print the CA bundle (PEM: the current CA and, while one waits, the next) on stdout,
     /// for installing elsewhere; recorded as installed like the other forms.
-    #[arg(long, env = "SPEGEL_CA_PRINT", conflicts_with = "bundle")]
+    #[arg(long, env = "SPEGEL_CA_PRINT", conflicts_with_all = ["bundle", "host_wide"])]
     pub print: bool,
-    /// Only write a bundle of the system roots plus the node CA to this file (for
-    /// `SSL_CERT_FILE`); the trust store is left alone.
+    /// Where to write containerd's trust bundle (the system roots plus the node CA bundle, for
+    /// its `SSL_CERT_FILE`); default `<data-dir>/containerd-trust.pem`. The running daemon keeps
+    /// it in step with the system roots and the node CA.
     #[arg(long, env = "SPEGEL_CA_BUNDLE", value_name = "OUT")]
     pub bundle: Option<PathBuf>,
+    /// containerd's systemd unit: when `<trust-root>/etc/systemd/system` exists, a drop-in
+    /// `<unit>.d/50-spegel-trust.conf` there sets its `SSL_CERT_FILE` to the bundle.
+    #[arg(
+        long,
+        env = "SPEGEL_CONTAINERD_UNIT",
+        default_value = "containerd.service"
+    )]
+    pub containerd_unit: String,
+    /// Install into the host trust store instead, so that every process on the node trusts the
+    /// node CA for the mirrored registries (not only containerd).
+    #[arg(long, env = "SPEGEL_CA_HOST_WIDE", conflicts_with = "bundle")]
+    pub host_wide: bool,
 }
 
 /// Where a distribution keeps locally added CAs and how it rebuilds its bundle.
@@ -59,6 +81,8 @@ enum TrustLayout {
 }
 
 impl TrustLayout {
+    const ALL: [TrustLayout; 2] = [TrustLayout::Debian, TrustLayout::Rhel];
+
     fn detect(root: &Path) -> Option<Self> {
         if root.join("etc/pki/ca-trust/source/anchors").is_dir() {
             Some(TrustLayout::Rhel)
@@ -83,57 +107,160 @@ impl TrustLayout {
             TrustLayout::Rhel => ("update-ca-trust", &["extract"]),
         }
     }
-}
 
-/// System CA bundles, by distribution, relative to the trust root.
-const SYSTEM_BUNDLES: &[&str] = &[
-    "etc/ssl/certs/ca-certificates.crt",
-    "etc/pki/tls/certs/ca-bundle.crt",
-    "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-    "etc/ssl/cert.pem",
-];
+    /// Rebuilds the trust store on the real root; under another root only says it did not.
+    fn refresh(self, root: &Path) -> anyhow::Result<()> {
+        let (program, program_args) = self.refresh_command();
+        if root != Path::new("/") {
+            println!(
+                "alternate trust root {}: not running {program}",
+                root.display()
+            );
+            return Ok(());
+        }
+        let status = Command::new(program)
+            .args(program_args)
+            .status()
+            .with_context(|| format!("cannot run {program}"))?;
+        anyhow::ensure!(status.success(), "{program} failed: {status}");
+        Ok(())
+    }
+}
 
 /// Run the `install-ca` subcommand.
 pub async fn main(args: InstallCaArgs) -> anyhow::Result<()> {
-    tokio::task::spawn_blocking(move || install(&args)).await?
+    tokio::task::spawn_blocking(move || install(&args).map(drop)).await?
 }
 
-fn install(args: &InstallCaArgs) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+/// Whether an install changed what containerd reads (so it must be restarted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Changed,
+    Unchanged,
+}
+
+fn install(args: &InstallCaArgs) -> anyhow::Result<Outcome> {
     let permitted = PermittedNames::from_registries(args.mirrored_registries.iter().flatten())?;
     let cas = CaSet::open(&args.data_dir, permitted, args.ca.policy()?, Arc::default())?;
-    let pem = cas.bundle_pem();
     if args.print {
-        print!("{pem}");
+        print!("{}", cas.bundle_pem());
         record_install(cas.dir(), cas.bundle_fingerprints())?;
-        return Ok(());
+        return Ok(Outcome::Changed);
     }
-    if let Some(out) = &args.bundle {
-        let (source, mut bundle) = SYSTEM_BUNDLES
-            .iter()
-            .map(|rel| args.trust_root.join(rel))
-            .find_map(|path| fs::read(&path).ok().map(|bytes| (path, bytes)))
-            .with_context(|| {
-                format!(
-                    "no system CA bundle under {} (looked for {})",
-                    args.trust_root.display(),
-                    SYSTEM_BUNDLES.join(", ")
-                )
-            })?;
-        if !bundle.ends_with(b"\n") {
-            bundle.push(b'\n');
+    let outcome = if args.host_wide {
+        install_host_wide(args, &cas)?
+    } else {
+        install_scoped(args, &cas)?
+    };
+    match outcome {
+        Outcome::Changed => println!(
+            "containerd must be restarted to trust it (Go loads its roots once per process): \
+             systemctl daemon-reload && systemctl restart {}",
+            args.containerd_unit
+        ),
+        Outcome::Unchanged => println!("nothing changed: containerd needs no restart"),
+    }
+    Ok(outcome)
+}
+
+/// The default: the bundle for containerd's `SSL_CERT_FILE` and the drop-in setting it; the host
+/// trust store holds no node CA afterwards.
+fn install_scoped(args: &InstallCaArgs, cas: &CaSet) -> anyhow::Result<Outcome> {
+    let root = &args.trust_root;
+    let bundle = std::path::absolute(
+        args.bundle
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join(scoped::DEFAULT_BUNDLE_FILE)),
+    )
+    .context("cannot resolve the bundle path")?;
+    let (system_roots, roots) = scoped::find_system_roots(root)?;
+    let system_roots = std::path::absolute(system_roots)?;
+    let mut changed = scoped::write_if_changed(
+        &bundle,
+        &scoped::bundle_bytes(&roots, &cas.bundle_pem()),
+        0o644,
+    )?;
+    println!(
+        "{} {} (system roots from {} plus the spegel node CA bundle)",
+        if changed { "wrote" } else { "kept" },
+        bundle.display(),
+        system_roots.display()
+    );
+    // The daemon keeps this bundle in step from now on.
+    scoped::record_scope(
+        cas.dir(),
+        &Scope {
+            bundle: bundle.clone(),
+            system_roots,
+        },
+    )?;
+    if root.join(scoped::SYSTEMD_UNIT_DIR).is_dir() {
+        let drop_in = scoped::drop_in_path(root, &args.containerd_unit);
+        let text = scoped::drop_in(&as_seen_from(root, &bundle))?;
+        if let Some(dir) = drop_in.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        bundle.extend_from_slice(pem.as_bytes());
-        write_file_atomically(out, &bundle, 0o644)?;
-        record_install(cas.dir(), cas.bundle_fingerprints())?;
+        let wrote = scoped::write_if_changed(&drop_in, text.as_bytes(), 0o644)?;
         println!(
-            "wrote {} (system roots from {} plus the spegel node CA bundle); restart containerd \
-             to trust it",
-            out.display(),
-            source.display()
+            "{} {}",
+            if wrote { "wrote" } else { "kept" },
+            drop_in.display()
         );
-        return Ok(());
+        changed |= wrote;
+    } else {
+        println!(
+            "no systemd unit directory under {}: start containerd with SSL_CERT_FILE={}",
+            root.display(),
+            as_seen_from(root, &bundle).display()
+        );
     }
+    changed |= remove_host_wide(root)?;
+    // Recorded once the bundle holds them: a containerd started after this trusts them.
+    record_install(cas.dir(), cas.bundle_fingerprints())?;
+    Ok(if changed {
+        Outcome::Changed
+    } else {
+        Outcome::Unchanged
+    })
+}
+
+/// `path` as the node under `root` names it: without the root's prefix.
+fn as_seen_from(root: &Path, path: &Path) -> PathBuf {
+    match path.strip_prefix(root) {
+        Ok(rest) if root != Path::new("/") => Path::new("/").join(rest),
+        _ => path.to_owned(),
+    }
+}
+
+/// Removes a node CA an earlier host-wide install left in the host trust store (and rebuilds
+/// it): in the default mode no process but containerd trusts the node CA. Returns whether there
+/// was one.
+fn remove_host_wide(root: &Path) -> anyhow::Result<bool> {
+    let mut removed = false;
+    for layout in TrustLayout::ALL {
+        let anchor = layout.anchor_path(root);
+        match fs::remove_file(&anchor) {
+            Ok(()) => {
+                println!(
+                    "removed {} (host-wide trust is only installed with --host-wide)",
+                    anchor.display()
+                );
+                layout.refresh(root)?;
+                removed = true;
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot remove {}", anchor.display()));
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// `--host-wide`: the node CA bundle into the host trust store; every process on the node trusts
+/// it.
+fn install_host_wide(args: &InstallCaArgs, cas: &CaSet) -> anyhow::Result<Outcome> {
+    let pem = cas.bundle_pem();
     let layout = TrustLayout::detect(&args.trust_root).with_context(|| {
         format!(
             "unknown trust store layout under {}: neither usr/local/share/ca-certificates \
@@ -147,33 +274,18 @@ fn install(args: &InstallCaArgs) -> anyhow::Result<()> {
         write_file_atomically(&anchor, pem.as_bytes(), 0o644)?;
     }
     println!(
-        "{} the spegel node CA bundle at {}",
+        "{} the spegel node CA bundle at {} (host-wide: every process on the node trusts it)",
         if unchanged { "kept" } else { "installed" },
         anchor.display()
     );
-    if args.trust_root == Path::new("/") {
-        let (program, program_args) = layout.refresh_command();
-        let status = Command::new(program)
-            .args(program_args)
-            .status()
-            .with_context(|| format!("cannot run {program}"))?;
-        anyhow::ensure!(status.success(), "{program} failed: {status}");
-    } else {
-        println!(
-            "alternate trust root {}: not running {}",
-            args.trust_root.display(),
-            layout.refresh_command().0
-        );
-    }
+    layout.refresh(&args.trust_root)?;
     // Recorded once the trust store holds it: a containerd started after this trusts it.
     record_install(cas.dir(), cas.bundle_fingerprints())?;
-    if !unchanged {
-        println!(
-            "containerd must be restarted once to trust this CA (Go loads the system roots once \
-             per process): systemctl restart containerd"
-        );
-    }
-    Ok(())
+    Ok(if unchanged {
+        Outcome::Unchanged
+    } else {
+        Outcome::Changed
+    })
 }
 
 #[cfg(test)]
@@ -206,10 +318,9 @@ mod tests {
         assert_eq!(list.to_string(), "a.io,b.io:5000");
     }
 
-    #[test]
-    fn installs_into_an_alternate_root() {
+    /// A node root: Debian trust store layout with system roots, and optionally systemd.
+    fn node_root(systemd: bool) -> PathBuf {
         let root = tempdir();
-        let data = tempdir();
         fs::create_dir_all(root.join("usr/local/share/ca-certificates")).unwrap();
         fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
         fs::write(
@@ -217,46 +328,188 @@ mod tests {
             "SYSTEM ROOTS",
         )
         .unwrap();
-        let args = InstallCaArgs {
-            data_dir: data.clone(),
+        if systemd {
+            fs::create_dir_all(root.join("etc/systemd/system")).unwrap();
+        }
+        root
+    }
+
+    fn args(root: &Path, data: &Path) -> InstallCaArgs {
+        InstallCaArgs {
+            data_dir: data.to_owned(),
             mirrored_registries: vec!["docker.io".parse().unwrap()],
-            trust_root: root.clone(),
+            trust_root: root.to_owned(),
             ca: CaArgs::default(),
             print: false,
             bundle: None,
-        };
-        install(&args).unwrap();
-        let installed =
-            fs::read_to_string(root.join("usr/local/share/ca-certificates/spegel-node-ca.crt"))
-                .unwrap();
-        let cas = CaSet::open(
-            &data,
+            containerd_unit: "containerd.service".to_owned(),
+            host_wide: false,
+        }
+    }
+
+    fn open(data: &Path) -> CaSet {
+        CaSet::open(
+            data,
             permitted(&["docker.io"]),
             CaArgs::default().policy().unwrap(),
             Arc::default(),
         )
+        .unwrap()
+    }
+
+    #[test]
+    fn by_default_only_containerd_trusts_the_ca() {
+        let root = node_root(true);
+        let data = tempdir();
+        // A node CA an earlier host-wide install left behind.
+        let anchor = root.join("usr/local/share/ca-certificates/spegel-node-ca.crt");
+        fs::write(&anchor, "OLD NODE CA").unwrap();
+        assert_eq!(install(&args(&root, &data)).unwrap(), Outcome::Changed);
+
+        let cas = open(&data);
+        let ca = cas.next().unwrap();
+        let bundle = data.join("containerd-trust.pem");
+        assert_eq!(
+            fs::read_to_string(&bundle).unwrap(),
+            format!("SYSTEM ROOTS\n{}", ca.cert_pem())
+        );
+        let drop_in = root.join("etc/systemd/system/containerd.service.d/50-spegel-trust.conf");
+        let text = fs::read_to_string(&drop_in).unwrap();
+        assert!(
+            text.contains(&format!(
+                "[Service]\nEnvironment=SSL_CERT_FILE={}\n",
+                bundle.display()
+            )),
+            "{text}"
+        );
+        // The host trust store holds no node CA, and the system roots are untouched.
+        assert!(!anchor.exists());
+        assert_eq!(
+            fs::read_to_string(root.join("etc/ssl/certs/ca-certificates.crt")).unwrap(),
+            "SYSTEM ROOTS"
+        );
+        let record = crate::tls::trust::read_record(cas.dir()).unwrap();
+        assert_eq!(record.fingerprints, [ca.fingerprint()]);
+        let scope = scoped::read_scope(cas.dir()).unwrap();
+        assert_eq!(scope.bundle, bundle);
+        assert_eq!(
+            scope.system_roots,
+            root.join("etc/ssl/certs/ca-certificates.crt")
+        );
+
+        // Again: nothing written, nothing to restart.
+        let inode = |path: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(path).unwrap());
+        let (bundle_inode, drop_in_inode) = (inode(&bundle), inode(&drop_in));
+        assert_eq!(install(&args(&root, &data)).unwrap(), Outcome::Unchanged);
+        assert_eq!(inode(&bundle), bundle_inode);
+        assert_eq!(inode(&drop_in), drop_in_inode);
+        assert_eq!(crate::tls::trust::read_record(cas.dir()).unwrap(), record);
+
+        // Another unit, another bundle path: both follow.
+        let other = data.join("elsewhere.pem");
+        let changed = install(&InstallCaArgs {
+            bundle: Some(other.clone()),
+            containerd_unit: "k3s-agent.service".to_owned(),
+            ..args(&root, &data)
+        })
         .unwrap();
+        assert_eq!(changed, Outcome::Changed);
+        let text = fs::read_to_string(
+            root.join("etc/systemd/system/k3s-agent.service.d/50-spegel-trust.conf"),
+        )
+        .unwrap();
+        assert!(text.contains(&format!("SSL_CERT_FILE={}\n", other.display())));
+        assert_eq!(scoped::read_scope(cas.dir()).unwrap().bundle, other);
+        for dir in [root, data] {
+            fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_bundle_under_the_root_is_named_as_the_node_sees_it() {
+        let root = node_root(true);
+        let data = root.join("var/lib/spegel");
+        fs::create_dir_all(&data).unwrap();
+        install(&args(&root, &data)).unwrap();
+        let text = fs::read_to_string(
+            root.join("etc/systemd/system/containerd.service.d/50-spegel-trust.conf"),
+        )
+        .unwrap();
+        assert!(
+            text.contains("SSL_CERT_FILE=/var/lib/spegel/containerd-trust.pem\n"),
+            "{text}"
+        );
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn without_systemd_only_the_bundle_is_written() {
+        let root = node_root(false);
+        let data = tempdir();
+        assert_eq!(install(&args(&root, &data)).unwrap(), Outcome::Changed);
+        assert!(data.join("containerd-trust.pem").is_file());
+        assert!(!root.join("etc/systemd").exists());
+        // No system roots at all: a clear error.
+        let empty = tempdir();
+        let err = install(&args(&empty, &data)).unwrap_err();
+        assert!(err.to_string().contains("no system CA bundle"), "{err}");
+        for dir in [root, data, empty] {
+            fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn modes_exclude_each_other() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: InstallCaArgs,
+        }
+        let cli = Cli::try_parse_from(["install-ca"]).unwrap();
+        assert!(!cli.args.host_wide && !cli.args.print && cli.args.bundle.is_none());
+        assert_eq!(cli.args.containerd_unit, "containerd.service");
+        for bad in [
+            &["install-ca", "--host-wide", "--bundle", "/x"][..],
+            &["install-ca", "--host-wide", "--print"],
+            &["install-ca", "--print", "--bundle", "/x"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn host_wide_installs_into_an_alternate_root() {
+        let root = node_root(true);
+        let data = tempdir();
+        let host_wide = InstallCaArgs {
+            host_wide: true,
+            ..args(&root, &data)
+        };
+        assert_eq!(install(&host_wide).unwrap(), Outcome::Changed);
+        let installed =
+            fs::read_to_string(root.join("usr/local/share/ca-certificates/spegel-node-ca.crt"))
+                .unwrap();
+        let cas = open(&data);
         // A first install: the CA is the next one, recorded as installed.
         let ca = cas.next().unwrap();
         assert_eq!(installed, ca.cert_pem());
         let record = crate::tls::trust::read_record(cas.dir()).unwrap();
         assert_eq!(record.fingerprints, [ca.fingerprint()]);
-
-        let out = data.join("bundle.pem");
-        install(&InstallCaArgs {
-            bundle: Some(out.clone()),
-            ..args.clone()
-        })
-        .unwrap();
-        let bundle = fs::read_to_string(&out).unwrap();
-        assert!(bundle.starts_with("SYSTEM ROOTS\n"));
-        assert!(bundle.ends_with(ca.cert_pem()));
+        // No containerd bundle and no drop-in.
+        assert!(!data.join("containerd-trust.pem").exists());
+        assert!(
+            !root
+                .join("etc/systemd/system/containerd.service.d")
+                .exists()
+        );
+        assert_eq!(install(&host_wide).unwrap(), Outcome::Unchanged);
 
         // No known layout: a clear error.
         let empty = tempdir();
         let err = install(&InstallCaArgs {
             trust_root: empty.clone(),
-            ..args
+            ..host_wide
         })
         .unwrap_err();
         assert!(

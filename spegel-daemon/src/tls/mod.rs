@@ -7,6 +7,7 @@ pub mod ca;
 pub mod continuity;
 mod install;
 mod names;
+pub mod scoped;
 pub mod trust;
 use std::{fmt, io, net::SocketAddr, sync::Arc, time::Duration};
 

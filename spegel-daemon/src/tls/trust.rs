@@ -8,6 +8,9 @@
 //! named `containerd`, else the oldest one there) and compares its start time (`/proc/<pid>/stat`,
 //! on the boot clock like `/proc/uptime`) with the record. It checks at start and then every
 //! `--cgroup-poll-interval`, and promotes the next CA when both hold.
+//!
+//! On the same schedule it keeps containerd's scoped trust bundle in step (`scoped.rs`): a
+//! rewrite that adds the next CA is itself recorded as an install.
 use std::{
     fs, io,
     path::{Path, PathBuf},
@@ -21,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     ca::{CaError, write_file_atomically},
     continuity::CaSet,
+    scoped::{self, Synced},
 };
 use crate::intercept::cgroup::{CgroupFinder, Locator};
 
@@ -162,6 +166,8 @@ pub struct TrustWatch {
     finder: Option<CgroupFinder>,
     /// The last reason not to promote, logged once per change.
     last_note: Option<String>,
+    /// The last failure to keep containerd's trust bundle in step, logged once per change.
+    last_bundle_error: Option<String>,
 }
 
 impl std::fmt::Debug for TrustWatch {
@@ -181,6 +187,43 @@ impl TrustWatch {
             mount,
             finder: None,
             last_note: None,
+            last_bundle_error: None,
+        }
+    }
+
+    /// Keeps containerd's trust bundle in step, then promotes the next CA if containerd trusts
+    /// it (and brings the bundle in step with the promotion). Returns whether it promoted.
+    /// Blocking file IO.
+    pub fn poll(&mut self) -> bool {
+        self.keep_bundle();
+        let promoted = self.check();
+        if promoted {
+            self.keep_bundle();
+        }
+        promoted
+    }
+
+    /// Rewrites the bundle `install-ca` set up for containerd when the system roots or the CAs
+    /// changed (`scoped::sync`).
+    fn keep_bundle(&mut self) {
+        match scoped::sync(&self.cas) {
+            Ok(synced) => {
+                if synced == Synced::Rewritten {
+                    tracing::info!(
+                        fingerprints = ?self.cas.bundle_fingerprints(),
+                        "rewrote containerd's trust bundle (system roots plus the node CA bundle); \
+                         containerd loads it when it next restarts"
+                    );
+                }
+                self.last_bundle_error = None;
+            }
+            Err(error) => {
+                let error = error.to_string();
+                if self.last_bundle_error.as_ref() != Some(&error) {
+                    tracing::warn!(%error, "cannot keep containerd's trust bundle in step");
+                    self.last_bundle_error = Some(error);
+                }
+            }
         }
     }
 
@@ -277,7 +320,7 @@ impl TrustWatch {
         self.last_note = Some(note);
     }
 
-    /// Checks every `interval` until `stop` (nothing to do once no next CA waits).
+    /// Polls every `interval` until `stop`.
     pub async fn run(mut self, interval: Duration, stop: CancellationToken) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -286,11 +329,8 @@ impl TrustWatch {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if self.cas.next().is_none() {
-                continue;
-            }
             self = match tokio::task::spawn_blocking(move || {
-                self.check();
+                self.poll();
                 self
             })
             .await

@@ -779,19 +779,34 @@ impl Spegel {
 
     // === Transparent mode ===
 
-    /// Writes a CA bundle (system roots plus this daemon's node CA) to `out` with
-    /// `spegel install-ca --bundle`, for containerd's `SSL_CERT_FILE`. Call after the daemon
-    /// has started once (it creates the CA). `registries` must be the daemon's mirrored
-    /// registries (default: [`rig_registry_hosts`]), so both derive the same CA.
-    pub async fn write_ca_bundle(&self, registries: &[String], out: &Path) -> Result<()> {
+    /// Writes a CA bundle (the system roots under `trust_root` plus this daemon's node CA) to
+    /// `out` with `spegel install-ca --bundle`, for containerd's `SSL_CERT_FILE` (and a systemd
+    /// drop-in, if `trust_root` has a unit directory). `trust_root` must be a node root such as
+    /// [`crate::cluster::node_root`], never `/`: install-ca changes the trust store and systemd
+    /// units under it. Call after the daemon has started once (it creates the CA). `registries`
+    /// must be the daemon's mirrored registries (default: [`rig_registry_hosts`]), so both derive
+    /// the same CA.
+    pub async fn write_ca_bundle(
+        &self,
+        registries: &[String],
+        trust_root: &Path,
+        out: &Path,
+    ) -> Result<()> {
+        anyhow::ensure!(
+            trust_root != Path::new("/"),
+            "install-ca on the rig must not touch the machine's own trust store"
+        );
         let mut data_dir = OsString::from("--data-dir=");
         data_dir.push(&self.data_dir);
+        let mut root = OsString::from("--trust-root=");
+        root.push(trust_root);
         let mut bundle = OsString::from("--bundle=");
         bundle.push(out);
         let args = [
             OsString::from("install-ca"),
             data_dir,
             OsString::from(format!("--mirrored-registries={}", registries.join(","))),
+            root,
             bundle,
         ];
         run_spegel(&args).await?;
