@@ -35,9 +35,9 @@ use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use spegel_tests::cluster;
 use spegel_tests::rig::spegel::{Spegel, SpegelOptions};
-use spegel_tests::rig::{Endpoint, ImageSpec, KIB, MIB, Rig, TestImage};
+use spegel_tests::rig::{Endpoint, ImageSpec, KIB, MIB, Node, Rig, TestImage};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// The daemons' write and header timeouts in these tests: short, so the tests need not wait.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -220,16 +220,24 @@ fn router_addr(daemon: &Spegel) -> SocketAddr {
 // === Clients ===
 
 /// A connection with a small receive buffer, so that not reading stalls the sender soon.
-async fn connect_small(addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
+async fn connect_small(node: &Node, addr: SocketAddr) -> TcpStream {
+    let socket = node.tcp_socket().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(addr).await.unwrap()
 }
 
-/// One HTTP/1.1 request on a fresh connection (`connection: close`): the status code and the
-/// body's length.
-async fn request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, usize), String> {
-    let mut stream = TcpStream::connect(addr)
+/// One HTTP/1.1 request on a fresh connection (`connection: close`) from a process on `node`
+/// (content is served to other nodes only over the members' transport): the status code and
+/// the body's length.
+async fn request(
+    node: &Node,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, usize), String> {
+    let socket = node.tcp_socket().map_err(|e| format!("socket: {e:#}"))?;
+    let mut stream = socket
+        .connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let head = format!("{method} {path} HTTP/1.1\r\nhost: spegel\r\nconnection: close\r\n\r\n");
@@ -345,7 +353,9 @@ async fn scenario_many_connections_and_pulls(suite: &Suite) {
     }
     // Warm up, then the baseline.
     for _ in 0..3 {
-        request(a.registry_addr(), "GET", "/metrics").await.unwrap();
+        request(rig.node(0), a.registry_addr(), "GET", "/metrics")
+            .await
+            .unwrap();
     }
     let (rss_before, fds_before) = usage(a);
     let map_before = bpf_map_entries(a).await;
@@ -368,7 +378,7 @@ async fn scenario_many_connections_and_pulls(suite: &Suite) {
         };
         let addr = a.registry_addr();
         async move {
-            let answer = request(addr, method, &path).await;
+            let answer = request(rig.node(0), addr, method, &path).await;
             (method, path, answer)
         }
     });
@@ -538,7 +548,7 @@ async fn scenario_slow_reader(suite: &Suite) {
         .sum("spegel_registry_write_timeouts_total");
 
     // GET the large layer and read one byte a second.
-    let mut slow = connect_small(a.registry_addr()).await;
+    let mut slow = connect_small(suite.rig.node(0), a.registry_addr()).await;
     let path = format!(
         "/v2/rig/big/blobs/{}?{}",
         big.layers()[0].digest,

@@ -11,7 +11,7 @@ use containerd_client::services::v1::{
     namespaces_client::NamespacesClient, version_client::VersionClient,
 };
 use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{ImageSpec, PullImageRequest, RemoveImageRequest};
+use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest, RemoveImageRequest};
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 
@@ -73,11 +73,20 @@ pub(crate) async fn version(socket: &Path) -> Result<String> {
     Ok(response.into_inner().version)
 }
 
-/// CRI `PullImage`: the pull happens inside containerd, exactly as for kubelet.
-pub(crate) async fn cri_pull(socket: &Path, image: &str) -> Result<String> {
+/// CRI `PullImage`: the pull happens inside containerd, exactly as for kubelet; with
+/// `credentials` (user, password) as kubelet passes a pod's image pull secret.
+pub(crate) async fn cri_pull(
+    socket: &Path,
+    image: &str,
+    credentials: Option<(&str, &str)>,
+) -> Result<String> {
     let request = PullImageRequest {
         image: Some(image_spec(image)),
-        auth: None,
+        auth: credentials.map(|(username, password)| AuthConfig {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            ..AuthConfig::default()
+        }),
         sandbox_config: None,
     };
     let response = ImageServiceClient::new(connect(socket).await?)

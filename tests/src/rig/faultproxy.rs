@@ -18,13 +18,12 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -285,33 +284,13 @@ fn tls_config(cert: &Path, key: &Path) -> Result<ServerConfig> {
     Ok(config)
 }
 
-/// A listening socket on `addr` in network namespace `netns`, made on a thread of its own
-/// (`setns` changes the namespace of the calling thread only; the thread ends right after, and
-/// the socket stays in the namespace it was made in).
+/// A listening socket on `addr` in network namespace `netns`.
 pub(crate) fn listen_in_netns(netns: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let path = Path::new("/run/netns").join(netns);
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> Result<std::net::TcpListener> {
-                let handle = std::fs::File::open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?;
-                // SAFETY: `handle` is an open namespace file for the duration of the call, and
-                // setns affects only this thread, which ends once the socket is made.
-                let rc = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    bail!(
-                        "setns into {}: {}",
-                        path.display(),
-                        io::Error::last_os_error()
-                    );
-                }
-                let listener = std::net::TcpListener::bind(addr)
-                    .with_context(|| format!("listening on {addr} in {netns}"))?;
-                listener.set_nonblocking(true)?;
-                Ok(listener)
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the listener thread panicked"))?
+    super::net::in_netns(netns, || {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("listening on {addr} in {netns}"))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
     })
 }
 

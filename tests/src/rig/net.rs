@@ -322,6 +322,34 @@ pub(crate) fn list_dir_names(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Runs `make` on a thread of its own that has entered network namespace `netns`: what it
+/// creates (a socket, a listener) stays in that namespace for life. `setns` changes the
+/// namespace of the calling thread only, and the thread ends right after `make`.
+pub(crate) fn in_netns<T: Send>(netns: &str, make: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    use std::os::fd::AsRawFd as _;
+    let path = Path::new(NETNS_RUN_DIR).join(netns);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<T> {
+                let handle = std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                // SAFETY: `handle` is an open namespace file for the duration of the call, and
+                // setns affects only this thread, which ends once `make` returns.
+                let rc = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    bail!(
+                        "setns into {}: {}",
+                        path.display(),
+                        std::io::Error::last_os_error()
+                    );
+                }
+                make()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread in {netns} panicked"))?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

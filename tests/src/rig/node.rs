@@ -170,6 +170,14 @@ impl Node {
         &self.netns
     }
 
+    /// An unconnected TCP socket in this node's network namespace: a connection made with it
+    /// comes from a process on the node (as containerd's do), not from the network.
+    pub fn tcp_socket(&self) -> Result<tokio::net::TcpSocket> {
+        super::net::in_netns(&self.netns, || {
+            tokio::net::TcpSocket::new_v4().context("a TCP socket")
+        })
+    }
+
     /// The node's address on the bridge (`.11`, `.12`, ...); the registry log shows it as client.
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
@@ -212,7 +220,20 @@ impl Node {
     /// Pulls like kubelet: CRI `PullImage`, performed inside containerd. Returns the image ref
     /// (the config digest).
     pub async fn cri_pull(&self, reference: &str) -> Result<String> {
-        cri::cri_pull(&self.socket, reference)
+        cri::cri_pull(&self.socket, reference, None)
+            .await
+            .with_context(|| format!("on node {}", self.name))
+    }
+
+    /// CRI `PullImage` with a pull secret's user and password, as kubelet does for a pod
+    /// that names one.
+    pub async fn cri_pull_with_credentials(
+        &self,
+        reference: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<String> {
+        cri::cri_pull(&self.socket, reference, Some((user, password)))
             .await
             .with_context(|| format!("on node {}", self.name))
     }
