@@ -120,6 +120,12 @@ impl PeerBook {
         }
         peers
             .into_iter()
+            .map(|(id, mut addresses)| {
+                // Several connections to one peer often share its address.
+                addresses.sort();
+                addresses.dedup();
+                (id, addresses)
+            })
             .map(|(id, addresses)| super::PeerStatus {
                 registry: self.registry_addr(&id, now),
                 id,
