@@ -24,6 +24,12 @@ pub enum Command {
     ConfigureMirror(crate::mirror::MirrorArgs),
     /// Install this node's CA into the host trust store (transparent mode).
     InstallCa(crate::tls::ca::InstallCaArgs),
+    /// Make containerd trust this node's CA (as install-ca) and restart it once, only when its
+    /// trust changed; --undo puts back what earlier runs changed. For a DaemonSet init container.
+    NodeSetup(crate::node_setup::NodeSetupArgs),
+    /// Print this node's status from the daemon's admin endpoint (exit 0 ready, 1 not ready,
+    /// 3 unreachable).
+    Status(crate::admin::client::StatusArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,6 +82,8 @@ pub struct RunArgs {
     pub upstream: crate::upstream::UpstreamArgs,
     #[command(flatten)]
     pub ca: crate::tls::args::CaArgs,
+    #[command(flatten)]
+    pub admin: crate::admin::AdminArgs,
     /// Test-only fault injection; exists only with the `fault-injection` feature.
     #[cfg(feature = "fault-injection")]
     #[command(flatten)]
@@ -139,6 +147,7 @@ mod tests {
         for command in [
             with_flag(vec!["spegel", "run"]),
             with_flag(vec!["spegel", "install-ca"]),
+            with_flag(vec!["spegel", "node-setup"]),
             with_flag(vec![
                 "spegel",
                 "configure-mirror",
@@ -149,8 +158,10 @@ mod tests {
             parsed.push(
                 match command {
                     Command::Run(args) => args.intercept.mirrored_registries,
-                    Command::InstallCa(args) => args.mirrored_registries,
+                    Command::InstallCa(args) => args.trust.mirrored_registries,
                     Command::ConfigureMirror(args) => args.mirrored_registries,
+                    Command::NodeSetup(args) => args.trust.mirrored_registries,
+                    Command::Status(_) => unreachable!("status names no registry"),
                 }
                 .iter()
                 .flatten()
@@ -172,7 +183,7 @@ mod tests {
         .iter()
         .map(|r| r.parse().unwrap())
         .collect();
-        assert_eq!(parsed.len(), 3);
+        assert_eq!(parsed.len(), 4);
         for registries in parsed {
             assert_eq!(registries, expected);
         }

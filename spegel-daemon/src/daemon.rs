@@ -97,6 +97,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         )
         .context("invalid router flags")?;
     let upstream_client = UpstreamClient::new(&args.upstream).context("invalid upstream flags")?;
+    let admin_addr = args.admin.validate()?;
 
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -116,6 +117,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             .instrument(tracing::info_span!("router")),
     );
     let dyn_router: Arc<dyn Router> = Arc::new(router.clone());
+    let admin_router = router.clone();
     tasks.spawn(
         crate::routing::sync::run(
             Arc::clone(&store),
@@ -167,6 +169,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         Arc::new(Instrumented::new(Arc::new(policy), Arc::clone(&metrics)));
 
     let encoder_metrics = Arc::clone(&metrics);
+    let recent = Arc::new(crate::metrics::recent::RecentServed::default());
     let registry = Arc::new(
         Registry::new(source)
             .with_peer_auth(peer_auth)
@@ -177,7 +180,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             .with_idle_timeout(args.registry.registry_idle_timeout)
             .with_write_timeout(args.registry.registry_write_timeout)
             .with_header_timeout(args.registry.registry_header_timeout)
-            .with_connection_stats(metrics.connection_stats()),
+            .with_connection_stats(metrics.connection_stats())
+            .with_recent(Arc::clone(&recent)),
     );
     let listener = tokio::net::TcpListener::bind(args.registry.registry_addr)
         .await
@@ -188,6 +192,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             .instrument(tracing::info_span!("registry")),
     );
 
+    let admin_intercept = transparent.then(|| Arc::clone(&intercept_stats));
+    let mut admin_cas = None;
     if let Some(config) = intercept_config {
         // The same list `install-ca` reads, so both derive the same CA.
         let permitted =
@@ -203,6 +209,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         .await
         .context("CA task failed")?
         .context("cannot load or create the node CA")?;
+        admin_cas = Some(Arc::clone(&cas));
         let mut watch = TrustWatch::new(
             Arc::clone(&cas),
             config.locator.clone(),
@@ -246,6 +253,27 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             }
             .instrument(tracing::info_span!("intercept")),
         );
+    }
+
+    let admin = crate::admin::AdminState {
+        readiness: Some(Arc::new(StoreReadiness::new(Arc::clone(&store)))),
+        intercept: admin_intercept,
+        cas: admin_cas,
+        router: Some(admin_router),
+        recent: Some(recent),
+    };
+    // The status page is for people; a daemon that cannot offer it still serves pulls.
+    match tokio::net::TcpListener::bind(admin_addr).await {
+        Ok(listener) => {
+            tracing::info!(addr = %admin_addr, "admin endpoint listening (status page)");
+            tasks.spawn(
+                crate::admin::serve(listener, Arc::new(admin), stop.clone())
+                    .instrument(tracing::info_span!("admin")),
+            );
+        }
+        Err(error) => {
+            tracing::error!(addr = %admin_addr, %error, "cannot listen for the admin endpoint; no status page")
+        }
     }
 
     shutdown.await;

@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the bird's eye view and the code map.
 
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod daemon;
@@ -13,6 +14,7 @@ pub mod membership;
 pub mod metrics;
 pub mod mirror;
 pub mod net;
+pub mod node_setup;
 pub mod oci;
 pub mod p2p;
 pub mod peers;

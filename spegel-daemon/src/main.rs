@@ -34,16 +34,21 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
+        let done: anyhow::Result<()> = match cli.command {
+            Command::Status(args) => {
+                return Ok(ExitCode::from(spegel::admin::client::main(args).await));
+            }
             Command::Run(args) => {
                 spegel::daemon::run(*args, spegel::daemon::shutdown_signal()).await
             }
             Command::ConfigureMirror(args) => spegel::mirror::main(args).await,
             Command::InstallCa(args) => spegel::tls::ca::main(args).await,
-        }
+            Command::NodeSetup(args) => spegel::node_setup::main(args).await,
+        };
+        done.map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             tracing::error!("{err:#}");
             ExitCode::FAILURE

@@ -311,3 +311,108 @@ pub async fn wait_discoverable(
         started.elapsed()
     );
 }
+
+/// What one `spegel node-setup` run ([`node_setup`]) printed, and the containerd restarts it
+/// asked for (the unit named each time).
+#[derive(Debug, Clone)]
+pub struct NodeSetupRun {
+    pub stdout: String,
+    pub restarts: Vec<String>,
+}
+
+/// Runs `spegel node-setup` as the DaemonSet's init container would, for the node's daemon data
+/// dir (`<node dir>/spegel`, as [`Rig::start_spegel`] uses) and `mirrored`, against the node's
+/// root ([`node_root`]), with `extra` arguments (e.g. `--undo`).
+///
+/// The rig's containerd is no systemd unit, so `--restart-command` reaches back into the test:
+/// it connects to a listener here (loopback, the host's namespace) and names the unit; the test
+/// restarts the node's containerd as `systemctl daemon-reload && systemctl restart` would — with
+/// the `SSL_CERT_FILE` the drop-ins now set, or without one when none does — and answers, so the
+/// command succeeds only once containerd answers again.
+pub async fn node_setup(
+    rig: &Rig,
+    node: &Node,
+    mirrored: &[String],
+    extra: &[&str],
+) -> Result<NodeSetupRun> {
+    let root = node_root(rig, node)?;
+    let data_dir = node.dir().join("spegel");
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the restart hook")?;
+    let port = hook.local_addr()?.port();
+    let restart_command = format!(
+        "bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port} && echo {{unit}} >&3 && read -r reply <&3 \
+         && test \"$reply\" = restarted'"
+    );
+    let mut data_arg = OsString::from("--data-dir=");
+    data_arg.push(&data_dir);
+    let mut root_arg = OsString::from("--trust-root=");
+    root_arg.push(&root);
+    let mut child = tokio::process::Command::new(spegel_bin()?)
+        .arg("node-setup")
+        .arg(data_arg)
+        .arg(format!("--mirrored-registries={}", mirrored.join(",")))
+        .arg(root_arg)
+        .arg(format!("--restart-command={restart_command}"))
+        .args(extra)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning spegel node-setup")?;
+    let mut stdout = child.stdout.take().context("no stdout")?;
+    let mut stderr = child.stderr.take().context("no stderr")?;
+    let output = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let _ = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        (out, err)
+    });
+    let mut restarts = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(120));
+    tokio::pin!(deadline);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.context("waiting for spegel node-setup")?,
+            accepted = hook.accept() => {
+                let (stream, _) = accepted.context("accepting on the restart hook")?;
+                restarts.push(restart_for_hook(rig, node, stream).await?);
+            }
+            () = &mut deadline => anyhow::bail!("spegel node-setup did not finish within 120 s"),
+        }
+    };
+    let (out, err) = output.await.context("reading node-setup's output")?;
+    let stdout = String::from_utf8_lossy(&out).into_owned();
+    ensure!(
+        status.success(),
+        "spegel node-setup failed ({status}): {stdout}{}",
+        String::from_utf8_lossy(&err)
+    );
+    Ok(NodeSetupRun { stdout, restarts })
+}
+
+/// Serves one restart request on the hook: reads the unit, restarts the node's containerd with
+/// the environment its drop-ins set now, answers `restarted`. Returns the unit.
+async fn restart_for_hook(rig: &Rig, node: &Node, stream: tokio::net::TcpStream) -> Result<String> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let (read, mut write) = stream.into_split();
+    let mut unit = String::new();
+    tokio::io::BufReader::new(read)
+        .read_line(&mut unit)
+        .await
+        .context("reading the unit from the restart hook")?;
+    let env = containerd_drop_in_env(rig, node)?;
+    if !env.iter().any(|(key, _)| key == "SSL_CERT_FILE") {
+        // No drop-in sets it any more: containerd starts with its unit's own environment.
+        node.containerd().remove_env("SSL_CERT_FILE");
+    }
+    node.restart_containerd_with_env(env).await?;
+    write.write_all(b"restarted\n").await?;
+    Ok(unit.trim().to_owned())
+}

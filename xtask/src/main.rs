@@ -46,6 +46,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     // bpf-linker links LLVM 22, the same major as rustc's own LLVM.
     "llvm-22-dev",
+    // The status page test loads the admin endpoint in a real headless browser.
+    "chromium",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -73,9 +73,7 @@ pub async fn run_with_stats(
         Err(error) => return Err(error.into()),
     }
 
-    stats
-        .attached
-        .store(redirector.attached().is_some(), Ordering::Relaxed);
+    stats.set_attached(redirector.attached().map(|cgroup| cgroup.path.as_path()));
 
     let interceptor = Arc::new(
         Interceptor::new(&config, Arc::new(redirector.orig_dst_table()), handler)
@@ -148,12 +146,10 @@ pub async fn run_with_stats(
                 }
             }
         }
-        stats
-            .attached
-            .store(redirector.attached().is_some(), Ordering::Relaxed);
+        stats.set_attached(redirector.attached().map(|cgroup| cgroup.path.as_path()));
     };
     drop(redirector); // detach: from here on connects go direct
-    stats.attached.store(false, Ordering::Relaxed);
+    stats.set_attached(None);
     serve_stop.cancel();
     let _ = prober.await;
     let _ = server.await;

@@ -20,4 +20,22 @@ pub struct InterceptStats {
     pub wedges: AtomicU64,
     /// Whether the eBPF programs are attached to containerd's cgroup right now.
     pub attached: AtomicBool,
+    /// The cgroup they are attached to (for the status page).
+    pub attached_cgroup: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+impl InterceptStats {
+    /// Records where the programs are attached (`None`: nowhere).
+    pub fn set_attached(&self, cgroup: Option<&std::path::Path>) {
+        self.attached
+            .store(cgroup.is_some(), std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut attached) = self.attached_cgroup.lock() {
+            *attached = cgroup.map(std::path::Path::to_owned);
+        }
+    }
+
+    /// The cgroup the programs are attached to, if they are.
+    pub fn attached_cgroup(&self) -> Option<std::path::PathBuf> {
+        self.attached_cgroup.lock().ok().and_then(|c| c.clone())
+    }
 }

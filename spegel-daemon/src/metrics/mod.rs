@@ -12,6 +12,7 @@ use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics};
 
 mod ca;
 mod format;
+pub mod recent;
 mod served;
 mod subsystems;
 mod tags;

@@ -107,6 +107,33 @@ impl PeerBook {
         self.connections.remove(&connection);
     }
 
+    /// Every connected peer with the remote addresses of its connections and its registry
+    /// address (if learned), sorted by peer id (for the status page).
+    pub(super) fn connected_peers(&self, now: Instant) -> Vec<super::PeerStatus> {
+        let mut peers: std::collections::BTreeMap<PeerId, Vec<libp2p::Multiaddr>> =
+            std::collections::BTreeMap::new();
+        for connection in self.connections.values() {
+            peers
+                .entry(connection.peer)
+                .or_default()
+                .push(connection.endpoint.get_remote_address().clone());
+        }
+        peers
+            .into_iter()
+            .map(|(id, mut addresses)| {
+                // Several connections to one peer often share its address.
+                addresses.sort();
+                addresses.dedup();
+                (id, addresses)
+            })
+            .map(|(id, addresses)| super::PeerStatus {
+                registry: self.registry_addr(&id, now),
+                id,
+                addresses,
+            })
+            .collect()
+    }
+
     /// The peer's registry address, if learned recently enough.
     pub(super) fn registry_addr(&self, peer: &PeerId, now: Instant) -> Option<SocketAddr> {
         self.registry.get(peer, now)

@@ -141,7 +141,13 @@ impl EventLoop {
                 let _ = reply.send(());
             }
             Command::ListenAddrs { reply } => self.listening.request(reply),
+            Command::Peers { reply } => {
+                let _ = reply.send(self.peers.connected_peers(Instant::now()));
+            }
         }
+        self.shared
+            .advertised
+            .store(self.providing.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn on_tick(&mut self) {

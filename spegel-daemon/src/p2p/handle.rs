@@ -45,6 +45,8 @@ pub struct P2pRouter {
 pub(super) struct Shared {
     pub(super) peer_id: PeerId,
     pub(super) routing_table_size: AtomicUsize,
+    /// Keys this node advertises (provides), as of the event loop's last change.
+    pub(super) advertised: AtomicUsize,
     pub(super) stats: Stats,
 }
 
@@ -67,6 +69,19 @@ pub(super) enum Command {
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerStatus>>,
+    },
+}
+
+/// A connected peer, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub id: PeerId,
+    /// The remote addresses of its connections.
+    pub addresses: Vec<Multiaddr>,
+    /// Its registry API, if learned.
+    pub registry: Option<std::net::SocketAddr>,
 }
 
 // === impl P2pRouter ===
@@ -84,6 +99,7 @@ impl P2pRouter {
         let shared = Arc::new(Shared {
             peer_id: keypair.public().to_peer_id(),
             routing_table_size: AtomicUsize::new(0),
+            advertised: AtomicUsize::new(0),
             stats: Stats::default(),
         });
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_BUFFER);
@@ -106,6 +122,23 @@ impl P2pRouter {
         let (reply, rx) = oneshot::channel();
         self.send(Command::ListenAddrs { reply }).await?;
         rx.await.map_err(|_| RouterError::Closed)
+    }
+
+    /// The connected peers (for the status page).
+    pub async fn peers(&self) -> Result<Vec<PeerStatus>, RouterError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Peers { reply }).await?;
+        rx.await.map_err(|_| RouterError::Closed)
+    }
+
+    /// Peers in the routing table.
+    pub fn routing_table_size(&self) -> usize {
+        self.shared.routing_table_size.load(Ordering::Relaxed)
+    }
+
+    /// Keys this node advertises.
+    pub fn advertised_keys(&self) -> usize {
+        self.shared.advertised.load(Ordering::Relaxed)
     }
 
     /// Work counters, for metrics.

@@ -183,6 +183,8 @@ pub struct Registry {
     /// Who may read content besides this node itself and intercepted connections.
     peer_auth: PeerAuth,
     header_timeout: Duration,
+    /// Where each finished response is recorded for the admin status page.
+    recent: Option<Arc<crate::metrics::recent::RecentServed>>,
 }
 
 /// What a request asks for, before anything is fetched.
@@ -220,7 +222,14 @@ impl Registry {
             builder: server::builder(server::DEFAULT_HEADER_TIMEOUT),
             peer_auth: PeerAuth::Open,
             header_timeout: server::DEFAULT_HEADER_TIMEOUT,
+            recent: None,
         }
+    }
+
+    /// Records every served object (source, size, duration) into `recent`.
+    pub fn with_recent(mut self, recent: Arc<crate::metrics::recent::RecentServed>) -> Self {
+        self.recent = Some(recent);
+        self
     }
 
     /// Content goes to other hosts only when `auth` admits them: a TLS client certificate from
@@ -314,6 +323,9 @@ impl Registry {
         B::Error: Into<BoxError>,
     {
         let mut log = body::AccessLog::new(request.method(), request.uri().path());
+        if let Some(recent) = &self.recent {
+            log.record_into(Arc::clone(recent));
+        }
         let head = request.method() == Method::HEAD;
         let route = route(&request, &ctx);
         let mut plaintext_token = None;

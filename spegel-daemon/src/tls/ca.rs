@@ -25,7 +25,9 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
-pub use super::install::{InstallCaArgs, main};
+pub use super::install::{
+    InstallCaArgs, Outcome, TrustArgs, install_trust, main, refresh_if_anchor,
+};
 use super::names::{CanonicalConstraints, CanonicalSubtree};
 pub use super::names::{LeafName, PermittedNames};
 

@@ -26,9 +26,9 @@ use crate::oci::RegistryList;
 /// The name the CA gets in the host trust store.
 const TRUST_FILE_NAME: &str = "spegel-node-ca.crt";
 
-/// Flags of the `install-ca` subcommand.
+/// Which CA containerd is made to trust, and how: the flags `install-ca` and `node-setup` share.
 #[derive(Debug, Clone, clap::Args)]
-pub struct InstallCaArgs {
+pub struct TrustArgs {
     /// Where the daemon keeps its state; the CA lives in `<data-dir>/ca/`.
     #[arg(long, env = "SPEGEL_DATA_DIR", default_value = "/var/lib/spegel")]
     pub data_dir: PathBuf,
@@ -48,10 +48,6 @@ pub struct InstallCaArgs {
     pub trust_root: PathBuf,
     #[command(flatten)]
     pub ca: CaArgs,
-    /// Only print the CA bundle (PEM: the current CA and, while one waits, the next) on stdout,
-    /// for installing elsewhere; recorded as installed like the other forms.
-    #[arg(long, env = "SPEGEL_CA_PRINT", conflicts_with_all = ["bundle", "host_wide"])]
-    pub print: bool,
     /// Where to write containerd's trust bundle (the system roots plus the node CA bundle, for
     /// its `SSL_CERT_FILE`); default `<data-dir>/containerd-trust.pem`. The running daemon keeps
     /// it in step with the system roots and the node CA.
@@ -69,6 +65,40 @@ pub struct InstallCaArgs {
     /// node CA for the mirrored registries (not only containerd).
     #[arg(long, env = "SPEGEL_CA_HOST_WIDE", conflicts_with = "bundle")]
     pub host_wide: bool,
+}
+
+impl TrustArgs {
+    /// containerd's trust bundle (absolute): `--bundle`, or `<data-dir>/containerd-trust.pem`.
+    pub fn bundle_path(&self) -> io::Result<PathBuf> {
+        std::path::absolute(
+            self.bundle
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join(scoped::DEFAULT_BUNDLE_FILE)),
+        )
+    }
+
+    /// Every file an install may write or remove on the node (whether or not it exists): the
+    /// bundle, the drop-in, the host trust store's anchors (both layouts).
+    pub fn touched_files(&self) -> io::Result<Vec<PathBuf>> {
+        let root = &self.trust_root;
+        let mut files = vec![
+            self.bundle_path()?,
+            scoped::drop_in_path(root, &self.containerd_unit),
+        ];
+        files.extend(TrustLayout::ALL.map(|layout| layout.anchor_path(root)));
+        Ok(files)
+    }
+}
+
+/// Flags of the `install-ca` subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InstallCaArgs {
+    #[command(flatten)]
+    pub trust: TrustArgs,
+    /// Only print the CA bundle (PEM: the current CA and, while one waits, the next) on stdout,
+    /// for installing elsewhere; recorded as installed like the other forms.
+    #[arg(long, env = "SPEGEL_CA_PRINT", conflicts_with_all = ["bundle", "host_wide"])]
+    pub print: bool,
 }
 
 /// Where a distribution keeps locally added CAs and how it rebuilds its bundle.
@@ -134,45 +164,69 @@ pub async fn main(args: InstallCaArgs) -> anyhow::Result<()> {
 
 /// Whether an install changed what containerd reads (so it must be restarted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub enum Outcome {
     Changed,
     Unchanged,
 }
 
 fn install(args: &InstallCaArgs) -> anyhow::Result<Outcome> {
-    let permitted = PermittedNames::from_registries(args.mirrored_registries.iter().flatten())?;
-    let cas = CaSet::open(&args.data_dir, permitted, args.ca.policy()?, Arc::default())?;
     if args.print {
+        let cas = open_cas(&args.trust)?;
         print!("{}", cas.bundle_pem());
         record_install(cas.dir(), cas.bundle_fingerprints())?;
         return Ok(Outcome::Changed);
     }
-    let outcome = if args.host_wide {
-        install_host_wide(args, &cas)?
-    } else {
-        install_scoped(args, &cas)?
-    };
+    let outcome = install_trust(&args.trust)?;
     match outcome {
         Outcome::Changed => println!(
             "containerd must be restarted to trust it (Go loads its roots once per process): \
              systemctl daemon-reload && systemctl restart {}",
-            args.containerd_unit
+            args.trust.containerd_unit
         ),
         Outcome::Unchanged => println!("nothing changed: containerd needs no restart"),
     }
     Ok(outcome)
 }
 
+fn open_cas(args: &TrustArgs) -> anyhow::Result<CaSet> {
+    let permitted = PermittedNames::from_registries(args.mirrored_registries.iter().flatten())?;
+    Ok(CaSet::open(
+        &args.data_dir,
+        permitted,
+        args.ca.policy()?,
+        Arc::default(),
+    )?)
+}
+
+/// Makes containerd trust the node CA bundle as `args` say (scoped by default, or host-wide),
+/// creating the CA if needed. Prints what it wrote or kept; never restarts containerd. Blocking.
+pub fn install_trust(args: &TrustArgs) -> anyhow::Result<Outcome> {
+    let cas = open_cas(args)?;
+    if args.host_wide {
+        install_host_wide(args, &cas)
+    } else {
+        install_scoped(args, &cas)
+    }
+}
+
+/// Rebuilds the host trust store under `root` if `path` is one of its anchors (after an anchor
+/// was restored or removed). Blocking.
+pub fn refresh_if_anchor(root: &Path, path: &Path) -> anyhow::Result<()> {
+    for layout in TrustLayout::ALL {
+        if layout.anchor_path(root) == path {
+            layout.refresh(root)?;
+        }
+    }
+    Ok(())
+}
+
 /// The default: the bundle for containerd's `SSL_CERT_FILE` and the drop-in setting it; the host
 /// trust store holds no node CA afterwards.
-fn install_scoped(args: &InstallCaArgs, cas: &CaSet) -> anyhow::Result<Outcome> {
+fn install_scoped(args: &TrustArgs, cas: &CaSet) -> anyhow::Result<Outcome> {
     let root = &args.trust_root;
-    let bundle = std::path::absolute(
-        args.bundle
-            .clone()
-            .unwrap_or_else(|| args.data_dir.join(scoped::DEFAULT_BUNDLE_FILE)),
-    )
-    .context("cannot resolve the bundle path")?;
+    let bundle = args
+        .bundle_path()
+        .context("cannot resolve the bundle path")?;
     let (system_roots, roots) = scoped::find_system_roots(root)?;
     let system_roots = std::path::absolute(system_roots)?;
     let mut changed = scoped::write_if_changed(
@@ -259,7 +313,7 @@ fn remove_host_wide(root: &Path) -> anyhow::Result<bool> {
 
 /// `--host-wide`: the node CA bundle into the host trust store; every process on the node trusts
 /// it.
-fn install_host_wide(args: &InstallCaArgs, cas: &CaSet) -> anyhow::Result<Outcome> {
+fn install_host_wide(args: &TrustArgs, cas: &CaSet) -> anyhow::Result<Outcome> {
     let pem = cas.bundle_pem();
     let layout = TrustLayout::detect(&args.trust_root).with_context(|| {
         format!(
@@ -307,14 +361,15 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["install-ca"]).unwrap();
         let p =
-            PermittedNames::from_registries(cli.args.mirrored_registries.iter().flatten()).unwrap();
+            PermittedNames::from_registries(cli.args.trust.mirrored_registries.iter().flatten())
+                .unwrap();
         for name in ["registry-1.docker.io", "ghcr.io", "registry.k8s.io"] {
             assert!(p.permits(&LeafName::parse(name).unwrap()), "{name}");
         }
         assert!(!p.permits(&LeafName::parse("example.com").unwrap()));
         let cli =
             Cli::try_parse_from(["install-ca", "--mirrored-registries", "a.io,b.io:5000"]).unwrap();
-        let list: RegistryList = cli.args.mirrored_registries.into_iter().collect();
+        let list: RegistryList = cli.args.trust.mirrored_registries.into_iter().collect();
         assert_eq!(list.to_string(), "a.io,b.io:5000");
     }
 
@@ -336,15 +391,24 @@ mod tests {
 
     fn args(root: &Path, data: &Path) -> InstallCaArgs {
         InstallCaArgs {
-            data_dir: data.to_owned(),
-            mirrored_registries: vec!["docker.io".parse().unwrap()],
-            trust_root: root.to_owned(),
-            ca: CaArgs::default(),
+            trust: TrustArgs {
+                data_dir: data.to_owned(),
+                mirrored_registries: vec!["docker.io".parse().unwrap()],
+                trust_root: root.to_owned(),
+                ca: CaArgs::default(),
+                bundle: None,
+                containerd_unit: "containerd.service".to_owned(),
+                host_wide: false,
+            },
             print: false,
-            bundle: None,
-            containerd_unit: "containerd.service".to_owned(),
-            host_wide: false,
         }
+    }
+
+    /// `args` changed by `edit`.
+    fn with(root: &Path, data: &Path, edit: impl FnOnce(&mut TrustArgs)) -> InstallCaArgs {
+        let mut args = args(root, data);
+        edit(&mut args.trust);
+        args
     }
 
     fn open(data: &Path) -> CaSet {
@@ -407,11 +471,10 @@ mod tests {
 
         // Another unit, another bundle path: both follow.
         let other = data.join("elsewhere.pem");
-        let changed = install(&InstallCaArgs {
-            bundle: Some(other.clone()),
-            containerd_unit: "k3s-agent.service".to_owned(),
-            ..args(&root, &data)
-        })
+        let changed = install(&with(&root, &data, |trust| {
+            trust.bundle = Some(other.clone());
+            trust.containerd_unit = "k3s-agent.service".to_owned();
+        }))
         .unwrap();
         assert_eq!(changed, Outcome::Changed);
         let text = fs::read_to_string(
@@ -467,8 +530,8 @@ mod tests {
             args: InstallCaArgs,
         }
         let cli = Cli::try_parse_from(["install-ca"]).unwrap();
-        assert!(!cli.args.host_wide && !cli.args.print && cli.args.bundle.is_none());
-        assert_eq!(cli.args.containerd_unit, "containerd.service");
+        assert!(!cli.args.trust.host_wide && !cli.args.print && cli.args.trust.bundle.is_none());
+        assert_eq!(cli.args.trust.containerd_unit, "containerd.service");
         for bad in [
             &["install-ca", "--host-wide", "--bundle", "/x"][..],
             &["install-ca", "--host-wide", "--print"],
@@ -482,10 +545,7 @@ mod tests {
     fn host_wide_installs_into_an_alternate_root() {
         let root = node_root(true);
         let data = tempdir();
-        let host_wide = InstallCaArgs {
-            host_wide: true,
-            ..args(&root, &data)
-        };
+        let host_wide = with(&root, &data, |trust| trust.host_wide = true);
         assert_eq!(install(&host_wide).unwrap(), Outcome::Changed);
         let installed =
             fs::read_to_string(root.join("usr/local/share/ca-certificates/spegel-node-ca.crt"))
@@ -507,11 +567,7 @@ mod tests {
 
         // No known layout: a clear error.
         let empty = tempdir();
-        let err = install(&InstallCaArgs {
-            trust_root: empty.clone(),
-            ..host_wide
-        })
-        .unwrap_err();
+        let err = install(&with(&empty, &data, |trust| trust.host_wide = true)).unwrap_err();
         assert!(
             err.to_string().contains("unknown trust store layout"),
             "{err}"

@@ -136,6 +136,19 @@ pub fn record_scope(ca_dir: &Path, scope: &Scope) -> Result<(), CaError> {
     write_if_changed(&ca_dir.join(SCOPE_FILE), &json, 0o644).map(drop)
 }
 
+/// Forgets the scoped install (`node-setup --undo`): the daemon then no longer rewrites the
+/// bundle. Blocking.
+pub fn forget_scope(ca_dir: &Path) -> Result<(), CaError> {
+    match fs::remove_file(ca_dir.join(SCOPE_FILE)) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CaError::Io {
+            context: "cannot remove the containerd trust record".to_owned(),
+            source,
+        }),
+    }
+}
+
 /// The scoped install `install-ca` recorded, if there is a readable one.
 pub fn read_scope(ca_dir: &Path) -> Option<Scope> {
     serde_json::from_slice(&fs::read(ca_dir.join(SCOPE_FILE)).ok()?).ok()

@@ -89,6 +89,7 @@ pub(super) struct AccessLog {
     path: String,
     source: &'static str,
     start: Instant,
+    recent: Option<std::sync::Arc<crate::metrics::recent::RecentServed>>,
 }
 
 impl AccessLog {
@@ -98,7 +99,16 @@ impl AccessLog {
             path: path.to_owned(),
             source: "none",
             start: Instant::now(),
+            recent: None,
         }
+    }
+
+    /// Also record the response into `recent` when it ends (objects served by a source only).
+    pub(super) fn record_into(
+        &mut self,
+        recent: std::sync::Arc<crate::metrics::recent::RecentServed>,
+    ) {
+        self.recent = Some(recent);
     }
 
     /// Which source answered (`local`, `peer`, `upstream`, `passthrough`).
@@ -169,6 +179,19 @@ impl Drop for LoggedBody {
         let log = &self.log;
         let duration_ms = log.start.elapsed().as_secs_f64() * 1000.0;
         let complete = self.finished || self.inner.is_end_stream();
+        if let Some(recent) = &log.recent
+            && matches!(log.source, "local" | "peer" | "upstream")
+        {
+            recent.record(
+                log.method.as_str(),
+                &log.path,
+                log.source,
+                self.status.as_u16(),
+                self.bytes,
+                log.start.elapsed(),
+                complete && self.error.is_none(),
+            );
+        }
         if let Some(error) = &self.error {
             tracing::warn!(
                 method = %log.method,
