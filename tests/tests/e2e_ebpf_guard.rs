@@ -13,6 +13,9 @@
 //!   registry once and no socket of the daemon connected to its own interception listener.
 //!   With the former exemption by tgid the daemon's own connects to the registry were
 //!   redirected to itself, again and again, and the pull failed (TLS handshake timeout).
+//! - `cgroup_namespace_daemon_never_redirects_itself`: the same in a cgroup namespace of its
+//!   own too, as an unprivileged pod: `/proc/self/cgroup` reads `0::/` and the daemon must find
+//!   its cgroup on the (host's) cgroup2 mount by the PID its namespace gives it.
 //! - `refuses_a_cgroup_containing_the_daemon`: the daemon runs in a cgroup below containerd's
 //!   and is told to attach to containerd's: it logs an error naming both cgroups, attaches
 //!   nothing (no program on the cgroup, `spegel_intercept_attached` 0), keeps running and
@@ -48,7 +51,29 @@ async fn pid_namespace_daemon_never_redirects_itself() {
     let _serial = spegel_tests::serial().await;
     on_rig(
         "pid_namespace_daemon_never_redirects_itself",
-        |rig: &Rig| scenario_pid_namespace(rig).boxed(),
+        |rig: &Rig| {
+            scenario_pid_namespace(rig, SpegelOptions::transparent().pid_namespace()).boxed()
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn cgroup_namespace_daemon_never_redirects_itself() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    on_rig(
+        "cgroup_namespace_daemon_never_redirects_itself",
+        |rig: &Rig| {
+            let options = SpegelOptions::transparent()
+                .pid_namespace()
+                .cgroup_namespace();
+            scenario_pid_namespace(rig, options).boxed()
+        },
     )
     .await;
 }
@@ -150,15 +175,15 @@ async fn connections_of(daemon: &Spegel, pid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn scenario_pid_namespace(rig: &Rig) {
+/// `options`: transparent, in a PID namespace of its own (and maybe a cgroup namespace).
+async fn scenario_pid_namespace(rig: &Rig, options: SpegelOptions) {
     let node = rig.node(0);
     let registry = rig.registry();
     let mirrored = vec![
         registry.host(Endpoint::Tls),
         registry.ip_host(Endpoint::Tls),
     ];
-    let options = SpegelOptions::transparent()
-        .pid_namespace()
+    let options = options
         .cgroup_below_containerd(DAEMON_CGROUP)
         .arg(format!("--{}", switches::ATTACH_CONTAINING_CGROUP_FLAG));
     let cluster = cluster::transparent_for(rig, &mirrored, options)
@@ -183,6 +208,13 @@ async fn scenario_pid_namespace(rig: &Rig) {
         nspid.split_whitespace().last(),
         Some("1"),
         "the daemon is not PID 1 of its namespace: NSpid {nspid}"
+    );
+    let own_cgroup_ns = std::fs::read_link("/proc/self/ns/cgroup").unwrap();
+    let daemon_cgroup_ns = std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).unwrap();
+    eprintln!(
+        "the daemon's cgroup namespace: {} (this test's: {})",
+        daemon_cgroup_ns.display(),
+        own_cgroup_ns.display()
     );
     let containerd_cgroup = node.cgroup_dir();
     let daemon_cgroup = cgroup_of(pid);

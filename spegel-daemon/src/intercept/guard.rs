@@ -3,10 +3,12 @@
 //! The programs run for every socket of the cgroup they are attached to and of its descendants.
 //! Were the daemon among them, its own upstream connects would be redirected to itself. So the
 //! daemon finds its own cgroup (the `0::` line of `/proc/self/cgroup`, under the cgroup2 mount,
-//! checked against that directory's `cgroup.procs`), refuses a target that is that cgroup or an
-//! ancestor of it (the root cgroup, a kind or k3s node's), and tells the programs its cgroup id
-//! (the directory's inode on cgroup2, what `bpf_get_current_cgroup_id` returns), whose connects
-//! they never redirect. Unlike a PID, the cgroup id is the same in every PID namespace.
+//! checked against that directory's `cgroup.procs`; in a cgroup namespace of its own, the
+//! directory of the host's cgroup2 mount whose `cgroup.procs` lists it), refuses a target that
+//! is that cgroup or an ancestor of it (the root cgroup, a kind or k3s node's), and tells the
+//! programs its cgroup id (the directory's inode on cgroup2, what `bpf_get_current_cgroup_id`
+//! returns), whose connects they never redirect. Unlike a PID, the cgroup id is the same in
+//! every PID namespace.
 use std::{
     fs,
     os::unix::fs::MetadataExt as _,
@@ -46,12 +48,28 @@ pub struct OwnCgroup {
 impl OwnCgroup {
     /// This process's cgroup under `mount`, from `/proc/self/cgroup`.
     pub fn current(mount: &Path) -> Result<Self, GuardError> {
-        Self::find(mount, Path::new("/proc/self"), std::process::id())
+        Self::find(mount, Path::new("/proc/self"), std::process::id(), None)
+    }
+
+    /// This process's cgroup again (it may have been moved), trying where it was last first.
+    pub fn again(&self, mount: &Path) -> Result<Self, GuardError> {
+        Self::find(
+            mount,
+            Path::new("/proc/self"),
+            std::process::id(),
+            Some(&self.path),
+        )
     }
 
     /// The cgroup of the process whose `/proc/<pid>` is `proc_dir`, under `mount`; `pid` is how
     /// this process's PID namespace numbers it (what `cgroup.procs` lists, read from here).
-    pub(crate) fn find(mount: &Path, proc_dir: &Path, pid: u32) -> Result<Self, GuardError> {
+    /// `last`: where it was found before, tried before searching the mount.
+    pub(crate) fn find(
+        mount: &Path,
+        proc_dir: &Path,
+        pid: u32,
+        last: Option<&Path>,
+    ) -> Result<Self, GuardError> {
         let file = proc_dir.join("cgroup");
         let content = fs::read_to_string(&file).map_err(|source| GuardError::Read {
             path: file.clone(),
@@ -66,23 +84,26 @@ impl OwnCgroup {
                 file.display()
             ))
         })?;
-        let path = mount.join(relative);
         // In a cgroup namespace the line is relative to the namespace's root, which need not be
-        // the mount's root (a host cgroup2 mount seen from a private cgroup namespace): check.
-        let procs = path.join("cgroup.procs");
-        let listed = fs::read_to_string(&procs).map_err(|source| GuardError::Read {
-            path: procs.clone(),
-            source,
-        })?;
-        if !listed.lines().any(|line| line.trim() == pid.to_string()) {
-            return Err(GuardError::Unknown(format!(
-                "{} says {}, but {} does not list this process (PID {pid}): is the daemon in a cgroup namespace of its own while {} is the host's cgroup2? Run it in the host's cgroup namespace",
-                file.display(),
-                path.display(),
-                procs.display(),
-                mount.display()
-            )));
-        }
+        // the mount's root: a pod that is not privileged has a cgroup namespace of its own (its
+        // line reads `0::/`) while `mount` is the host's cgroup2, bind-mounted. So the directory
+        // counts only if its `cgroup.procs` lists this process; else it is searched for.
+        let candidates = [Some(mount.join(&relative)), last.map(Path::to_path_buf)];
+        let path = match candidates
+            .into_iter()
+            .flatten()
+            .find(|dir| is_own(dir, &relative, pid))
+        {
+            Some(path) => path,
+            None => search(mount, &relative, pid)?.ok_or_else(|| {
+                GuardError::Unknown(format!(
+                    "{} says `{line}`, but no cgroup under {} lists this process (PID {pid}) in its cgroup.procs: is {} the host's cgroup2 mount?",
+                    file.display(),
+                    mount.display(),
+                    mount.display()
+                ))
+            })?,
+        };
         let id = fs::metadata(&path)
             .map_err(|source| GuardError::Read {
                 path: path.clone(),
@@ -102,6 +123,54 @@ impl OwnCgroup {
         }
         Ok(())
     }
+}
+
+/// Cgroup directories [`search`] reads at most: a node has a few thousand.
+const SEARCH_LIMIT: usize = 100_000;
+
+/// Whether `dir` is the cgroup of the process numbered `pid` here: its `cgroup.procs` lists
+/// `pid`, and it ends with `relative` (the process's path in its own cgroup namespace).
+///
+/// `cgroup.procs` prints each process's PID in the PID namespace of whoever reads it (the
+/// kernel's `cgroup_procs_show` prints `task_pid_vnr`, the number in the reader's active PID
+/// namespace; processes outside it print as 0 or are skipped). cgroup-v2.rst documents the file
+/// as the PIDs of the cgroup's processes and says nothing of namespaces; the source is the
+/// authority here. So read from inside a pod without `hostPID`, the host's files list this
+/// process under the PID it knows itself by (`std::process::id`), and no other process can show
+/// that number: exactly one directory matches.
+fn is_own(dir: &Path, relative: &Path, pid: u32) -> bool {
+    dir.ends_with(relative)
+        && fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|listed| listed.lines().any(|line| line.trim() == pid.to_string()))
+}
+
+/// The directory under `mount` that [`is_own`] says is `pid`'s, read breadth-first (iteration,
+/// not recursion); directories that vanish or cannot be read are skipped.
+fn search(mount: &Path, relative: &Path, pid: u32) -> Result<Option<PathBuf>, GuardError> {
+    let mut queue = std::collections::VecDeque::from([mount.to_path_buf()]);
+    let mut read = 0usize;
+    while let Some(dir) = queue.pop_front() {
+        if is_own(&dir, relative, pid) {
+            return Ok(Some(dir));
+        }
+        read += 1;
+        if read > SEARCH_LIMIT {
+            return Err(GuardError::Unknown(format!(
+                "more than {SEARCH_LIMIT} cgroups under {} and none lists this process",
+                mount.display()
+            )));
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        queue.extend(
+            entries
+                .flatten()
+                .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                .map(|entry| entry.path()),
+        );
+    }
+    Ok(None)
 }
 
 /// The path of the `0::` (cgroup v2) line of a `/proc/<pid>/cgroup` file.
@@ -233,25 +302,55 @@ mod tests {
     fn own_cgroup_from_proc_self_checked_against_cgroup_procs() {
         let fake = Fake::new("own");
         fake.place("/pods/spegel", "pods/spegel", &[7, 42]);
-        let own = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42).unwrap();
+        let own = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42, None).unwrap();
         assert_eq!(own.path, fake.mount().join("pods/spegel"));
         assert_eq!(own.id, fs::metadata(&own.path).unwrap().ino());
         // PID 1 of a PID namespace: listed as such when read from inside it.
         fake.place("/pods/spegel", "pods/spegel", &[1]);
-        assert!(OwnCgroup::find(&fake.mount(), &fake.proc_self(), 1).is_ok());
+        assert!(OwnCgroup::find(&fake.mount(), &fake.proc_self(), 1, None).is_ok());
         // Not listed there: the path is not this process's cgroup (a cgroup namespace).
-        let error = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42).unwrap_err();
+        let error = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42, None).unwrap_err();
         assert!(matches!(error, GuardError::Unknown(_)), "{error}");
         fake.place("/../../system.slice", "pods/spegel", &[42]);
-        let error = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42).unwrap_err();
+        let error = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42, None).unwrap_err();
         assert!(error.to_string().contains("cgroup namespace"), "{error}");
         fs::write(fake.proc_self().join("cgroup"), "1:cpu:/x\n").unwrap();
-        assert!(OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42).is_err());
+        assert!(OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42, None).is_err());
         fs::remove_file(fake.proc_self().join("cgroup")).unwrap();
         assert!(matches!(
-            OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42),
+            OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42, None),
             Err(GuardError::Read { .. })
         ));
+    }
+
+    /// A pod that is not privileged: its own cgroup namespace (`0::/`) and PID namespace, the
+    /// host's cgroup2 bind-mounted. Processes outside the PID namespace list as 0.
+    #[test]
+    fn own_cgroup_in_a_cgroup_namespace_is_searched_on_the_host_mount() {
+        let fake = Fake::new("cgns");
+        fake.place("/", "system.slice/containerd.service", &[0, 0]);
+        fs::write(fake.mount().join("cgroup.procs"), "0\n").unwrap();
+        let pod = "kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope";
+        fake.place("/", pod, &[1]);
+        fake.place("/", "kubepods.slice/kubepods-pod2.slice/cri-x.scope", &[0]);
+        let own = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 1, None).unwrap();
+        assert_eq!(own.path, fake.mount().join(pod));
+        assert_eq!(own.id, fs::metadata(&own.path).unwrap().ino());
+        // Where it was last is tried first, and still checked.
+        let last = fake.mount().join(pod);
+        let again = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 1, Some(&last)).unwrap();
+        assert_eq!(again, own);
+        let stale = fake.mount().join("system.slice/containerd.service");
+        let again = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 1, Some(&stale)).unwrap();
+        assert_eq!(again, own);
+        // Below the namespace's root: the directory found must end with the namespaced path.
+        fake.place("/sub", "elsewhere", &[7]);
+        fake.place("/sub", "kubepods.slice/pod3/sub", &[7]);
+        let own = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 7, None).unwrap();
+        assert_eq!(own.path, fake.mount().join("kubepods.slice/pod3/sub"));
+        // Listed nowhere: not the host's cgroup2, or the daemon's PID is not what it reads.
+        let error = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 9, None).unwrap_err();
+        assert!(error.to_string().contains("PID 9"), "{error}");
     }
 
     #[test]
@@ -259,7 +358,7 @@ mod tests {
         let fake = Fake::new("refuse");
         fake.place("/n1/spegel", "n1/spegel", &[42]);
         fs::create_dir_all(fake.mount().join("n2")).unwrap();
-        let own = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42).unwrap();
+        let own = OwnCgroup::find(&fake.mount(), &fake.proc_self(), 42, None).unwrap();
         for target in [fake.mount().join("n1"), fake.mount(), own.path.clone()] {
             let error = own.check_target(&dir(&target)).unwrap_err();
             assert!(matches!(error, GuardError::ContainsDaemon { .. }));

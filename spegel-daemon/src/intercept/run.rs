@@ -253,7 +253,7 @@ impl CgroupWatcher {
             }
         };
         // Checked on every poll: the daemon, too, may have been moved.
-        let own = OwnCgroup::current(finder.mount())?;
+        let own = self.own.again(finder.mount())?;
         if own != self.own {
             tracing::info!(
                 cgroup = %own.path.display(),

@@ -11,6 +11,7 @@ use prometheus_client::{encoding::text, registry::Registry};
 use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics};
 
 mod ca;
+mod exposition;
 mod format;
 pub mod recent;
 mod served;
@@ -19,6 +20,8 @@ mod tags;
 #[cfg(test)]
 mod tests;
 
+#[doc(hidden)]
+pub use exposition::exposition_of_every_family;
 pub use format::Format;
 pub use served::Instrumented;
 pub use subsystems::ConnectionStats;

@@ -97,6 +97,7 @@ pub struct SpegelOptions {
     wait_ready: bool,
     membership: Membership,
     pid_namespace: bool,
+    cgroup_namespace: bool,
     cgroup_below_containerd: Option<String>,
 }
 
@@ -139,6 +140,7 @@ impl SpegelOptions {
             wait_ready: true,
             membership: Membership::Rig,
             pid_namespace: false,
+            cgroup_namespace: false,
             cgroup_below_containerd: None,
         }
     }
@@ -286,6 +288,14 @@ impl SpegelOptions {
         self
     }
 
+    /// With [`SpegelOptions::pid_namespace`], a cgroup namespace of its own too (`unshare
+    /// --cgroup`), as a pod that is not privileged has: `/proc/self/cgroup` reads `0::/` while
+    /// the cgroup2 mount it sees is still the host's.
+    pub fn cgroup_namespace(mut self) -> Self {
+        self.cgroup_namespace = true;
+        self
+    }
+
     /// Starts the daemon in cgroup `<containerd's cgroup>/<child>` instead of the test's own
     /// cgroup: a cgroup that containerd's contains (created on demand, removed at teardown).
     pub fn cgroup_below_containerd(mut self, child: impl Into<String>) -> Self {
@@ -417,7 +427,9 @@ impl Rig {
         let name = format!("spegel-{}", node.name());
         let spec = if options.pid_namespace {
             ProcessSpec::new(name, "unshare")
-                .args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
+                .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+                .args(options.cgroup_namespace.then_some("--cgroup"))
+                .arg("--")
                 .arg(&binary)
         } else {
             ProcessSpec::new(name, &binary)
