@@ -831,7 +831,6 @@ fn every_variable_and_flag_is_accepted_by_the_binary() {
 }
 
 #[test]
-#[ignore = "node-setup lands with the status branch"]
 fn node_setup_env_is_accepted() {
     let checked = spegel_containers(|c| runs(c, NODE_SETUP));
     assert!(!checked.is_empty());
