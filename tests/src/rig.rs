@@ -49,7 +49,7 @@ pub use net::{MAX_PREFIX_LEN, Subnet, random_prefix};
 pub use node::{HostEntry, Node};
 pub use pki::{IssuedCert, TestCa};
 pub use process::{DEFAULT_STOP_GRACE, NetnsMode, Process, ProcessSpec, Signal};
-pub use registry::{Endpoint, REGISTRY_BIN, Registry};
+pub use registry::{AUTH_PASSWORD, AUTH_USER, Endpoint, REGISTRY_BIN, Registry};
 
 use images::Layout;
 use net::Names;

@@ -128,18 +128,18 @@ impl AccessEntry {
     }
 }
 
-/// A snapshot of the registry's access log (both listeners), in log order per listener.
+/// A snapshot of the registry's access log (every listener), in log order per listener.
 #[derive(Clone, Debug, Default)]
 pub struct RegistryLog {
     entries: Vec<AccessEntry>,
     /// Lines per listener in the files this snapshot was read from; [`RegistryLog::since`] uses
-    /// them because the two listeners log to separate files whose lines cannot be interleaved
+    /// them because the listeners log to separate files whose lines cannot be interleaved
     /// exactly (timestamps have one-second resolution).
-    per_listener: [usize; 2],
+    per_listener: [usize; Endpoint::ALL.len()],
 }
 
 impl RegistryLog {
-    /// All entries: the plain listener's first, then the TLS listener's.
+    /// All entries: the plain listener's first, then the TLS listener's, then the auth one's.
     pub fn entries(&self) -> &[AccessEntry] {
         &self.entries
     }
@@ -161,7 +161,7 @@ impl RegistryLog {
 
     /// The entries logged after `earlier` was read (take `earlier` before the action under test).
     pub fn since(&self, earlier: &RegistryLog) -> RegistryLog {
-        let mut seen = [0usize; 2];
+        let mut seen = [0usize; Endpoint::ALL.len()];
         let entries = self
             .entries
             .iter()
@@ -243,10 +243,11 @@ impl RegistryLog {
     }
 
     /// Reads both listeners' access logs, waiting until they stop growing (see [`read_stable`]).
-    pub(crate) async fn read(plain: &Path, tls: &Path) -> Result<Self> {
-        let texts = read_stable(&[plain, tls]).await?;
+    pub(crate) async fn read(paths: &[(Endpoint, &Path)]) -> Result<Self> {
+        let files: Vec<&Path> = paths.iter().map(|(_, path)| *path).collect();
+        let texts = read_stable(&files).await?;
         let mut log = RegistryLog::default();
-        for (listener, text) in [Endpoint::Plain, Endpoint::Tls].into_iter().zip(&texts) {
+        for ((listener, _), text) in paths.iter().copied().zip(&texts) {
             for line in text.lines() {
                 if let Some(entry) = AccessEntry::parse(listener, line) {
                     log.per_listener[listener_slot(listener)] += 1;
@@ -271,6 +272,7 @@ fn listener_slot(listener: Endpoint) -> usize {
     match listener {
         Endpoint::Plain => 0,
         Endpoint::Tls => 1,
+        Endpoint::Auth => 2,
     }
 }
 
@@ -465,7 +467,7 @@ mod tests {
                 .iter()
                 .map(|text| AccessEntry::parse(Endpoint::Plain, text).unwrap())
                 .collect(),
-            per_listener: [lines.len(), 0],
+            per_listener: [lines.len(), 0, 0],
         };
         assert_eq!(log.blob_get_count(BLOB), 2);
         assert_eq!(log.blob_get_count(other), 1);
@@ -489,7 +491,7 @@ mod tests {
         };
         let earlier = RegistryLog {
             entries: vec![entry(Endpoint::Plain, "/a"), entry(Endpoint::Tls, "/b")],
-            per_listener: [1, 1],
+            per_listener: [1, 1, 0],
         };
         let later = RegistryLog {
             entries: vec![
@@ -498,7 +500,7 @@ mod tests {
                 entry(Endpoint::Tls, "/b"),
                 entry(Endpoint::Tls, "/d"),
             ],
-            per_listener: [2, 2],
+            per_listener: [2, 2, 0],
         };
         let new_entries = later.since(&earlier);
         let new: Vec<&str> = new_entries.iter().map(|e| e.path.as_str()).collect();
@@ -522,7 +524,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let present = dir.join("plain.log");
         std::fs::write(&present, line("10.0.0.11", "GET", "/v2/", 200) + "\n").unwrap();
-        let log = RegistryLog::read(&present, &dir.join("missing.log"))
+        let missing = dir.join("missing.log");
+        let log = RegistryLog::read(&[(Endpoint::Plain, &present), (Endpoint::Tls, &missing)])
             .await
             .unwrap();
         assert_eq!(log.len(), 1);

@@ -1,4 +1,5 @@
-//! The upstream registry: Debian's CNCF distribution 2.8 in its own namespace, plain and TLS.
+//! The upstream registry: Debian's CNCF distribution 2.8 in its own namespace, plain, TLS, and
+//! TLS with basic auth (private images).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -16,24 +17,35 @@ pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 /// How long a listener may take to accept TCP connections after start.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// One of the registry's two listeners.
+/// One of the registry's listeners (they share one storage).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Endpoint {
     /// Plain HTTP on port 5000.
     Plain,
     /// HTTPS on port 5443, with a certificate from the rig's [`TestCa`](super::pki::TestCa).
     Tls,
+    /// HTTPS on port 5444 that answers only with basic auth ([`AUTH_USER`], [`AUTH_PASSWORD`]):
+    /// every image is private there.
+    Auth,
 }
 
+/// The user the [`Endpoint::Auth`] listener accepts.
+pub const AUTH_USER: &str = "rig";
+/// [`AUTH_USER`]'s password.
+pub const AUTH_PASSWORD: &str = "rig-password";
+/// [`AUTH_USER`]:[`AUTH_PASSWORD`] as distribution's htpasswd file wants it (bcrypt, cost 4).
+const AUTH_HTPASSWD: &str = "rig:$2b$04$Z1sAEBJwOxev1QxXIpiKgOBHpNe0JrIF2I0yYe77AgW28VuyXTfLq\n";
+
 impl Endpoint {
-    /// Both listeners.
-    pub const ALL: [Endpoint; 2] = [Endpoint::Plain, Endpoint::Tls];
+    /// Every listener.
+    pub const ALL: [Endpoint; 3] = [Endpoint::Plain, Endpoint::Tls, Endpoint::Auth];
 
     /// The TCP port.
     pub fn port(self) -> u16 {
         match self {
             Endpoint::Plain => 5000,
             Endpoint::Tls => 5443,
+            Endpoint::Auth => 5444,
         }
     }
 
@@ -41,7 +53,7 @@ impl Endpoint {
     pub fn scheme(self) -> &'static str {
         match self {
             Endpoint::Plain => "http",
-            Endpoint::Tls => "https",
+            Endpoint::Tls | Endpoint::Auth => "https",
         }
     }
 
@@ -49,11 +61,12 @@ impl Endpoint {
         match self {
             Endpoint::Plain => "plain",
             Endpoint::Tls => "tls",
+            Endpoint::Auth => "auth",
         }
     }
 }
 
-/// The rig's upstream registry: two `docker-registry serve` processes (one per listener) sharing
+/// The rig's upstream registry: three `docker-registry serve` processes (one per listener) sharing
 /// one storage folder, in namespace `<prefix>-reg` at `.10`, known to the nodes as
 /// `registry.<prefix>.test`.
 #[derive(Debug)]
@@ -62,12 +75,12 @@ pub struct Registry {
     hostname: String,
     netns: String,
     data_dir: PathBuf,
-    plain: Process,
-    tls: Process,
+    /// One per [`Endpoint::ALL`], in that order.
+    processes: Vec<Process>,
 }
 
 impl Registry {
-    /// Writes the configs and starts both listeners; returns once both accept connections.
+    /// Writes the configs and starts every listener; returns once all accept connections.
     pub(crate) async fn launch(
         spawn: impl Fn(ProcessSpec) -> Result<Process>,
         hostname: String,
@@ -80,14 +93,19 @@ impl Registry {
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, AUTH_HTPASSWD)
+            .with_context(|| format!("writing {}", htpasswd.display()))?;
         let mut processes = Vec::new();
         for endpoint in Endpoint::ALL {
             let config = dir.join(format!("{}.yml", endpoint.label()));
-            let tls = (endpoint == Endpoint::Tls).then_some(cert);
+            let tls = (endpoint != Endpoint::Plain).then_some(cert);
+            let auth = (endpoint == Endpoint::Auth).then_some(htpasswd.as_path());
             let text = config_yaml(
                 &data_dir,
                 SocketAddr::from((ip, endpoint.port())),
                 tls,
+                auth,
                 secret,
             );
             std::fs::write(&config, text)
@@ -99,16 +117,12 @@ impl Registry {
                 .separate_stdout();
             processes.push(spawn(spec)?);
         }
-        let (Some(tls), Some(plain)) = (processes.pop(), processes.pop()) else {
-            bail!("registry processes were not started");
-        };
         let registry = Self {
             ip,
             hostname,
             netns,
             data_dir,
-            plain,
-            tls,
+            processes,
         };
         registry.wait_ready().await?;
         Ok(registry)
@@ -156,10 +170,11 @@ impl Registry {
 
     /// The process behind one listener (e.g. to SIGSTOP it).
     pub fn process(&self, endpoint: Endpoint) -> &Process {
-        match endpoint {
-            Endpoint::Plain => &self.plain,
-            Endpoint::Tls => &self.tls,
-        }
+        let slot = Endpoint::ALL
+            .iter()
+            .position(|e| *e == endpoint)
+            .unwrap_or_default();
+        &self.processes[slot]
     }
 
     /// Where a listener's access log goes.
@@ -170,25 +185,28 @@ impl Registry {
             .unwrap_or_else(|| self.process(endpoint).log_path().to_path_buf())
     }
 
-    /// Whether both listeners are running.
+    /// Whether every listener is running.
     pub fn is_running(&self) -> bool {
-        self.plain.is_running() && self.tls.is_running()
+        self.processes.iter().all(Process::is_running)
     }
 
-    /// Stops both listeners (pulls then fail or must be served by peers). Logs are kept.
+    /// Stops every listener (pulls then fail or must be served by peers). Logs are kept.
     pub async fn stop(&self) -> Result<()> {
-        let (plain, tls) = tokio::join!(
-            self.plain.stop(DEFAULT_STOP_GRACE),
-            self.tls.stop(DEFAULT_STOP_GRACE)
-        );
-        plain?;
-        tls?;
+        let stopped = futures::future::join_all(
+            self.processes
+                .iter()
+                .map(|process| process.stop(DEFAULT_STOP_GRACE)),
+        )
+        .await;
+        for result in stopped {
+            result?;
+        }
         Ok(())
     }
 
-    /// Starts whichever listeners are stopped and waits until both accept connections.
+    /// Starts whichever listeners are stopped and waits until all accept connections.
     pub async fn start(&self) -> Result<()> {
-        for process in [&self.plain, &self.tls] {
+        for process in &self.processes {
             if !process.is_running() {
                 process.start().await?;
             }
@@ -196,13 +214,14 @@ impl Registry {
         self.wait_ready().await
     }
 
-    /// The access log of both listeners so far (waits for in-flight lines to land).
+    /// The access log of every listener so far (waits for in-flight lines to land).
     pub async fn log(&self) -> Result<RegistryLog> {
-        RegistryLog::read(
-            &self.access_log_path(Endpoint::Plain),
-            &self.access_log_path(Endpoint::Tls),
-        )
-        .await
+        let paths = Endpoint::ALL.map(|endpoint| (endpoint, self.access_log_path(endpoint)));
+        let paths: Vec<(Endpoint, &Path)> = paths
+            .iter()
+            .map(|(endpoint, path)| (*endpoint, path.as_path()))
+            .collect();
+        RegistryLog::read(&paths).await
     }
 
     async fn wait_ready(&self) -> Result<()> {
@@ -248,6 +267,7 @@ fn config_yaml(
     data_dir: &Path,
     addr: SocketAddr,
     tls: Option<&IssuedCert>,
+    htpasswd: Option<&Path>,
     secret: &str,
 ) -> String {
     let mut yaml = format!(
@@ -265,6 +285,12 @@ fn config_yaml(
             cert.key_path.display()
         ));
     }
+    if let Some(path) = htpasswd {
+        yaml.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: rig\n    path: {}\n",
+            path.display()
+        ));
+    }
     yaml
 }
 
@@ -275,7 +301,7 @@ mod tests {
     #[test]
     fn config_has_tls_only_when_asked() {
         let addr: SocketAddr = "10.1.2.10:5000".parse().unwrap();
-        let plain = config_yaml(Path::new("/d"), addr, None, "s");
+        let plain = config_yaml(Path::new("/d"), addr, None, None, "s");
         assert!(plain.contains("addr: 10.1.2.10:5000\n"));
         assert!(plain.contains("rootdirectory: /d\n"));
         assert!(!plain.contains("tls:"));
@@ -283,8 +309,17 @@ mod tests {
             cert_path: "/c.crt".into(),
             key_path: "/c.key".into(),
         };
-        let tls = config_yaml(Path::new("/d"), addr, Some(&cert), "s");
+        let tls = config_yaml(Path::new("/d"), addr, Some(&cert), None, "s");
         assert!(tls.contains("  tls:\n    certificate: /c.crt\n    key: /c.key\n"));
+        assert!(!tls.contains("auth:"));
+        let auth = config_yaml(
+            Path::new("/d"),
+            addr,
+            Some(&cert),
+            Some(Path::new("/h")),
+            "s",
+        );
+        assert!(auth.contains("auth:\n  htpasswd:\n    realm: rig\n    path: /h\n"));
     }
 
     #[test]
@@ -292,5 +327,7 @@ mod tests {
         assert_eq!(Endpoint::Plain.port(), 5000);
         assert_eq!(Endpoint::Tls.port(), 5443);
         assert_eq!(Endpoint::Tls.scheme(), "https");
+        assert_eq!(Endpoint::Auth.port(), 5444);
+        assert_eq!(Endpoint::Auth.scheme(), "https");
     }
 }

@@ -341,7 +341,12 @@ impl SpegelOptions {
             push("--bootstrap-peers", &peers.join(","));
         }
         match self.mode {
-            SpegelMode::Mirror => push("--intercept", &"false"),
+            SpegelMode::Mirror => {
+                push("--intercept", &"false");
+                // containerd sends a mirror no credentials, so nothing can be confirmed with
+                // upstream: the rig's images are public, as an operator would declare them.
+                push("--public-registries", &rig_registry_hosts(rig).join(","));
+            }
             SpegelMode::Transparent => {
                 push("--intercept", &"true");
                 push("--containerd-cgroup", &node.cgroup_dir());
