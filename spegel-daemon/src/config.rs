@@ -75,6 +75,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub fetch: crate::peers::FetchArgs,
     #[command(flatten)]
+    pub access: crate::serve::access::AccessArgs,
+    #[command(flatten)]
     pub buffer: crate::body::buffered::BufferArgs,
     #[command(flatten)]
     pub intercept: crate::intercept::InterceptArgs,

@@ -11,11 +11,12 @@ use crate::{
     config::RunArgs,
     intercept::{self, InterceptConfig},
     membership::Membership,
-    metrics::{Instrumented, Metrics, TagStats},
+    metrics::{AccessStats, Instrumented, Metrics, TagStats},
     p2p::P2pRouter,
     peers::{FetchConfig, PeerSource},
     routing::Router,
     serve::{
+        access::{ConfirmedPeers, NotesPublic, PublicOnlyLocal},
         api::{self, Registry, StoreReadiness},
         policy::ServePolicy,
         transparent::{RegistryHandler, UpstreamPassthrough},
@@ -149,7 +150,11 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         Some(router),
     );
     let tag_stats = Arc::new(TagStats::default());
-    let metrics = metrics.with_tags(Arc::clone(&tag_stats));
+    let access_stats = Arc::new(AccessStats::default());
+    let access = Arc::new(args.access.access(Arc::clone(&access_stats)));
+    let metrics = metrics
+        .with_tags(Arc::clone(&tag_stats))
+        .with_access(access_stats);
     let metrics = Arc::new(match transparent {
         true => metrics.with_ca(Arc::clone(&ca_stats)),
         false => metrics,
@@ -157,11 +162,24 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let local: Arc<dyn Source> = Arc::new(LocalSource::new(Arc::clone(&store)));
     #[cfg(feature = "fault-injection")]
     let local = crate::fault::inject(local, &args.fault);
+    // Other nodes asking for public content only get what this node knows to be public.
+    let local: Arc<dyn Source> = Arc::new(PublicOnlyLocal::new(local, Arc::clone(&access)));
     // Peer blobs are verified whole (in memory or the disk spool) before containerd sees a byte.
     let peers: Arc<dyn Source> = Arc::new(
         Buffered::new(Arc::new(peers), &args.buffer, &args.data_dir)
             .context("cannot prepare the peer blob spool")?,
     );
+    // Private images stay private: peers' copies only once upstream confirms the client may
+    // read them (or, when it cannot answer, only what is known to be public).
+    let peers: Arc<dyn Source> = Arc::new(
+        ConfirmedPeers::new(
+            peers,
+            transparent.then(|| Arc::clone(&upstream)),
+            Arc::clone(&access),
+        )
+        .with_backoff(Arc::clone(&backoff)),
+    );
+    let upstream: Arc<dyn Source> = Arc::new(NotesPublic::new(upstream, access));
     let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first)
         .with_backoff(backoff)
         .with_tag_stats(tag_stats);

@@ -165,6 +165,7 @@ mod tests {
             headers: HeaderMap::new(),
             origin: None,
             mirrored,
+            public_only: false,
         }
     }
 

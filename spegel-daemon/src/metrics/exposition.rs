@@ -2,7 +2,7 @@
 //! may name (`tests/tests/deploy.rs` checks `deploy/` against it).
 use std::{net::SocketAddr, sync::Arc};
 
-use super::{Metrics, TagStats};
+use super::{AccessStats, Metrics, TagStats};
 use crate::{
     intercept::InterceptStats,
     p2p::{NodeKey, P2pConfig, P2pRouter, RegistryAdvertise, TransportKind},
@@ -33,7 +33,8 @@ pub fn exposition_of_every_family() -> String {
         Some(router),
     )
     .with_tags(Arc::new(TagStats::default()))
-    .with_ca(Arc::new(CaStats::default()));
+    .with_ca(Arc::new(CaStats::default()))
+    .with_access(Arc::new(AccessStats::default()));
     metrics
         .encode()
         .expect("encoding into a String cannot fail")
@@ -52,6 +53,7 @@ mod tests {
             "spegel_tag_fallbacks",
             "spegel_ca_next_pending",
             "spegel_registry_unauthorized_requests",
+            "spegel_access_withheld",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

@@ -10,6 +10,7 @@ use prometheus_client::{encoding::text, registry::Registry};
 
 use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics};
 
+mod access;
 mod ca;
 mod exposition;
 mod format;
@@ -20,6 +21,7 @@ mod tags;
 #[cfg(test)]
 mod tests;
 
+pub use access::AccessStats;
 #[doc(hidden)]
 pub use exposition::exposition_of_every_family;
 pub use format::Format;
@@ -75,6 +77,13 @@ impl Metrics {
     pub fn with_tags(mut self, stats: Arc<TagStats>) -> Self {
         self.registry
             .register_collector(Box::new(tags::TagCollector(stats)));
+        self
+    }
+
+    /// Also exports who was given content from peers (`spegel_access_*`).
+    pub fn with_access(mut self, stats: Arc<AccessStats>) -> Self {
+        self.registry
+            .register_collector(Box::new(access::AccessCollector(stats)));
         self
     }
 

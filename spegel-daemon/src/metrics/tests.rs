@@ -52,6 +52,7 @@ fn request(repository: &str) -> ObjectRequest {
         headers: HeaderMap::new(),
         origin: None,
         mirrored: false,
+        public_only: false,
     }
 }
 

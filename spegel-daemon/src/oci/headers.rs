@@ -8,6 +8,9 @@ use super::digest::Digest;
 
 /// Set by spegel nodes on requests to their peers: the receiver must never forward them again.
 pub const MIRRORED_HEADER: HeaderName = HeaderName::from_static("x-spegel-mirrored");
+/// Set by a node asking peers for content only if it is public (`serve::access`): upstream
+/// could not confirm that the pulling client may read it.
+pub const PUBLIC_ONLY_HEADER: HeaderName = HeaderName::from_static("x-spegel-public-only");
 /// The API version header of the distribution spec's `/v2/` check.
 pub const API_VERSION_HEADER: HeaderName =
     HeaderName::from_static("docker-distribution-api-version");

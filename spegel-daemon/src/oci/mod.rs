@@ -19,8 +19,8 @@ mod registry;
 
 pub use error::{ErrorBody, ErrorCode, ErrorInfo, ParseError};
 pub use headers::{
-    API_VERSION_HEADER, CONTENT_DIGEST_HEADER, MIRRORED_HEADER, content_digest, content_length,
-    content_range, unsatisfied_range_size,
+    API_VERSION_HEADER, CONTENT_DIGEST_HEADER, MIRRORED_HEADER, PUBLIC_ONLY_HEADER, content_digest,
+    content_length, content_range, unsatisfied_range_size,
 };
 pub use media::{
     DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MANIFEST_ACCEPT,

@@ -129,8 +129,15 @@ impl Inner {
             request.registry.as_deref(),
         )
         .map_err(AttemptError::Failed)?;
-        let mut outgoing = wire::build_request(method, uri, request.kind, &request.headers, range)
-            .map_err(AttemptError::Failed)?;
+        let mut outgoing = wire::build_request(
+            method,
+            uri,
+            request.kind,
+            &request.headers,
+            range,
+            request.public_only,
+        )
+        .map_err(AttemptError::Failed)?;
         let token = self.plaintext.as_ref().map(|auth| {
             let path = outgoing.uri().path_and_query().map_or("/", |p| p.as_str());
             let token = auth.sign_request(outgoing.method(), path, std::time::SystemTime::now());

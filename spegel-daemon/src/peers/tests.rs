@@ -381,6 +381,7 @@ fn request(kind: Kind, reference: Reference) -> ObjectRequest {
         headers,
         origin: None,
         mirrored: false,
+        public_only: false,
     }
 }
 

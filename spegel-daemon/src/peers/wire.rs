@@ -6,7 +6,8 @@ use http::{HeaderMap, Method, Request, StatusCode, Uri, header};
 use http_body_util::Empty;
 
 use crate::oci::{
-    ByteRange, Kind, MANIFEST_ACCEPT, MIRRORED_HEADER, content_length, content_range,
+    ByteRange, Kind, MANIFEST_ACCEPT, MIRRORED_HEADER, PUBLIC_ONLY_HEADER, content_length,
+    content_range,
 };
 
 /// `http://<peer>/v2/<repository>/<kind>/<reference>?ns=<registry>`.
@@ -60,12 +61,16 @@ pub(crate) fn build_request(
     kind: Kind,
     client_headers: &HeaderMap,
     range: Option<ByteRange>,
+    public_only: bool,
 ) -> Result<Request<Empty<Bytes>>, String> {
     let mut builder = Request::builder()
         .method(method)
         .uri(uri)
         .header(header::USER_AGENT, "spegel")
         .header(MIRRORED_HEADER, "true");
+    if public_only {
+        builder = builder.header(PUBLIC_ONLY_HEADER, "true");
+    }
     let mut accepts = client_headers.get_all(header::ACCEPT).iter().peekable();
     if accepts.peek().is_some() {
         for value in accepts {
@@ -206,17 +211,27 @@ mod tests {
         let mut client = HeaderMap::new();
         client.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         let uri = Uri::from_static("http://127.0.0.1:1/v2/a/manifests/t");
-        let req = build_request(Method::GET, uri.clone(), Kind::Manifest, &client, None).unwrap();
+        let req = build_request(
+            Method::GET,
+            uri.clone(),
+            Kind::Manifest,
+            &client,
+            None,
+            false,
+        )
+        .unwrap();
         assert!(req.headers().get(header::AUTHORIZATION).is_none());
         assert_eq!(req.headers()[MIRRORED_HEADER], "true");
+        assert!(!req.headers().contains_key(PUBLIC_ONLY_HEADER));
         assert_eq!(req.headers().get_all(header::ACCEPT).iter().count(), 4);
         client.append(header::ACCEPT, HeaderValue::from_static("a/b"));
         let range = ByteRange::From {
             start: 5,
             end: None,
         };
-        let req = build_request(Method::GET, uri, Kind::Blob, &client, Some(range)).unwrap();
+        let req = build_request(Method::GET, uri, Kind::Blob, &client, Some(range), true).unwrap();
         assert_eq!(req.headers()[header::ACCEPT], "a/b");
         assert_eq!(req.headers()[header::RANGE], "bytes=5-");
+        assert_eq!(req.headers()[PUBLIC_ONLY_HEADER], "true");
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     metrics,
     oci::{
         self, API_VERSION_HEADER, CONTENT_DIGEST_HEADER, ErrorBody, ErrorCode, Kind,
-        MIRRORED_HEADER, ParseError, Reference,
+        MIRRORED_HEADER, PUBLIC_ONLY_HEADER, ParseError, Reference,
     },
     source::{Object, ObjectRequest, Origin, Source, SourceError},
     store::{Store, StoreError},
@@ -492,10 +492,15 @@ fn route<B>(request: &Request<B>, ctx: &RequestContext) -> Route {
             return Route::Reject(Rejection::from(ParseError::Range("multiple Range headers")));
         }
     };
-    let mirrored = request
-        .headers()
-        .get(&MIRRORED_HEADER)
-        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"));
+    let flag = |name: &HeaderName| {
+        request
+            .headers()
+            .get(name)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"))
+    };
+    let mirrored = flag(&MIRRORED_HEADER);
+    // Only another node asks for public content only.
+    let public_only = mirrored && flag(&PUBLIC_ONLY_HEADER);
     Route::Pull(Box::new(ObjectRequest {
         kind: object.kind,
         registry,
@@ -506,12 +511,13 @@ fn route<B>(request: &Request<B>, ctx: &RequestContext) -> Route {
         headers: forwardable_headers(request.headers()),
         origin: ctx.origin.clone(),
         mirrored,
+        public_only,
     }))
 }
 
 /// Headers that describe one hop, or that this layer represents otherwise (the range is parsed,
 /// the mirrored flag must never travel further).
-const LOCAL_HEADERS: [HeaderName; 12] = [
+const LOCAL_HEADERS: [HeaderName; 13] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -524,6 +530,7 @@ const LOCAL_HEADERS: [HeaderName; 12] = [
     header::CONTENT_LENGTH,
     header::RANGE,
     MIRRORED_HEADER,
+    PUBLIC_ONLY_HEADER,
 ];
 
 /// The client's headers a source may forward: everything but [`LOCAL_HEADERS`].

@@ -1,6 +1,7 @@
 //! Answering pulls: the policy that orders the sources, the registry HTTP API and its server, and
 //! intercepted connections to mirrored registries.
 
+pub mod access;
 pub mod api;
 pub mod policy;
 pub mod transparent;

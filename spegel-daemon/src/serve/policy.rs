@@ -268,6 +268,7 @@ mod tests {
                 tls: true,
             }),
             mirrored: false,
+            public_only: false,
         }
     }
 

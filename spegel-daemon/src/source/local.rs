@@ -198,6 +198,7 @@ pub(crate) mod tests {
             headers: HeaderMap::new(),
             origin: None,
             mirrored: false,
+            public_only: false,
         }
     }
 

@@ -41,6 +41,9 @@ pub struct ObjectRequest {
     pub origin: Option<Origin>,
     /// Set when the request came from another spegel node: it must never be forwarded again.
     pub mirrored: bool,
+    /// Set when only content known to be public may answer (upstream could not confirm the
+    /// client may read it: `serve::access`). Travels to peers as `x-spegel-public-only`.
+    pub public_only: bool,
 }
 
 /// A body: bytes as they arrive. An `Err` item aborts the response (the client sees a truncated

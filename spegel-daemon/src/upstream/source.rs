@@ -398,6 +398,7 @@ mod tests {
             headers: HeaderMap::new(),
             origin: None,
             mirrored: false,
+            public_only: false,
         }
     }
 

@@ -199,6 +199,7 @@ fn request(kind: Kind, reference: Reference, origin: Option<Origin>) -> ObjectRe
         headers,
         origin,
         mirrored: false,
+        public_only: false,
     }
 }
 

@@ -63,6 +63,7 @@ fn request(range: Option<ByteRange>) -> ObjectRequest {
         headers: HeaderMap::new(),
         origin: None,
         mirrored: false,
+        public_only: false,
     }
 }
 
