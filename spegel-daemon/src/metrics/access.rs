@@ -2,17 +2,10 @@
 //! public content served unconfirmed, and public-only requests this node declined.
 use std::{
     fmt,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
 };
 
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::counter::ConstCounter,
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 /// Counted by `serve::access`, exported here.
 #[derive(Debug, Default)]
@@ -34,40 +27,34 @@ pub(super) struct AccessCollector(pub(super) Arc<AccessStats>);
 impl Collector for AccessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let stats = &self.0;
-        for (name, help, value) in [
-            (
-                "spegel_access_confirmed",
-                "Objects upstream confirmed the pulling client may read (with its own \
+        super::collect::counters(
+            &mut encoder,
+            &[
+                (
+                    "spegel_access_confirmed",
+                    "Objects upstream confirmed the pulling client may read (with its own \
                  credentials) before peers' copy was served.",
-                &stats.confirmed,
-            ),
-            (
-                "spegel_access_refused",
-                "Requests upstream refused (401/403/404): the client got upstream's answer, \
+                    &stats.confirmed,
+                ),
+                (
+                    "spegel_access_refused",
+                    "Requests upstream refused (401/403/404): the client got upstream's answer, \
                  never peers' bytes.",
-                &stats.refused,
-            ),
-            (
-                "spegel_access_public_only",
-                "Objects served from peers unconfirmed because upstream could not answer: \
+                    &stats.refused,
+                ),
+                (
+                    "spegel_access_public_only",
+                    "Objects served from peers unconfirmed because upstream could not answer: \
                  public content only.",
-                &stats.public_only,
-            ),
-            (
-                "spegel_access_withheld",
-                "Public-only requests from other nodes for content this node does not know to \
+                    &stats.public_only,
+                ),
+                (
+                    "spegel_access_withheld",
+                    "Public-only requests from other nodes for content this node does not know to \
                  be public (answered 404).",
-                &stats.withheld,
-            ),
-        ] {
-            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
-        }
-        Ok(())
+                    &stats.withheld,
+                ),
+            ],
+        )
     }
 }

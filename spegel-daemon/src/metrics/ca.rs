@@ -9,7 +9,7 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    metrics::gauge::ConstGauge,
 };
 
 use crate::tls::continuity::CaStats;
@@ -43,32 +43,26 @@ impl Collector for CaCollector {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
-        for (name, help, value) in [
-            (
-                "spegel_ca_minted",
-                "Next node CAs minted beside the current one.",
-                &stats.minted,
-            ),
-            (
-                "spegel_ca_promoted",
-                "Next node CAs promoted to current once containerd trusted them.",
-                &stats.promoted,
-            ),
-            (
-                "spegel_ca_spliced_uncovered",
-                "TLS connections to mirrored registries passed through because the trusted \
+        super::collect::counters(
+            &mut encoder,
+            &[
+                (
+                    "spegel_ca_minted",
+                    "Next node CAs minted beside the current one.",
+                    &stats.minted,
+                ),
+                (
+                    "spegel_ca_promoted",
+                    "Next node CAs promoted to current once containerd trusted them.",
+                    &stats.promoted,
+                ),
+                (
+                    "spegel_ca_spliced_uncovered",
+                    "TLS connections to mirrored registries passed through because the trusted \
                  node CA does not cover them.",
-                &stats.spliced_uncovered,
-            ),
-        ] {
-            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
-        }
-        Ok(())
+                    &stats.spliced_uncovered,
+                ),
+            ],
+        )
     }
 }

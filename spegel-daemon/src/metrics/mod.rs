@@ -12,6 +12,7 @@ use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics};
 
 mod access;
 mod ca;
+mod collect;
 mod exposition;
 mod format;
 pub mod recent;
