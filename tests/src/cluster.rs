@@ -248,15 +248,24 @@ pub fn ns_query(host: &str) -> String {
 }
 
 /// The registry API paths of `image`'s content: every pulled blob, the manifest by digest and,
-/// with `tag_registry`, the manifest by tag (`?ns=` as containerd asks).
+/// with `tag_registry`, the manifest by tag, each with `?ns=` as containerd asks a mirror (the
+/// registry named decides whether peers may share it: the rig's are public but for
+/// [`Endpoint::Auth`](crate::rig::Endpoint::Auth)). Requests to the registry API that were not
+/// intercepted never go upstream, so a 200 means this node or a peer has it.
 pub fn content_paths(image: &TestImage, tag_registry: Option<&str>) -> Vec<String> {
+    let reference = image.reference(crate::rig::Endpoint::Tls);
+    let ns = ns_query(
+        tag_registry
+            .or_else(|| reference.split('/').next())
+            .expect("a reference names its registry"),
+    );
     let mut paths: Vec<String> = image
         .pulled_blobs()
         .iter()
-        .map(|blob| format!("/v2/{}/blobs/{}", image.repository, blob.digest))
+        .map(|blob| format!("/v2/{}/blobs/{}?{ns}", image.repository, blob.digest))
         .collect();
     paths.push(format!(
-        "/v2/{}/manifests/{}",
+        "/v2/{}/manifests/{}?{ns}",
         image.repository,
         image.digest()
     ));

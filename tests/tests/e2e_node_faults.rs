@@ -198,8 +198,17 @@ async fn run<F: Future<Output = ()>>(suite: &Suite, scenario: F) {
 /// blob of `image`.
 async fn wait_discoverable(daemon: &Spegel, image: &TestImage) {
     let started = Instant::now();
+    // As containerd asks a mirror: with the registry in `?ns=` (public on the rig).
+    let reference = image.reference(Endpoint::Tls);
+    let registry = reference
+        .split('/')
+        .next()
+        .expect("a reference names its registry");
     for blob in image.pulled_blobs() {
-        let path = format!("/v2/{}/blobs/{}", image.repository, blob.digest);
+        let path = format!(
+            "/v2/{}/blobs/{}?ns={registry}",
+            image.repository, blob.digest
+        );
         eventually(
             &format!("{} finds {}", daemon.node_name(), blob.digest),
             DISCOVERY_TIMEOUT,

@@ -340,13 +340,12 @@ impl SpegelOptions {
         if !peers.is_empty() {
             push("--bootstrap-peers", &peers.join(","));
         }
+        // The rig's images are public except on the basic-auth listener, and an operator would
+        // say so: with no credentials to confirm (mirror mode, or the registry down), peers
+        // share only what is declared or known to be public.
+        push("--public-registries", &rig_public_hosts(rig).join(","));
         match self.mode {
-            SpegelMode::Mirror => {
-                push("--intercept", &"false");
-                // containerd sends a mirror no credentials, so nothing can be confirmed with
-                // upstream: the rig's images are public, as an operator would declare them.
-                push("--public-registries", &rig_registry_hosts(rig).join(","));
-            }
+            SpegelMode::Mirror => push("--intercept", &"false"),
             SpegelMode::Transparent => {
                 push("--intercept", &"true");
                 push("--containerd-cgroup", &node.cgroup_dir());
@@ -403,6 +402,22 @@ pub fn rig_registry_hosts(rig: &Rig) -> Vec<String> {
     Endpoint::ALL
         .iter()
         .flat_map(|endpoint| [registry.host(*endpoint), registry.ip_host(*endpoint)])
+        .collect()
+}
+
+/// The rig registry's listeners whose images are public — every one but [`Endpoint::Auth`],
+/// and the fault proxy's port in front of it — by name and by IP.
+pub fn rig_public_hosts(rig: &Rig) -> Vec<String> {
+    let registry = rig.registry();
+    let proxy = super::faultproxy::FaultProxy::PORT;
+    Endpoint::ALL
+        .iter()
+        .filter(|endpoint| **endpoint != Endpoint::Auth)
+        .flat_map(|endpoint| [registry.host(*endpoint), registry.ip_host(*endpoint)])
+        .chain([
+            format!("{}:{proxy}", registry.hostname()),
+            format!("{}:{proxy}", registry.ip()),
+        ])
         .collect()
 }
 
