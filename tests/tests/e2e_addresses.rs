@@ -161,7 +161,7 @@ async fn scenario_announced(announced: IpAddr) {
     }
     let mark = daemon_b.log_mark();
     for blob in image.pulled_blobs() {
-        let path = format!("/v2/{}/blobs/{}", image.repository, blob.digest);
+        let path = blob_path(&image, &blob.digest);
         let response = daemon_b.get(&path).await.expect("GET on B");
         assert_eq!(response.status, 200, "{path}: {}", response.text());
         assert_eq!(sha256(&response.body), blob.digest);
@@ -319,6 +319,18 @@ async fn pull(node: &Node, reference: &str) -> String {
 
 /// Waits until `daemon` answers 200 to a HEAD of every pulled blob of `image` (from its peers);
 /// how long that took.
+/// A blob's registry API path as containerd asks a mirror for it: `?ns=` names the (public)
+/// registry the image came from, so peers may share it.
+fn blob_path(image: &TestImage, digest: &str) -> String {
+    let reference = image.reference(Endpoint::Plain);
+    let registry = reference.split('/').next().expect("a reference names its registry");
+    format!(
+        "/v2/{}/blobs/{digest}?{}",
+        image.repository,
+        cluster::ns_query(registry)
+    )
+}
+
 async fn wait_found(daemon: &Spegel, image: &TestImage) -> anyhow::Result<Duration> {
     let started = Instant::now();
     eventually(
@@ -330,7 +342,7 @@ async fn wait_found(daemon: &Spegel, image: &TestImage) -> anyhow::Result<Durati
         FIND_TIMEOUT,
         || async {
             for blob in image.pulled_blobs() {
-                let path = format!("/v2/{}/blobs/{}", image.repository, blob.digest);
+                let path = blob_path(image, &blob.digest);
                 if daemon.request("HEAD", &path, &[]).await?.status != 200 {
                     return Ok(None);
                 }
