@@ -12,6 +12,7 @@ use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics};
 
 mod ca;
 mod exposition;
+mod fallbacks;
 mod format;
 pub mod recent;
 mod served;
@@ -22,6 +23,7 @@ mod tests;
 
 #[doc(hidden)]
 pub use exposition::exposition_of_every_family;
+pub use fallbacks::{FallbackReason, FallbackStats};
 pub use format::Format;
 pub use served::Instrumented;
 pub use subsystems::ConnectionStats;
@@ -35,6 +37,8 @@ pub struct Metrics {
     registry: Registry,
     served: Served,
     api: Arc<ConnectionStats>,
+    /// Whose registry holds libp2p's own metrics, encoded after ours.
+    libp2p: Option<P2pRouter>,
 }
 
 impl Default for Metrics {
@@ -53,6 +57,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let served = Served::register(&mut registry);
         let api = Arc::new(ConnectionStats::default());
+        let libp2p = router.clone();
         registry.register_collector(Box::new(Subsystems {
             api: Arc::clone(&api),
             fetch,
@@ -63,6 +68,7 @@ impl Metrics {
             registry,
             served,
             api,
+            libp2p,
         }
     }
 
@@ -78,6 +84,13 @@ impl Metrics {
         self
     }
 
+    /// Also exports why requests were sent upstream (`spegel_upstream_fallbacks_total`).
+    pub fn with_fallbacks(mut self, stats: Arc<FallbackStats>) -> Self {
+        self.registry
+            .register_collector(Box::new(fallbacks::FallbackCollector(stats)));
+        self
+    }
+
     /// Also exports the node CA's continuity stats (`spegel_ca_*`).
     pub fn with_ca(mut self, stats: Arc<crate::tls::continuity::CaStats>) -> Self {
         self.registry
@@ -89,7 +102,11 @@ impl Metrics {
     /// (see [`Format::render`] for the Prometheus text format).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
-        text::encode(&mut out, &self.registry)?;
+        text::encode_registry(&mut out, &self.registry)?;
+        if let Some(router) = &self.libp2p {
+            text::encode_registry(&mut out, router.libp2p_metrics())?;
+        }
+        text::encode_eof(&mut out)?;
         Ok(out)
     }
 }

@@ -2,5 +2,6 @@
 //! intercepted connections to mirrored registries.
 
 pub mod api;
+mod fallback;
 pub mod policy;
 pub mod transparent;
