@@ -152,9 +152,11 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let tag_stats = Arc::new(TagStats::default());
     let access_stats = Arc::new(AccessStats::default());
     let access = Arc::new(args.access.access(Arc::clone(&access_stats)));
+    let fallback_stats = Arc::new(crate::metrics::FallbackStats::default());
     let metrics = metrics
         .with_tags(Arc::clone(&tag_stats))
-        .with_access(access_stats);
+        .with_access(access_stats)
+        .with_fallbacks(Arc::clone(&fallback_stats));
     let metrics = Arc::new(match transparent {
         true => metrics.with_ca(Arc::clone(&ca_stats)),
         false => metrics,
@@ -182,7 +184,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let upstream: Arc<dyn Source> = Arc::new(NotesPublic::new(upstream, access));
     let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first)
         .with_backoff(backoff)
-        .with_tag_stats(tag_stats);
+        .with_tag_stats(tag_stats)
+        .with_fallback_stats(fallback_stats);
     let source: Arc<dyn Source> =
         Arc::new(Instrumented::new(Arc::new(policy), Arc::clone(&metrics)));
 

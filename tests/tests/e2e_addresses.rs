@@ -323,7 +323,10 @@ async fn pull(node: &Node, reference: &str) -> String {
 /// registry the image came from, so peers may share it.
 fn blob_path(image: &TestImage, digest: &str) -> String {
     let reference = image.reference(Endpoint::Plain);
-    let registry = reference.split('/').next().expect("a reference names its registry");
+    let registry = reference
+        .split('/')
+        .next()
+        .expect("a reference names its registry");
     format!(
         "/v2/{}/blobs/{digest}?{}",
         image.repository,

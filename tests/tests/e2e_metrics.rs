@@ -1,7 +1,8 @@
 //! End-to-end acceptance of `/metrics` on the real rig: a real Prometheus server scrapes every
 //! node's spegel daemon while the cluster pulls an image (A from the registry, then B and C
 //! from A through their daemons), and PromQL over what it scraped agrees with the daemons' own
-//! `/metrics`: every target up, every blob byte of B and C served from peers.
+//! `/metrics`: every target up, every blob byte of B and C served from peers; and the latency
+//! histograms, DHT gauges and libp2p's own metrics scraped with values that fit the pulls.
 //!
 //! Run with `SPEGEL_E2E=1 cargo test -p spegel-tests --test e2e_metrics -- --nocapture` as root,
 //! after `cargo build -p spegel-daemon`.
@@ -186,6 +187,59 @@ async fn prometheus_scrapes_every_daemon_and_sees_bytes_served_by_peers() {
     assert_eq!(sums["local"], from_local.values().sum::<f64>());
     // Every byte a daemon got from a peer, a peer served from its local content.
     assert!(sums["local"] >= sums["peer"], "{sums:?}");
+
+    // The latency histograms, the DHT gauges and libp2p's own metrics, as Prometheus has them.
+    let blobs = image.pulled_blobs().len() as f64;
+    let job = format!("job=\"{SCRAPE_JOB}\"");
+    let checks: Vec<(String, Box<dyn Fn(&BTreeMap<String, f64>) -> bool>)> = vec![
+        (
+            // B and C timed every blob they got from a peer, to the first and the last byte.
+            format!("spegel_peer_fetch_duration_seconds_count{{{job},kind=\"blob\"}}"),
+            Box::new(move |v| v.values().filter(|n| **n >= blobs).count() == 2),
+        ),
+        (
+            format!("spegel_peer_first_byte_seconds_count{{{job},kind=\"blob\"}}"),
+            Box::new(move |v| v.values().filter(|n| **n >= blobs).count() == 2),
+        ),
+        (
+            // Their lookups found A.
+            format!("spegel_p2p_lookup_duration_seconds_count{{{job},outcome=\"found\"}}"),
+            Box::new(|v| v.values().filter(|n| **n >= 1.0).count() >= 2),
+        ),
+        (
+            // Three nodes: each is connected to both others.
+            format!("spegel_p2p_peers{{{job},state=\"connected\"}}"),
+            Box::new(|v| v.len() == 3 && v.values().all(|n| *n == 2.0)),
+        ),
+        (
+            // Each advertises what it has (A first, then B and C what they pulled).
+            format!("spegel_advertised_keys{{{job}}}"),
+            Box::new(move |v| v.len() == 3 && v.values().all(|n| *n >= blobs)),
+        ),
+        (
+            // libp2p's own metrics: the connections between the three.
+            format!("sum by (node) (libp2p_swarm_connections_established_total{{{job}}})"),
+            Box::new(|v| v.len() == 3 && v.values().all(|n| *n >= 1.0)),
+        ),
+        (
+            // Mirror mode has no upstream to fall back to.
+            format!("sum by (node) (spegel_upstream_fallbacks_total{{{job}}})"),
+            Box::new(|v| v.len() == 3 && v.values().all(|n| *n == 0.0)),
+        ),
+    ];
+    for (promql, fits) in &checks {
+        let got = eventually(
+            &format!("prometheus has {promql}"),
+            SCRAPE_TIMEOUT,
+            || async {
+                let got = by_node(&prometheus, promql).await?;
+                Ok(fits(&got).then_some(got))
+            },
+        )
+        .await
+        .unwrap_or_else(|error| panic!("{error:#}"));
+        eprintln!("prometheus: {promql} = {got:?}");
+    }
 
     drop(prometheus);
     rig.shutdown().await.expect("clean teardown");

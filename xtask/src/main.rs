@@ -50,6 +50,10 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
 ];
 
+/// `tests/tests/deploy.rs` renders `deploy/` with `kubectl kustomize`; the manifests need the
+/// kustomize of kubectl 1.27 or later. Not a Debian package: the machine must have it.
+const KUBECTL_MIN: (u32, u32) = (1, 27);
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Seconds each fuzz target runs in `cargo xtask test` (the smoke run; 17 targets).
@@ -130,6 +134,7 @@ fn is_root() -> bool {
 
 /// Installs whatever is missing; returns the PATH to build with (bpf-linker first).
 fn prereqs() -> anyhow::Result<OsString> {
+    check_kubectl()?;
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
@@ -198,6 +203,53 @@ fn prereqs() -> anyhow::Result<OsString> {
     let mut paths = vec![tools.join("bin")];
     paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
     env::join_paths(paths).context("PATH")
+}
+
+/// Fails unless `kubectl` on PATH is at least [`KUBECTL_MIN`] (nothing is downloaded).
+fn check_kubectl() -> anyhow::Result<()> {
+    let (major, minor) = KUBECTL_MIN;
+    let want = format!(
+        "the deploy tests (tests/tests/deploy.rs) need kubectl >= {major}.{minor} on PATH for \
+         `kubectl kustomize`; install it from your distribution or \
+         https://kubernetes.io/docs/tasks/tools/ (xtask does not download it)"
+    );
+    let output = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .with_context(|| format!("cannot run kubectl: {want}"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let Some(found) = kubectl_client_version(&text) else {
+        bail!(
+            "cannot tell kubectl's version from `kubectl version --client -o json` ({}): {want}",
+            if output.status.success() {
+                text.trim().to_owned()
+            } else {
+                format!(
+                    "{}: {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )
+            }
+        );
+    };
+    if found < KUBECTL_MIN {
+        bail!("kubectl is {}.{}: {want}", found.0, found.1);
+    }
+    Ok(())
+}
+
+/// The client's `(major, minor)` from `kubectl version --client -o json`: its `gitVersion`
+/// (`"v1.32.4-dispatcher"`), which distributions keep exact while they decorate `minor`
+/// (`"32+"`).
+fn kubectl_client_version(json: &str) -> Option<(u32, u32)> {
+    let client = &json[json.find("\"clientVersion\"")?..];
+    let after = &client[client.find("\"gitVersion\"")? + "\"gitVersion\"".len()..];
+    let version = after.trim_start().strip_prefix(':')?.trim_start();
+    let version = version.strip_prefix("\"v")?;
+    let mut numbers = version.split(|c: char| !c.is_ascii_digit());
+    let major = numbers.next()?.parse().ok()?;
+    let minor = numbers.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 fn cargo(path: &OsString) -> Command {
@@ -483,6 +535,33 @@ fn run_tool(bin: &str, extra: &[OsString]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubectl_versions_are_read_from_git_version() {
+        let json = |git: &str| {
+            format!(
+                r#"{{
+  "clientVersion": {{
+    "major": "1",
+    "minor": "32+",
+    "gitVersion": "{git}",
+    "platform": "linux/amd64"
+  }},
+  "kustomizeVersion": "v5.5.0"
+}}"#
+            )
+        };
+        assert_eq!(
+            kubectl_client_version(&json("v1.32.4-dispatcher")),
+            Some((1, 32))
+        );
+        assert_eq!(kubectl_client_version(&json("v1.27.0")), Some((1, 27)));
+        assert!(kubectl_client_version(&json("v1.26.15")).unwrap() < KUBECTL_MIN);
+        assert!(kubectl_client_version(&json("v1.9.0")).unwrap() < KUBECTL_MIN);
+        assert!(kubectl_client_version(&json("v2.0.0")).unwrap() >= KUBECTL_MIN);
+        assert_eq!(kubectl_client_version(&json("devel")), None);
+        assert_eq!(kubectl_client_version("error: unknown flag"), None);
+    }
 
     #[test]
     fn finds_fault_switches_in_bytes() {

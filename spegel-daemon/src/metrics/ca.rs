@@ -30,8 +30,8 @@ impl Collector for CaCollector {
             ),
             (
                 "spegel_ca_next_pending",
-                "1 while a next node CA waits for containerd to trust it (run install-ca and \
-                 restart containerd).",
+                "1 while a next node CA waits for containerd to trust it (run `spegel \
+                 node-setup`, or `spegel install-ca` and restart containerd).",
                 stats.next_pending.load(Ordering::Relaxed) as i64,
             ),
             (

@@ -33,6 +33,7 @@ pub fn exposition_of_every_family() -> String {
         Some(router),
     )
     .with_tags(Arc::new(TagStats::default()))
+    .with_fallbacks(Arc::new(super::FallbackStats::default()))
     .with_ca(Arc::new(CaStats::default()))
     .with_access(Arc::new(AccessStats::default()));
     metrics
@@ -54,6 +55,12 @@ mod tests {
             "spegel_ca_next_pending",
             "spegel_registry_unauthorized_requests",
             "spegel_access_withheld",
+            "spegel_upstream_fallbacks",
+            "spegel_p2p_lookup_duration_seconds",
+            "spegel_peer_first_byte_seconds",
+            "spegel_peer_fetch_duration_seconds",
+            "spegel_p2p_peers",
+            "spegel_advertised_keys",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

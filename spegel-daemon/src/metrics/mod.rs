@@ -14,6 +14,7 @@ mod access;
 mod ca;
 mod collect;
 mod exposition;
+mod fallbacks;
 mod format;
 pub mod recent;
 mod served;
@@ -25,6 +26,7 @@ mod tests;
 pub use access::AccessStats;
 #[doc(hidden)]
 pub use exposition::exposition_of_every_family;
+pub use fallbacks::{FallbackReason, FallbackStats};
 pub use format::Format;
 pub use served::Instrumented;
 pub use subsystems::ConnectionStats;
@@ -38,6 +40,8 @@ pub struct Metrics {
     registry: Registry,
     served: Served,
     api: Arc<ConnectionStats>,
+    /// Whose registry holds libp2p's own metrics, encoded after ours.
+    libp2p: Option<P2pRouter>,
 }
 
 impl Default for Metrics {
@@ -56,6 +60,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let served = Served::register(&mut registry);
         let api = Arc::new(ConnectionStats::default());
+        let libp2p = router.clone();
         registry.register_collector(Box::new(Subsystems {
             api: Arc::clone(&api),
             fetch,
@@ -66,6 +71,7 @@ impl Metrics {
             registry,
             served,
             api,
+            libp2p,
         }
     }
 
@@ -88,6 +94,13 @@ impl Metrics {
         self
     }
 
+    /// Also exports why requests were sent upstream (`spegel_upstream_fallbacks_total`).
+    pub fn with_fallbacks(mut self, stats: Arc<FallbackStats>) -> Self {
+        self.registry
+            .register_collector(Box::new(fallbacks::FallbackCollector(stats)));
+        self
+    }
+
     /// Also exports the node CA's continuity stats (`spegel_ca_*`).
     pub fn with_ca(mut self, stats: Arc<crate::tls::continuity::CaStats>) -> Self {
         self.registry
@@ -99,7 +112,11 @@ impl Metrics {
     /// (see [`Format::render`] for the Prometheus text format).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
-        text::encode(&mut out, &self.registry)?;
+        text::encode_registry(&mut out, &self.registry)?;
+        if let Some(router) = &self.libp2p {
+            text::encode_registry(&mut out, router.libp2p_metrics())?;
+        }
+        text::encode_eof(&mut out)?;
         Ok(out)
     }
 }

@@ -1,6 +1,9 @@
 //! The counters subsystems keep themselves (peer fetching, interception, the router, the
 //! registry API's connections), read at scrape time and exported under their `spegel_peer_*`,
-//! `spegel_intercept_*`, `spegel_router_*` and `spegel_registry_*` names.
+//! `spegel_intercept_*`, `spegel_router_*` and `spegel_registry_*` names; with the latency
+//! histograms peer fetching and the router keep (`spegel_peer_*_seconds`,
+//! `spegel_p2p_lookup_duration_seconds`) and the router's gauges (`spegel_p2p_peers`,
+//! `spegel_advertised_keys`).
 use std::{
     fmt,
     sync::{
@@ -12,10 +15,16 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
 };
 
-use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics, routing::Router as _};
+use crate::{
+    intercept::InterceptStats,
+    oci::Kind,
+    p2p::{LookupOutcome, P2pRouter},
+    peers::{FetchMetrics, FetchTimings},
+    routing::Router as _,
+};
 
 /// What the registry API's server did to its connections. Kept here, not in `serve/`, because
 /// `serve/` depends on this module; the server holds it and counts into it.
@@ -121,6 +130,23 @@ impl Collector for Subsystems {
             ] {
                 counter(&mut encoder, name, help, value)?;
             }
+            let timings = &fetch.timings;
+            histograms(
+                &mut encoder,
+                "spegel_peer_first_byte_seconds",
+                "Objects a peer served: time from asking the peers to an answer to respond with \
+                 (a blob's headers, a manifest's verified bytes), by kind.",
+                "kind",
+                by_kind(&timings.first_byte),
+            )?;
+            histograms(
+                &mut encoder,
+                "spegel_peer_fetch_duration_seconds",
+                "Objects a peer served: time from asking the peers to the last byte, verified, \
+                 by kind.",
+                "kind",
+                by_kind(&timings.complete),
+            )?;
         }
         if let Some(stats) = &self.intercept {
             for (name, value, help) in [
@@ -209,9 +235,66 @@ impl Collector for Subsystems {
                 None,
                 has_peers.metric_type(),
             )?)?;
+            {
+                let mut family = encoder.encode_descriptor(
+                    "spegel_p2p_peers",
+                    "Other nodes this node has a libp2p connection to (connected), and in its \
+                     Kademlia routing table (routing_table).",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for (state, value) in [
+                    ("connected", router.connected_peers()),
+                    ("routing_table", router.routing_table_size()),
+                ] {
+                    ConstGauge::new(gauge_value(value))
+                        .encode(family.encode_family(&[("state", state)])?)?;
+                }
+            }
+            let advertised = ConstGauge::new(gauge_value(router.advertised_keys()));
+            advertised.encode(encoder.encode_descriptor(
+                "spegel_advertised_keys",
+                "Keys (digests, image names) this node advertises in the DHT.",
+                None,
+                advertised.metric_type(),
+            )?)?;
+            let durations = &stats.lookup_durations;
+            histograms(
+                &mut encoder,
+                "spegel_p2p_lookup_duration_seconds",
+                "DHT lookups that went to the network (not answered from the cache), by outcome: \
+                 found (timed to the first provider resolved), not_found, timeout, error.",
+                "outcome",
+                LookupOutcome::ALL.map(|outcome| (outcome.label(), durations.of(outcome))),
+            )?;
         }
         Ok(())
     }
+}
+
+/// Writes histogram family `name`, one series per `label` value.
+fn histograms<'h>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl IntoIterator<Item = (&'static str, &'h Histogram)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (value, histogram) in series {
+        histogram.encode(family.encode_family(&[(label, value)])?)?;
+    }
+    Ok(())
+}
+
+/// The series of a by-kind pair of histograms, labelled.
+fn by_kind(histograms: &[Histogram; 2]) -> [(&'static str, &Histogram); 2] {
+    [(Kind::Manifest, "manifest"), (Kind::Blob, "blob")]
+        .map(|(kind, label)| (label, &histograms[FetchTimings::index(kind)]))
+}
+
+fn gauge_value(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 fn load(counter: &AtomicU64) -> u64 {

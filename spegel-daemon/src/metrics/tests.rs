@@ -94,6 +94,9 @@ async fn busy_metrics() -> (Arc<Metrics>, Instrumented) {
     let fetch = Arc::new(FetchMetrics::default());
     fetch.hits.fetch_add(2, Ordering::Relaxed);
     fetch.bytes.fetch_add(4096, Ordering::Relaxed);
+    let blob = crate::peers::FetchTimings::index(Kind::Blob);
+    fetch.timings.first_byte[blob].observe(0.2);
+    fetch.timings.complete[blob].observe(1.5);
     let intercept = Arc::new(InterceptStats::default());
     intercept.accepted.fetch_add(5, Ordering::Relaxed);
     intercept.mirrored.fetch_add(3, Ordering::Relaxed);
@@ -106,7 +109,19 @@ async fn busy_metrics() -> (Arc<Metrics>, Instrumented) {
     // The event loop never runs: the router's counters are all the test reads.
     let (router, _event_loop) = P2pRouter::new(config).unwrap();
     router.stats().lookups.fetch_add(7, Ordering::Relaxed);
-    let metrics = Arc::new(Metrics::new(Some(fetch), Some(intercept), Some(router)));
+    router.stats().lookup_durations.observe(
+        crate::p2p::LookupOutcome::Found,
+        std::time::Duration::from_millis(30),
+    );
+    let fallbacks = Arc::new(FallbackStats::default());
+    fallbacks.count(FallbackReason::Tag);
+    fallbacks.count(FallbackReason::Tag);
+    fallbacks.count(FallbackReason::Peers(
+        crate::source::miss::PeerMiss::NoProviders,
+    ));
+    let metrics = Arc::new(
+        Metrics::new(Some(fetch), Some(intercept), Some(router)).with_fallbacks(fallbacks),
+    );
     let api = metrics.connection_stats();
     api.refused.fetch_add(11, Ordering::Relaxed);
     api.write_timeouts.fetch_add(13, Ordering::Relaxed);
@@ -159,12 +174,34 @@ async fn openmetrics_scrape_is_complete() {
         "spegel_router_has_peers 0",
         "spegel_registry_refused_connections_total 11",
         "spegel_registry_write_timeouts_total 13",
+        "spegel_upstream_fallbacks_total{reason=\"tag\"} 2",
+        "spegel_upstream_fallbacks_total{reason=\"no_providers\"} 1",
+        "spegel_upstream_fallbacks_total{reason=\"peers_timeout\"} 0",
+        "spegel_peer_first_byte_seconds_count{kind=\"blob\"} 1",
+        "spegel_peer_first_byte_seconds_count{kind=\"manifest\"} 0",
+        "spegel_peer_fetch_duration_seconds_sum{kind=\"blob\"} 1.5",
+        "spegel_peer_fetch_duration_seconds_bucket{le=\"2.5\",kind=\"blob\"} 1",
+        "spegel_peer_fetch_duration_seconds_bucket{le=\"1.0\",kind=\"blob\"} 0",
+        "spegel_p2p_lookup_duration_seconds_count{outcome=\"found\"} 1",
+        "spegel_p2p_lookup_duration_seconds_count{outcome=\"timeout\"} 0",
+        "spegel_p2p_peers{state=\"connected\"} 0",
+        "spegel_p2p_peers{state=\"routing_table\"} 0",
+        "spegel_advertised_keys 0",
     ] {
         assert!(text.lines().any(|line| line == sample), "{sample}: {text}");
     }
     assert!(text.contains("# TYPE spegel_peer_hits counter\n"), "{text}");
     assert!(
         text.contains("# TYPE spegel_router_has_peers gauge\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE spegel_p2p_lookup_duration_seconds histogram\n"),
+        "{text}"
+    );
+    // libp2p's own families come from the router's registry, before the one `# EOF`.
+    assert!(
+        text.contains("# TYPE libp2p_identify_errors counter\n"),
         "{text}"
     );
 }

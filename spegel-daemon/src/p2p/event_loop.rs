@@ -3,7 +3,13 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
-use libp2p::{Swarm, identify, identity::Keypair, kad, swarm::SwarmEvent};
+use libp2p::{
+    Swarm, identify,
+    identity::Keypair,
+    kad,
+    metrics::{Metrics as Libp2pMetrics, Recorder as _},
+    swarm::SwarmEvent,
+};
 use tokio::{
     sync::mpsc,
     time::{Instant, MissedTickBehavior},
@@ -36,6 +42,8 @@ pub struct EventLoop {
     lookups: Lookups,
     providing: Providing,
     next_purge: Instant,
+    /// Records swarm, Kademlia and Identify events into libp2p's metrics.
+    recorder: Libp2pMetrics,
 }
 
 impl EventLoop {
@@ -44,6 +52,7 @@ impl EventLoop {
         keypair: &Keypair,
         commands: mpsc::Receiver<Command>,
         shared: Arc<Shared>,
+        recorder: Libp2pMetrics,
     ) -> Result<Self, P2pError> {
         let tunables = config.tunables.clone();
         let local = keypair.public().to_peer_id();
@@ -59,6 +68,7 @@ impl EventLoop {
             providing: Providing::default(),
             next_purge: Instant::now() + PURGE_INTERVAL,
             tunables,
+            recorder,
         })
     }
 
@@ -176,6 +186,7 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.recorder.record(&event);
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
@@ -206,6 +217,7 @@ impl EventLoop {
                 tracing::trace!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
                 self.bootstrap.dial_ended(connection_id);
                 self.peers.connected(connection_id, peer_id, endpoint);
+                self.count_connected();
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -215,6 +227,7 @@ impl EventLoop {
             } => {
                 self.peers.closed(connection_id);
                 if num_established == 0 {
+                    self.count_connected();
                     self.peer_resolved(peer_id);
                 }
             }
@@ -235,7 +248,16 @@ impl EventLoop {
         }
     }
 
+    /// Publishes how many peers have a connection, for metrics.
+    fn count_connected(&self) {
+        let connected = self.swarm.connected_peers().count();
+        self.shared
+            .connected
+            .store(connected, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn on_kad_event(&mut self, event: kad::Event) {
+        self.recorder.record(&event);
         match event {
             kad::Event::OutboundQueryProgressed {
                 id,
@@ -270,6 +292,7 @@ impl EventLoop {
     }
 
     fn on_identify_event(&mut self, event: identify::Event) {
+        self.recorder.record(&event);
         match event {
             identify::Event::Received {
                 connection_id,

@@ -6,6 +6,7 @@ use std::sync::{
 };
 
 use libp2p::{Multiaddr, PeerId};
+use prometheus_client::{metrics::histogram::Histogram, registry::Registry};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EventLoop, MAX_LOOKUP_COUNT, NodeKey, P2pConfig, P2pError, identity};
@@ -30,6 +31,66 @@ pub struct Stats {
     /// Registry addresses peers announced that the address policy refused (only their port
     /// was used).
     pub registry_addrs_refused: AtomicU64,
+    /// How long DHT lookups took, by outcome.
+    pub lookup_durations: LookupDurations,
+}
+
+/// How a DHT lookup ended, for [`LookupDurations`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupOutcome {
+    /// The first provider was resolved to a registry address (timed to that moment).
+    Found,
+    /// The query ran to its end and named no provider that could be resolved.
+    NotFound,
+    /// The lookup's deadline (`--lookup-timeout`) passed first.
+    Timeout,
+    /// The Kademlia query itself failed (its own timeout) before any provider was resolved.
+    Error,
+}
+
+impl LookupOutcome {
+    /// Every outcome, in [`LookupDurations`] index order.
+    pub const ALL: [Self; 4] = [Self::Found, Self::NotFound, Self::Timeout, Self::Error];
+
+    /// The `outcome` label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Found => "found",
+            Self::NotFound => "not_found",
+            Self::Timeout => "timeout",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Bucket bounds (seconds) of lookup durations: a lookup of a warm DHT takes milliseconds, a
+/// cold one a dial and an Identify per hop; the default lookup timeout is a few seconds.
+const LOOKUP_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Durations of the lookups that went to the DHT (cache hits and callers joining a lookup in
+/// flight are not timed), one histogram per [`LookupOutcome`]. Lookups every caller gave up on
+/// before any answer are not timed either.
+#[derive(Debug)]
+pub struct LookupDurations([Histogram; 4]);
+
+impl Default for LookupDurations {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| Histogram::new(LOOKUP_BUCKETS)))
+    }
+}
+
+impl LookupDurations {
+    /// Records a lookup that ended with `outcome` after `elapsed`.
+    pub fn observe(&self, outcome: LookupOutcome, elapsed: std::time::Duration) {
+        self.0[outcome as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// The histogram of `outcome`, to export.
+    pub fn of(&self, outcome: LookupOutcome) -> &Histogram {
+        &self.0[outcome as usize]
+    }
 }
 
 /// A handle to the router. Cheap to clone; the event loop stops when every handle is dropped
@@ -47,7 +108,11 @@ pub(super) struct Shared {
     pub(super) routing_table_size: AtomicUsize,
     /// Keys this node advertises (provides), as of the event loop's last change.
     pub(super) advertised: AtomicUsize,
+    /// Peers with at least one open connection, as of the event loop's last change.
+    pub(super) connected: AtomicUsize,
     pub(super) stats: Stats,
+    /// libp2p's own metrics (`libp2p_*`: swarm, Kademlia, Identify), recorded by the event loop.
+    pub(super) libp2p_metrics: Registry,
 }
 
 /// What a handle asks of the event loop.
@@ -96,14 +161,24 @@ impl P2pRouter {
             NodeKey::Persistent(dir) => identity::load_or_create(dir)?,
             NodeKey::Ephemeral => libp2p::identity::Keypair::generate_ed25519(),
         };
+        let mut libp2p_metrics = Registry::default();
+        let recorder = libp2p::metrics::Metrics::new(&mut libp2p_metrics);
         let shared = Arc::new(Shared {
             peer_id: keypair.public().to_peer_id(),
             routing_table_size: AtomicUsize::new(0),
             advertised: AtomicUsize::new(0),
+            connected: AtomicUsize::new(0),
             stats: Stats::default(),
+            libp2p_metrics,
         });
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_BUFFER);
-        let event_loop = EventLoop::new(&config, &keypair, commands_rx, Arc::clone(&shared))?;
+        let event_loop = EventLoop::new(
+            &config,
+            &keypair,
+            commands_rx,
+            Arc::clone(&shared),
+            recorder,
+        )?;
         tracing::info!(peer_id = %shared.peer_id, registry = %config.registry, "p2p router ready");
         let router = Self {
             commands: commands_tx,
@@ -139,6 +214,16 @@ impl P2pRouter {
     /// Keys this node advertises.
     pub fn advertised_keys(&self) -> usize {
         self.shared.advertised.load(Ordering::Relaxed)
+    }
+
+    /// Peers this node has a connection to.
+    pub fn connected_peers(&self) -> usize {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// libp2p's own metrics (`libp2p_*` families), for `/metrics`.
+    pub fn libp2p_metrics(&self) -> &Registry {
+        &self.shared.libp2p_metrics
     }
 
     /// Work counters, for metrics.

@@ -12,7 +12,8 @@ use libp2p::{PeerId, Swarm, kad};
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    Stats, addresses::PeerBook, behaviour::Behaviour, key::ContentKey, lookup_cache::LookupCache,
+    LookupOutcome, Stats, addresses::PeerBook, behaviour::Behaviour, key::ContentKey,
+    lookup_cache::LookupCache,
 };
 use crate::routing::Peer;
 
@@ -58,6 +59,8 @@ struct Lookup {
     resolving: HashMap<PeerId, Instant>,
     /// The Kademlia query, while it runs.
     query: Option<kad::QueryId>,
+    /// The Kademlia query ended with an error (its own timeout).
+    query_failed: bool,
     started: Instant,
     deadline: Instant,
 }
@@ -154,6 +157,7 @@ impl Lookups {
                 }
                 Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
                 Err(error) => {
+                    lookup.query_failed = true;
                     tracing::debug!(key = %lookup.key, %error, "provider query ended early");
                 }
             }
@@ -192,7 +196,7 @@ impl Lookups {
         let exhausted =
             lookup.query.is_none() && lookup.candidates.is_empty() && lookup.resolving.is_empty();
         if exhausted || lookup.subscribers.is_empty() {
-            self.finish(env.swarm, content_key, exhausted);
+            self.finish(env, content_key, exhausted);
         }
     }
 
@@ -215,13 +219,30 @@ impl Lookups {
     }
 
     /// Ends a lookup: stops its query, closes its callers' channels, caches what it found.
-    fn finish(&mut self, swarm: &mut Swarm<Behaviour>, content_key: ContentKey, complete: bool) {
+    /// `complete`: nothing more could come (rather than a deadline or callers leaving).
+    fn finish(&mut self, env: Env<'_>, content_key: ContentKey, complete: bool) {
         let Some(lookup) = self.active.remove(&content_key) else {
             return;
         };
+        let now = Instant::now();
+        if lookup.found.is_empty() {
+            // A found provider was timed when it was delivered.
+            let outcome = match (complete, lookup.query_failed) {
+                (true, false) => Some(LookupOutcome::NotFound),
+                (true, true) => Some(LookupOutcome::Error),
+                (false, _) if lookup.deadline <= now => Some(LookupOutcome::Timeout),
+                // Every caller left before any answer: nobody waited for the rest.
+                (false, _) => None,
+            };
+            if let Some(outcome) = outcome {
+                env.stats
+                    .lookup_durations
+                    .observe(outcome, now.duration_since(lookup.started));
+            }
+        }
         if let Some(query) = lookup.query {
             self.queries.remove(&query);
-            if let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&query) {
+            if let Some(mut query) = env.swarm.behaviour_mut().kad.query_mut(&query) {
                 query.finish();
             }
         }
@@ -255,7 +276,7 @@ impl Lookups {
             .map(|(key, _)| *key)
             .collect();
         for content_key in expired {
-            self.finish(env.swarm, content_key, false);
+            self.finish(env.reborrow(), content_key, false);
         }
         let slow: Vec<ContentKey> = self
             .active
@@ -315,6 +336,7 @@ impl Lookup {
             candidates: VecDeque::new(),
             resolving: HashMap::new(),
             query,
+            query_failed: false,
             started,
             deadline,
         }
@@ -361,6 +383,11 @@ impl Lookup {
             addr,
         };
         stats.peers_found.fetch_add(1, Ordering::Relaxed);
+        if self.found.is_empty() {
+            stats
+                .lookup_durations
+                .observe(LookupOutcome::Found, self.started.elapsed());
+        }
         for subscriber in &mut self.subscribers {
             if subscriber.sent < subscriber.want {
                 match subscriber.tx.try_send(peer.clone()) {

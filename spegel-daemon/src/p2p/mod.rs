@@ -62,7 +62,7 @@ pub use config::{
 };
 pub use event_loop::EventLoop;
 use handle::{Command, Shared};
-pub use handle::{P2pRouter, PeerStatus, Stats};
+pub use handle::{LookupDurations, LookupOutcome, P2pRouter, PeerStatus, Stats};
 pub use seeds::DnsSeed;
 
 pub use crate::routing::MAX_LOOKUP_COUNT;

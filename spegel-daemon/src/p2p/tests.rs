@@ -487,3 +487,53 @@ async fn tcp_routers_pair_reached_ip_with_announced_port() {
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gauges_lookup_durations_and_libp2p_metrics_follow_the_network() {
+    let a = Node::memory(0, Vec::new(), test_tunables());
+    let b = Node::memory(1, vec![a.addr().await], test_tunables());
+    eventually("the two routers are connected", || async {
+        a.router.connected_peers() == 1 && b.router.connected_peers() == 1
+    })
+    .await;
+    eventually("each has the other in its routing table", || async {
+        a.router.routing_table_size() == 1 && b.router.routing_table_size() == 1
+    })
+    .await;
+    assert_eq!(a.router.advertised_keys(), 0);
+    a.router
+        .advertise(vec!["k".into(), "k2".into()])
+        .await
+        .unwrap();
+    assert_eq!(a.router.advertised_keys(), 2);
+
+    let durations = &b.router.stats().lookup_durations;
+    expect_found(&b.router, "k", 1, &[a.peer()]).await;
+    assert!(durations.of(LookupOutcome::Found).count() >= 1);
+    // expect_found's early tries (before the record spread) may have ended not found too.
+    let not_found = durations.of(LookupOutcome::NotFound).count();
+    assert!(lookup(&b.router, "nobody-has-this", 1).await.is_empty());
+    assert_eq!(durations.of(LookupOutcome::NotFound).count(), not_found + 1);
+    assert_eq!(durations.of(LookupOutcome::Timeout).count(), 0);
+
+    let mut libp2p = String::new();
+    prometheus_client::encoding::text::encode_registry(&mut libp2p, b.router.libp2p_metrics())
+        .unwrap();
+    for family in [
+        "libp2p_swarm_connections_established",
+        "libp2p_kad_query_result_get_providers_ok",
+        "libp2p_identify_errors",
+    ] {
+        assert!(
+            libp2p.contains(&format!("# TYPE {family} ")),
+            "{family}: {libp2p}"
+        );
+    }
+
+    a.stop().await;
+    eventually("b notices a is gone", || async {
+        b.router.connected_peers() == 0
+    })
+    .await;
+    b.stop().await;
+}

@@ -5,7 +5,7 @@ use tokio::time::timeout;
 
 use super::{
     Inner, Target, attempt::AttemptError, attempt::PeerResponse, attempt::ReadFailure, bump,
-    once_body, race_error,
+    once_body, race_error, timed_out,
 };
 use crate::{
     body::{BodyCheck, VerifyError},
@@ -72,7 +72,7 @@ impl Inner {
         );
         let (peer, manifest) = match timeout(self.config.manifest_timeout, race).await {
             Ok(result) => result.map_err(race_error)?,
-            Err(_) => return Err(SourceError::NotFound),
+            Err(_) => return Err(timed_out()),
         };
         tracing::debug!(peer = %peer.id, digest = %manifest.digest, "manifest verified from peer");
         let size = manifest.bytes.len() as u64;

@@ -1,5 +1,24 @@
-//! Counters of peer fetching, for metrics export.
-use std::sync::atomic::{AtomicU64, Ordering};
+//! Counters and latency histograms of peer fetching, for metrics export.
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::Stream;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::time::Instant;
+
+use crate::{
+    oci::Kind,
+    source::{Body, Object},
+};
 
 /// Declares the counters once: the live atomics, the plain snapshot, and the copy between them.
 macro_rules! counters {
@@ -8,6 +27,8 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct FetchMetrics {
             $($(#[$doc])* pub $name: AtomicU64,)*
+            /// How long objects served by a peer took, by kind.
+            pub timings: FetchTimings,
         }
 
         /// A point-in-time copy of [`FetchMetrics`].
@@ -54,6 +75,98 @@ counters! {
     resumes,
     /// Resumes the fallback source took over.
     resume_fallbacks,
+}
+
+/// Bucket bounds (seconds) of peer fetch durations: a manifest or small layer from a node in
+/// the same zone takes milliseconds; a large layer seconds to minutes.
+const FETCH_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Latency of objects a peer served (GET only; HEAD requests and misses are not timed), by kind
+/// (index 0 manifests, 1 blobs):
+/// - **first byte**: from the request reaching this source to an answer it can respond with:
+///   for a blob, the winning peer's headers; for a manifest, its verified bytes;
+/// - **complete**: to the body's last byte, verified (a blob read by the verify-before-send
+///   buffer is read at the peer's pace; one streamed to containerd at containerd's).
+#[derive(Debug)]
+pub struct FetchTimings {
+    pub first_byte: [Histogram; 2],
+    pub complete: [Histogram; 2],
+}
+
+impl Default for FetchTimings {
+    fn default() -> Self {
+        let buckets = || std::array::from_fn(|_| Histogram::new(FETCH_BUCKETS));
+        Self {
+            first_byte: buckets(),
+            complete: buckets(),
+        }
+    }
+}
+
+impl FetchTimings {
+    /// The histogram index of `kind`.
+    pub const fn index(kind: Kind) -> usize {
+        match kind {
+            Kind::Manifest => 0,
+            Kind::Blob => 1,
+        }
+    }
+
+    pub(super) fn first_byte(&self, kind: Kind, elapsed: Duration) {
+        self.first_byte[Self::index(kind)].observe(elapsed.as_secs_f64());
+    }
+
+    pub(super) fn complete(&self, kind: Kind, elapsed: Duration) {
+        self.complete[Self::index(kind)].observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Records `object`'s first byte now (`started` is when the request reached the peer source)
+/// and, once its body has ended without an error, its completion.
+pub(super) fn time(metrics: &Arc<FetchMetrics>, kind: Kind, started: Instant, object: &mut Object) {
+    metrics.timings.first_byte(kind, started.elapsed());
+    if let Some(body) = object.body.take() {
+        object.body = Some(Box::pin(TimedBody {
+            inner: body,
+            metrics: Arc::clone(metrics),
+            kind,
+            started,
+            failed: false,
+        }));
+    }
+}
+
+/// A peer body that records its completion when its last byte is through (verified: the
+/// verifier holds the last chunk back until the digest checks).
+struct TimedBody {
+    inner: Body,
+    metrics: Arc<FetchMetrics>,
+    kind: Kind,
+    started: Instant,
+    /// An error ended the body, or its end was recorded: nothing more to record.
+    failed: bool,
+}
+
+impl Stream for TimedBody {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = ready!(self.inner.as_mut().poll_next(cx));
+        match &item {
+            Some(Ok(_)) => {}
+            Some(Err(_)) => self.failed = true,
+            None if !self.failed => {
+                self.failed = true;
+                self.metrics
+                    .timings
+                    .complete(self.kind, self.started.elapsed());
+            }
+            None => {}
+        }
+        Poll::Ready(item)
+    }
 }
 
 /// Add `n` to `counter`.

@@ -59,13 +59,16 @@ use self::{
 };
 pub use self::{
     config::{FetchArgs, FetchConfig, FetchConfigError},
-    metrics::{FetchMetrics, FetchMetricsSnapshot},
+    metrics::{FetchMetrics, FetchMetricsSnapshot, FetchTimings},
 };
 use crate::{
     membership::{PeerAuth, PlaintextAuth},
     oci::{ByteRange, Kind, Reference, digest::Digest},
     routing::Router,
-    source::{Body, Object, ObjectRequest, Source, SourceError},
+    source::{
+        Body, Object, ObjectRequest, Source, SourceError,
+        miss::{self, PeerMiss},
+    },
 };
 
 /// What a request is looked up and asked for as.
@@ -158,20 +161,26 @@ impl Source for PeerSource {
             // Loop guard: another node already asked us because it does not have it; asking
             // further peers would let requests bounce around the cluster.
             bump(&inner.metrics.mirrored_refused, 1);
+            miss::note(PeerMiss::NotForPeers);
             return Err(SourceError::NotFound);
         }
         let Some(target) = inner.target(request) else {
+            miss::note(PeerMiss::NotForPeers);
             return Err(SourceError::NotFound);
         };
         bump(&inner.metrics.lookups, 1);
-        let result = match (request.kind, request.head) {
+        let started = Instant::now();
+        let mut result = match (request.kind, request.head) {
             (Kind::Manifest, _) => inner.fetch_manifest(request, &target).await,
             (Kind::Blob, true) => inner.head_blob(request, &target).await,
             (Kind::Blob, false) => inner.get_blob(request, &target).await,
         };
-        match &result {
+        match &mut result {
             Ok(object) => {
                 bump(&inner.metrics.hits, 1);
+                if !request.head {
+                    metrics::time(&inner.metrics, request.kind, started, object);
+                }
                 tracing::debug!(key = %target.key, size = object.size, "peer hit");
             }
             Err(SourceError::NotFound) => {
@@ -228,7 +237,7 @@ impl Inner {
         });
         let (_, size) = match timeout(self.config.manifest_timeout, race).await {
             Ok(result) => result.map_err(race_error)?,
-            Err(_) => return Err(SourceError::NotFound),
+            Err(_) => return Err(timed_out()),
         };
         let range = match request.range {
             None => None,
@@ -316,11 +325,24 @@ fn wanted(range: Option<ByteRange>, total: u64) -> Option<std::ops::Range<u64>> 
     }
 }
 
+/// The answer a failed race gives; why it failed is noted for the serve policy.
 fn race_error(err: RaceError) -> SourceError {
     match err {
-        RaceError::Miss { .. } => SourceError::NotFound,
-        RaceError::Router(err) => SourceError::Unavailable(format!("peer lookup failed: {err}")),
+        RaceError::Miss { kind, .. } => {
+            miss::note(kind);
+            SourceError::NotFound
+        }
+        RaceError::Router(err) => {
+            miss::note(PeerMiss::LookupFailed);
+            SourceError::Unavailable(format!("peer lookup failed: {err}"))
+        }
     }
+}
+
+/// The miss of a race cut short by the request's own timeout.
+fn timed_out() -> SourceError {
+    miss::note(PeerMiss::PeersTimeout);
+    SourceError::NotFound
 }
 
 fn once_body(bytes: Bytes) -> Body {

@@ -11,7 +11,7 @@ use super::{AttemptError, Inner, Target, attempt::PeerResponse, bump};
 use crate::{
     oci::ByteRange,
     routing::{Peer, RouterError},
-    source::ObjectRequest,
+    source::{ObjectRequest, miss::PeerMiss},
 };
 
 /// Why a race produced nothing.
@@ -22,6 +22,8 @@ pub(super) enum RaceError {
     Miss {
         reason: &'static str,
         attempts: usize,
+        /// The same, for the serve policy's count of why requests went upstream.
+        kind: PeerMiss,
     },
     /// The router could not look the key up.
     #[error("peer lookup failed: {0}")]
@@ -76,6 +78,7 @@ impl Inner {
             return Err(RaceError::Miss {
                 reason: "this node knows no peers",
                 attempts: 0,
+                kind: PeerMiss::NoPeers,
             });
         }
         let lookup = self.router.lookup(key, config.lookup_count);
@@ -85,6 +88,7 @@ impl Inner {
                 return Err(RaceError::Miss {
                     reason: "lookup did not start in time",
                     attempts: 0,
+                    kind: PeerMiss::LookupTimeout,
                 });
             }
         };
@@ -137,21 +141,34 @@ impl Inner {
                 return Err(RaceError::Miss {
                     reason: last_failure,
                     attempts,
+                    kind: match attempts {
+                        0 => PeerMiss::NoProviders,
+                        _ => PeerMiss::PeersFailed,
+                    },
                 });
             }
             if inflight.is_empty() && attempts >= config.max_attempts {
                 return Err(RaceError::Miss {
                     reason: "attempt budget spent",
                     attempts,
+                    kind: PeerMiss::PeersFailed,
                 });
             }
-            let (deadline, why) = if inflight.is_empty() {
+            let (deadline, why, kind) = if inflight.is_empty() {
                 (
                     idle_since + config.resolve_timeout,
                     "no peer found in time with nothing in flight",
+                    match attempts {
+                        0 => PeerMiss::LookupTimeout,
+                        _ => PeerMiss::PeersFailed,
+                    },
                 )
             } else {
-                (race_deadline, "peers did not answer in time")
+                (
+                    race_deadline,
+                    "peers did not answer in time",
+                    PeerMiss::PeersTimeout,
+                )
             };
             let hedge_armed =
                 !inflight.is_empty() && !queue.is_empty() && attempts < config.max_attempts;
@@ -179,7 +196,11 @@ impl Inner {
                 },
                 () = sleep_until(next_hedge), if hedge_armed => {}
                 () = sleep_until(deadline) => {
-                    return Err(RaceError::Miss { reason: why, attempts });
+                    return Err(RaceError::Miss {
+                        reason: why,
+                        attempts,
+                        kind,
+                    });
                 }
             }
         }

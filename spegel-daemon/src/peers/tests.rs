@@ -454,6 +454,13 @@ async fn hit_from_first_peer() {
     assert_eq!(seen[0].range, None);
     let m = source.metrics().snapshot();
     assert_eq!((m.hits, m.misses, m.bytes, m.hedges), (1, 0, 100_000, 0));
+    // Timed to the first byte and to the last one, as a blob.
+    let timings = &source.metrics().timings;
+    let blob = super::FetchTimings::index(Kind::Blob);
+    assert_eq!(timings.first_byte[blob].count(), 1);
+    assert_eq!(timings.complete[blob].count(), 1);
+    assert_eq!(timings.first_byte[1 - blob].count(), 0);
+    assert!(timings.complete[blob].sum() >= timings.first_byte[blob].sum());
 }
 
 #[tokio::test]
@@ -468,10 +475,16 @@ async fn miss_when_no_peer_turns_up_in_time() {
     );
     let digest = Digest::of(b"nobody has this");
     // The lookup never finds anyone and never ends: only the resolve timeout ends the wait.
-    let result = bounded(source.fetch(&blob_request(digest))).await;
+    let (result, why) = bounded(miss::scope(async {
+        (source.fetch(&blob_request(digest)).await, miss::noted())
+    }))
+    .await;
     assert!(matches!(result, Err(SourceError::NotFound)), "{result:?}");
+    assert_eq!(why, Some(PeerMiss::LookupTimeout));
     assert_eq!(router.lookups(), [digest.to_string()]);
     assert_eq!(source.metrics().snapshot().misses, 1);
+    let timings = &source.metrics().timings;
+    assert_eq!(timings.first_byte[1].count(), 0, "misses are not timed");
 }
 
 #[tokio::test]
@@ -482,8 +495,16 @@ async fn miss_when_every_peer_lacks_it() {
     let router = Arc::new(FakeRouter::default());
     router.provide(digest, &[&a, &b]);
     let source = source(&router, config());
-    let result = bounded(source.fetch(&blob_request(digest))).await;
+    let (result, why) = bounded(miss::scope(async {
+        (source.fetch(&blob_request(digest)).await, miss::noted())
+    }))
+    .await;
     assert!(matches!(result, Err(SourceError::NotFound)), "{result:?}");
+    assert_eq!(
+        why,
+        Some(PeerMiss::PeersFailed),
+        "providers named, none had it"
+    );
     // A failure moves on to the next peer at once: both were asked.
     assert_eq!((a.seen().len(), b.seen().len()), (1, 1));
     // 404 is not a fault: nobody is banned for it.

@@ -3,5 +3,6 @@
 
 pub mod access;
 pub mod api;
+mod fallback;
 pub mod policy;
 pub mod transparent;

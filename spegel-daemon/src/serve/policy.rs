@@ -17,12 +17,16 @@
 //!     node's store, then peers.
 //!   - A peer asking (`X-Spegel-Mirrored`): this node's own store only; the asking node has
 //!     already found upstream unreachable.
+//!
+//! Every intercepted request sent upstream is counted by why ([`FallbackStats`]): the reason
+//! the peers noted (`source::miss`), or `tag` for tags upstream answers first.
 use std::sync::{Arc, atomic::Ordering};
 
+use super::fallback::{self, CountedUpstream, NotingPeers};
 use crate::{
-    metrics::TagStats,
+    metrics::{FallbackReason, FallbackStats, TagStats},
     oci::Reference,
-    source::{Chain, Object, ObjectRequest, Origin, Source, SourceError},
+    source::{Chain, Object, ObjectRequest, Origin, Source, SourceError, miss},
     upstream::{Backoff, Reachability},
 };
 
@@ -38,6 +42,7 @@ pub struct ServePolicy {
     backoff: Option<Arc<Backoff>>,
     reachability: Arc<Reachability>,
     stats: Arc<TagStats>,
+    fallbacks: Arc<FallbackStats>,
 }
 
 impl ServePolicy {
@@ -50,18 +55,26 @@ impl ServePolicy {
         upstream: Option<Arc<dyn Source>>,
         tags_upstream_first: bool,
     ) -> Self {
-        let mut chain = vec![Arc::clone(&local), Arc::clone(&peers)];
-        chain.extend(upstream.clone());
+        let peers: Arc<dyn Source> = Arc::new(NotingPeers(peers));
+        let fallbacks = Arc::new(FallbackStats::default());
         Self {
+            by_digest: digest_chain(&local, &peers, upstream.as_ref(), &fallbacks),
             local,
             peers,
             upstream,
-            by_digest: Chain::new(chain),
             tags_upstream_first,
             backoff: None,
             reachability: Arc::new(Reachability::default()),
             stats: Arc::default(),
+            fallbacks,
         }
+    }
+
+    /// Count why requests were sent upstream into `stats` (for `/metrics`).
+    pub fn with_fallback_stats(mut self, stats: Arc<FallbackStats>) -> Self {
+        self.by_digest = digest_chain(&self.local, &self.peers, self.upstream.as_ref(), &stats);
+        self.fallbacks = stats;
+        self
     }
 
     /// Skips upstream for intercepted tags while `backoff` says it is resting (the upstream
@@ -132,6 +145,7 @@ impl ServePolicy {
                 // Nobody here has it: upstream after all, and its answer as it is.
                 Err(err) => {
                     tracing::debug!(host = %origin.host, repository = %request.repository, ?remaining, %err, "upstream is backing off, but nobody else has the tag");
+                    self.fallbacks.count(fallback::peers_reason());
                     upstream.fetch(request).await
                 }
             };
@@ -141,6 +155,7 @@ impl ServePolicy {
         {
             return Ok(object);
         }
+        self.fallbacks.count(FallbackReason::Tag);
         match upstream.fetch(request).await {
             // Upstream is down or slow: what this node or a peer knows beats failing the pull.
             Err(SourceError::Unavailable(reason)) => {
@@ -184,6 +199,13 @@ impl ServePolicy {
 #[async_trait::async_trait]
 impl Source for ServePolicy {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
+        // The peers note why they missed in this request's own slot.
+        miss::scope(self.route(request)).await
+    }
+}
+
+impl ServePolicy {
+    async fn route(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
         if !matches!(request.reference, Reference::Tag(_)) {
             return self.by_digest.fetch(request).await;
         }
@@ -194,6 +216,23 @@ impl Source for ServePolicy {
             (None, _) => self.mirror_tag(request).await,
         }
     }
+}
+
+/// Digests: `local`, then `peers`, then `upstream` (counting why it was asked into `stats`).
+fn digest_chain(
+    local: &Arc<dyn Source>,
+    peers: &Arc<dyn Source>,
+    upstream: Option<&Arc<dyn Source>>,
+    stats: &Arc<FallbackStats>,
+) -> Chain {
+    let mut chain = vec![Arc::clone(local), Arc::clone(peers)];
+    chain.extend(upstream.map(|upstream| -> Arc<dyn Source> {
+        Arc::new(CountedUpstream {
+            upstream: Arc::clone(upstream),
+            stats: Arc::clone(stats),
+        })
+    }));
+    Chain::new(chain)
 }
 
 /// Whether an upstream's answer means it failed rather than answered: a server error or rate

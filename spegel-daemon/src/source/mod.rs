@@ -3,6 +3,7 @@
 //! tries sources in order.
 
 pub mod local;
+pub mod miss;
 use std::{io, net::SocketAddr, ops::RangeInclusive, pin::Pin, sync::Arc};
 
 use bytes::Bytes;

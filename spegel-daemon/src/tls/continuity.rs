@@ -25,6 +25,7 @@ use time::OffsetDateTime;
 use super::{
     ca::{CaError, NodeCa, Unusable, ensure_private_dir, write_file_atomically},
     names::{LeafName, PermittedNames},
+    trust::INSTALL_HINT,
 };
 
 /// Under `<data-dir>`.
@@ -226,9 +227,9 @@ impl CaSet {
             tracing::warn!(
                 path = %dir.display(),
                 current = %why,
-                "the node CA containerd trusts {why}; a next CA is already waiting: run `spegel \
-                 install-ca` and restart containerd. Until then registries it does not cover are \
-                 passed through untouched (not served by spegel)"
+                "the node CA containerd trusts {why}; a next CA is already waiting: \
+                 {INSTALL_HINT}. Until then registries it does not cover are passed through \
+                 untouched (not served by spegel)"
             );
             return Ok(next);
         }
@@ -238,8 +239,8 @@ impl CaSet {
             tracing::info!(
                 path = %dir.display(),
                 permitted = %wanted,
-                "minted the node CA: run `spegel install-ca` and restart containerd; until then \
-                 intercepted registry connections are passed through untouched"
+                "minted the node CA: {INSTALL_HINT}; until then intercepted registry \
+                 connections are passed through untouched"
             );
         } else {
             tracing::warn!(
@@ -247,8 +248,8 @@ impl CaSet {
                 current = %why,
                 permitted = %wanted,
                 "the node CA containerd trusts {why}: minted a NEXT CA beside it (the current one \
-                 is kept). Run `spegel install-ca` and restart containerd. Until then registries \
-                 it does not cover are passed through untouched (not served by spegel)"
+                 is kept): {INSTALL_HINT}. Until then registries it does not cover are passed \
+                 through untouched (not served by spegel)"
             );
         }
         Ok(next)

@@ -9,8 +9,9 @@
 //! change. A rewrite that adds a CA is recorded as an install (`trust.rs`), so a containerd
 //! started after it trusts that CA.
 use std::{
+    ffi::OsString,
     fs, io,
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
@@ -59,11 +60,17 @@ pub enum Synced {
     Rewritten,
 }
 
-/// The first system CA bundle under `root` and its bytes.
+/// Symbolic links followed while resolving one path, at most (as Linux's `MAXSYMLINKS`).
+const MAX_SYMLINKS: usize = 40;
+
+/// The first system CA bundle under `root` and its bytes. Symbolic links are followed as the
+/// node sees them, with `root` as `/` (RHEL's `etc/pki/tls/certs/ca-bundle.crt` is an absolute
+/// link into `/etc/pki/ca-trust/`), so a node root mounted at `/host` never reads this
+/// machine's own files; the path returned is the resolved one.
 pub fn find_system_roots(root: &Path) -> Result<(PathBuf, Vec<u8>), CaError> {
     SYSTEM_BUNDLES
         .iter()
-        .map(|rel| root.join(rel))
+        .filter_map(|rel| resolve_in_root(root, Path::new(rel)))
         .find_map(|path| fs::read(&path).ok().map(|bytes| (path, bytes)))
         .ok_or_else(|| CaError::Io {
             context: format!(
@@ -73,6 +80,58 @@ pub fn find_system_roots(root: &Path) -> Result<(PathBuf, Vec<u8>), CaError> {
             ),
             source: io::ErrorKind::NotFound.into(),
         })
+}
+
+/// `rel` under `root`, every symbolic link on the way followed with `root` as `/`: an absolute
+/// target starts again at `root`, and `..` stops at `root`. `None` after [`MAX_SYMLINKS`] links
+/// (a loop). Components that do not exist are kept as they are (reading them then fails).
+fn resolve_in_root(root: &Path, rel: &Path) -> Option<PathBuf> {
+    // Components still to walk, the next one last.
+    let mut pending: Vec<OsString> = Vec::new();
+    let push = |pending: &mut Vec<OsString>, path: &Path| {
+        pending.extend(
+            path.components()
+                .rev()
+                .filter_map(|component| match component {
+                    Component::Normal(name) => Some(name.to_owned()),
+                    Component::ParentDir => Some("..".into()),
+                    Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+                }),
+        );
+    };
+    push(&mut pending, rel);
+    // Components resolved so far, below `root`.
+    let mut resolved: Vec<OsString> = Vec::new();
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let path: PathBuf = std::iter::once(root.as_os_str())
+            .chain(resolved.iter().map(OsString::as_os_str))
+            .chain(std::iter::once(name.as_os_str()))
+            .collect();
+        match fs::read_link(&path) {
+            Ok(target) => {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return None;
+                }
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                push(&mut pending, &target);
+            }
+            // Not a link (or not there): a plain component.
+            Err(_) => resolved.push(name),
+        }
+    }
+    Some(
+        std::iter::once(root.as_os_str())
+            .chain(resolved.iter().map(OsString::as_os_str))
+            .collect(),
+    )
 }
 
 /// The bundle: the system roots, then the node CA bundle, each ending in a newline.
@@ -164,7 +223,7 @@ pub fn sync(cas: &CaSet) -> Result<Synced, CaError> {
     let system_roots = fs::read(&scope.system_roots).map_err(|source| CaError::Io {
         context: format!(
             "cannot read the system roots {} for containerd's trust bundle (run `spegel \
-             install-ca` again if they moved)",
+             node-setup` or `spegel install-ca` again if they moved)",
             scope.system_roots.display()
         ),
         source,
@@ -180,10 +239,92 @@ pub fn sync(cas: &CaSet) -> Result<Synced, CaError> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::{os::unix::fs::symlink, sync::Arc};
 
     use super::*;
     use crate::tls::{args::CaArgs, names::tests::permitted, trust::read_record};
+
+    /// Writes `contents` at `rel` under `root`, making its directories.
+    fn put(root: &Path, rel: &str, contents: &[u8]) {
+        let path = root.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, contents).unwrap();
+    }
+
+    /// Makes `rel` under `root` a symbolic link to `target` (as written, absolute or not).
+    fn link(root: &Path, rel: &str, target: &str) {
+        let path = root.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        symlink(target, path).unwrap();
+    }
+
+    #[test]
+    fn rhel_absolute_links_resolve_inside_the_trust_root() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        // RHEL / Azure Linux / AL2023: the classic bundle is an absolute link into ca-trust,
+        // and the node's /etc/pki/tls/certs is itself reached through a link.
+        put(
+            root,
+            "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+            b"node roots\n",
+        );
+        link(root, "etc/pki/tls/certs", "/etc/pki/tls/real-certs");
+        link(
+            root,
+            "etc/pki/tls/real-certs/ca-bundle.crt",
+            "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+        );
+        let target = root.join("etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem");
+        assert_eq!(
+            resolve_in_root(root, Path::new("etc/pki/tls/certs/ca-bundle.crt")),
+            Some(target.clone())
+        );
+        let (path, bytes) = find_system_roots(root).unwrap();
+        assert_eq!(bytes, b"node roots\n");
+        assert_eq!(path, target);
+    }
+
+    #[test]
+    fn absolute_links_never_read_this_machines_files() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        // /etc/passwd exists on this machine too: following the link as it stands would
+        // read that one.
+        put(root, "etc/passwd", b"node roots\n");
+        link(root, "etc/ssl/certs/ca-certificates.crt", "/etc/passwd");
+        let (path, bytes) = find_system_roots(root).unwrap();
+        assert_eq!(bytes, b"node roots\n");
+        assert_eq!(path, root.join("etc/passwd"));
+    }
+
+    #[test]
+    fn relative_links_stop_at_the_trust_root_and_loops_end() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        put(root, "roots.pem", b"node roots\n");
+        // `..` past the root stays at the root.
+        link(
+            root,
+            "etc/ssl/certs/ca-certificates.crt",
+            "../../../../../../roots.pem",
+        );
+        assert_eq!(
+            resolve_in_root(root, Path::new(SYSTEM_BUNDLES[0])).unwrap(),
+            root.join("roots.pem")
+        );
+        // A loop is no bundle: the next candidate is used.
+        link(
+            root,
+            "etc/pki/tls/certs/ca-bundle.crt",
+            "/etc/pki/tls/certs/ca-bundle.crt",
+        );
+        assert_eq!(resolve_in_root(root, Path::new(SYSTEM_BUNDLES[1])), None);
+        fs::remove_file(root.join(SYSTEM_BUNDLES[0])).unwrap();
+        put(root, SYSTEM_BUNDLES[2], b"ca-trust\n");
+        let (_, bytes) = find_system_roots(root).unwrap();
+        assert_eq!(bytes, b"ca-trust\n");
+    }
 
     fn open(data: &Path, names: &[&str]) -> CaSet {
         CaSet::open(

@@ -28,6 +28,10 @@ use super::{
 };
 use crate::intercept::cgroup::{CgroupFinder, Locator};
 
+/// What an operator runs so that containerd trusts the node CA, for every message that asks.
+pub const INSTALL_HINT: &str = "run `spegel node-setup` (it installs the CA and restarts \
+    containerd once), or `spegel install-ca` and restart containerd";
+
 /// The record `install-ca` leaves in `<data-dir>/ca/`.
 const RECORD_FILE: &str = "installed.json";
 
@@ -258,18 +262,17 @@ impl TrustWatch {
     fn containerd_trusts(&mut self, fingerprint: &str) -> Result<(), (String, bool)> {
         let Some(record) = read_record(self.cas.dir()) else {
             return Err((
-                "the next node CA is not installed yet: run `spegel install-ca` and restart \
-                 containerd"
-                    .to_owned(),
+                format!("the next node CA is not installed yet: {INSTALL_HINT}"),
                 false,
             ));
         };
         if !record.fingerprints.iter().any(|f| f == fingerprint) {
             return Err((
-                "the next node CA is not installed yet (`spegel install-ca` last installed other \
-                 CAs; it must run with the daemon's --mirrored-registries): run it and restart \
-                 containerd"
-                    .to_owned(),
+                format!(
+                    "the next node CA is not installed yet (the last install, by `spegel \
+                     node-setup` or `spegel install-ca`, was of other CAs; it must run with the \
+                     daemon's --mirrored-registries): {INSTALL_HINT}"
+                ),
                 false,
             ));
         }
