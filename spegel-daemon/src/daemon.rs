@@ -135,6 +135,17 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             .with_backoff(Arc::clone(&backoff))
             .with_resumes(args.upstream.upstream_blob_resumes),
     );
+    let upstream = shared_upstream(
+        &args,
+        upstream,
+        &dyn_router,
+        &fetch_config,
+        transparent,
+        &peer_auth,
+    )?;
+    // Test faults on what is served to peers apply to copies in flight too.
+    #[cfg(feature = "fault-injection")]
+    let upstream = crate::fault::inject(upstream, &args.fault);
     let peers = PeerSource::new(
         dyn_router,
         fetch_config,
@@ -287,6 +298,50 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// The upstream as the serve policy asks it: one shared fetch per blob on this node, served to
+/// peers while in flight (`body::shared`), behind the cold-burst gate that asks a blob's chosen
+/// fetcher first (`peers::burst`).
+fn shared_upstream(
+    args: &RunArgs,
+    upstream: Arc<dyn Source>,
+    router: &Arc<dyn Router>,
+    fetch_config: &crate::peers::FetchConfig,
+    transparent: bool,
+    peer_auth: &crate::membership::PeerAuth,
+) -> anyhow::Result<Arc<dyn Source>> {
+    use crate::{
+        body::{shared::SharedFetch, spool::Spool},
+        peers::burst::{BurstGate, FetcherRouter},
+    };
+    let spool = match args.buffer.shared_fetch_budget {
+        0 => None,
+        budget => Some(
+            Spool::open(&args.buffer.spool_dir(&args.data_dir), budget)
+                .context("cannot prepare the shared fetch spool")?,
+        ),
+    };
+    let shared = SharedFetch::new(upstream, spool).with_announce(Arc::clone(router));
+    let in_flight = shared.in_flight();
+    let shared: Arc<dyn Source> = Arc::new(shared);
+    if !transparent || args.burst.burst_wait.is_zero() {
+        return Ok(shared);
+    }
+    let fetchers = Arc::new(FetcherRouter::new(Arc::clone(router)));
+    let client = PeerSource::new(
+        Arc::clone(&fetchers) as Arc<dyn Router>,
+        fetch_config.clone(),
+        Some(Arc::clone(&shared)),
+        peer_auth.clone(),
+    );
+    // Bytes from a fetcher are peer bytes: verified whole before containerd sees one.
+    let verified: Arc<dyn Source> = Arc::new(
+        Buffered::new(Arc::new(client), &args.buffer, &args.data_dir)
+            .context("cannot prepare the peer blob spool")?,
+    );
+    let gate = BurstGate::new(shared, in_flight, verified, fetchers, args.burst.burst_wait);
+    Ok(Arc::new(gate))
 }
 
 /// Connects to containerd, retrying with backoff: the daemon may start before containerd does.
