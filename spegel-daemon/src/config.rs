@@ -79,6 +79,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub buffer: crate::body::buffered::BufferArgs,
     #[command(flatten)]
+    pub burst: crate::peers::burst::BurstArgs,
+    #[command(flatten)]
     pub intercept: crate::intercept::InterceptArgs,
     #[command(flatten)]
     pub upstream: crate::upstream::UpstreamArgs,

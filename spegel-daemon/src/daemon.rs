@@ -16,7 +16,7 @@ use crate::{
     peers::{FetchConfig, PeerSource},
     routing::Router,
     serve::{
-        access::{ConfirmedPeers, NotesPublic, PublicOnlyLocal},
+        access::{Access, ConfirmedPeers, NotesPublic, PublicOnly},
         api::{self, Registry, StoreReadiness},
         policy::ServePolicy,
         transparent::{RegistryHandler, UpstreamPassthrough},
@@ -29,7 +29,7 @@ use crate::{
         continuity::{CaSet, CaStats},
         trust::TrustWatch,
     },
-    upstream::{UpstreamClient, UpstreamSource},
+    upstream::{Backoff, UpstreamClient, UpstreamSource},
 };
 
 /// Resolves on SIGTERM or SIGINT.
@@ -136,6 +136,20 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             .with_backoff(Arc::clone(&backoff))
             .with_resumes(args.upstream.upstream_blob_resumes),
     );
+    let access_stats = Arc::new(AccessStats::default());
+    let access = Arc::new(args.access.access(Arc::clone(&access_stats)));
+    let upstream = shared_upstream(
+        &args,
+        upstream,
+        &dyn_router,
+        &fetch_config,
+        transparent,
+        &peer_auth,
+        (&access, &backoff),
+    )?;
+    // Test faults on what is served to peers apply to copies in flight too.
+    #[cfg(feature = "fault-injection")]
+    let upstream = crate::fault::inject(upstream, &args.fault);
     let peers = PeerSource::new(
         dyn_router,
         fetch_config,
@@ -150,8 +164,6 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         Some(router),
     );
     let tag_stats = Arc::new(TagStats::default());
-    let access_stats = Arc::new(AccessStats::default());
-    let access = Arc::new(args.access.access(Arc::clone(&access_stats)));
     let fallback_stats = Arc::new(crate::metrics::FallbackStats::default());
     let metrics = metrics
         .with_tags(Arc::clone(&tag_stats))
@@ -165,7 +177,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     #[cfg(feature = "fault-injection")]
     let local = crate::fault::inject(local, &args.fault);
     // Other nodes asking for public content only get what this node knows to be public.
-    let local: Arc<dyn Source> = Arc::new(PublicOnlyLocal::new(local, Arc::clone(&access)));
+    let local: Arc<dyn Source> = Arc::new(PublicOnly::new(local, Arc::clone(&access)));
     // Peer blobs are verified whole (in memory or the disk spool) before containerd sees a byte.
     let peers: Arc<dyn Source> = Arc::new(
         Buffered::new(Arc::new(peers), &args.buffer, &args.data_dir)
@@ -181,7 +193,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         )
         .with_backoff(Arc::clone(&backoff)),
     );
-    let upstream: Arc<dyn Source> = Arc::new(NotesPublic::new(upstream, access));
+    let upstream: Arc<dyn Source> = Arc::new(NotesPublic::new(upstream, Arc::clone(&access)));
+    // Its fetches in flight, served to other nodes, follow the same rule as its store.
+    let upstream: Arc<dyn Source> = Arc::new(PublicOnly::new(upstream, access));
     let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first)
         .with_backoff(backoff)
         .with_tag_stats(tag_stats)
@@ -308,6 +322,57 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// The upstream as the serve policy asks it: one shared fetch per blob on this node, served to
+/// peers while in flight (`body::shared`), behind the cold-burst gate that asks a blob's chosen
+/// fetcher first (`peers::burst`).
+fn shared_upstream(
+    args: &RunArgs,
+    upstream: Arc<dyn Source>,
+    router: &Arc<dyn Router>,
+    fetch_config: &crate::peers::FetchConfig,
+    transparent: bool,
+    peer_auth: &crate::membership::PeerAuth,
+    (access, backoff): (&Arc<Access>, &Arc<Backoff>),
+) -> anyhow::Result<Arc<dyn Source>> {
+    use crate::{
+        body::{shared::SharedFetch, spool::Spool},
+        peers::burst::{BurstGate, FetcherRouter},
+    };
+    let spool = match args.buffer.shared_fetch_budget {
+        0 => None,
+        budget => Some(
+            Spool::open(&args.buffer.spool_dir(&args.data_dir), budget)
+                .context("cannot prepare the shared fetch spool")?,
+        ),
+    };
+    let shared = SharedFetch::new(Arc::clone(&upstream), spool).with_announce(Arc::clone(router));
+    let in_flight = shared.in_flight();
+    let shared: Arc<dyn Source> = Arc::new(shared);
+    if !transparent || args.burst.burst_wait.is_zero() {
+        return Ok(shared);
+    }
+    let fetchers = Arc::new(FetcherRouter::new(Arc::clone(router)));
+    let client = PeerSource::new(
+        Arc::clone(&fetchers) as Arc<dyn Router>,
+        fetch_config.clone(),
+        Some(Arc::clone(&shared)),
+        peer_auth.clone(),
+    );
+    // Bytes from a fetcher are peer bytes: verified whole before containerd sees one.
+    let verified: Arc<dyn Source> = Arc::new(
+        Buffered::new(Arc::new(client), &args.buffer, &args.data_dir)
+            .context("cannot prepare the peer blob spool")?,
+    );
+    // A fetcher's copy is a peer's copy: private content only once upstream confirmed this
+    // client may read it, public content only when it cannot answer.
+    let verified: Arc<dyn Source> = Arc::new(
+        ConfirmedPeers::new(verified, Some(upstream), Arc::clone(access))
+            .with_backoff(Arc::clone(backoff)),
+    );
+    let gate = BurstGate::new(shared, in_flight, verified, fetchers, args.burst.burst_wait);
+    Ok(Arc::new(gate))
 }
 
 /// Connects to containerd, retrying with backoff: the daemon may start before containerd does.

@@ -59,6 +59,20 @@ pub struct BufferArgs {
     /// beyond it, peer blobs stream with only their tail held back (0 turns the spool off).
     #[arg(long, env = "SPEGEL_PEER_SPOOL_BUDGET", default_value_t = 20 << 30)]
     pub peer_spool_budget: u64,
+    /// Disk space (in the spool directory) the copies of shared upstream fetches may take
+    /// together: concurrent GETs of one blob, and peers, read one fetch's copy. Beyond it, or
+    /// at 0, each GET fetches on its own.
+    #[arg(long, env = "SPEGEL_SHARED_FETCH_BUDGET", default_value_t = 20 << 30)]
+    pub shared_fetch_budget: u64,
+}
+
+impl BufferArgs {
+    /// The spool directory: `--peer-spool-dir`, or `spool` in `data_dir`.
+    pub fn spool_dir(&self, data_dir: &Path) -> PathBuf {
+        self.peer_spool_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("spool"))
+    }
 }
 
 /// Reads eligible peer blobs whole, into memory or the spool, before handing them on.
@@ -89,13 +103,7 @@ impl Buffered {
     ) -> std::io::Result<Self> {
         let spool = match args.peer_spool_budget {
             0 => None,
-            budget => {
-                let dir = args
-                    .peer_spool_dir
-                    .clone()
-                    .unwrap_or_else(|| data_dir.join("spool"));
-                Some(Spool::open(&dir, budget)?)
-            }
+            budget => Some(Spool::open(&args.spool_dir(data_dir), budget)?),
         };
         Ok(Self {
             inner,

@@ -6,7 +6,9 @@ use http_body_util::combinators::UnsyncBoxBody;
 
 pub mod budget;
 pub mod buffered;
+pub mod shared;
 pub mod spool;
+pub mod tee;
 pub mod verify;
 
 pub use verify::{BodyCheck, ReadError, VerifiedBody, VerifyError, read_whole};

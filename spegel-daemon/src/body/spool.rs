@@ -31,7 +31,7 @@ const PREFIX: &str = "spegel-spool-";
 /// Bytes gathered before one write to the file.
 const WRITE_BATCH: usize = 1 << 20;
 /// Bytes read from the file per body chunk.
-const READ_CHUNK: u64 = 256 << 10;
+pub(crate) const READ_CHUNK: u64 = 256 << 10;
 
 /// Why a spooled copy could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,19 @@ impl Spool {
         self.budget.available()
     }
 
+    /// A new, already unlinked file in the spool directory: nothing outlives the open file.
+    /// Its space must come out of a [`reserve`](Self::reserve)d share.
+    pub async fn file(&self) -> io::Result<File> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let named = tempfile::Builder::new().prefix(PREFIX).tempfile_in(&dir)?;
+            let (file, path) = named.into_parts();
+            path.close()?;
+            Ok(file)
+        })
+        .await
+    }
+
     /// Writes `body` through `check` to a new spool file. Nothing comes back unless every byte
     /// passed; the body is dropped (its source released) before this returns.
     pub async fn fill(
@@ -91,17 +104,7 @@ impl Spool {
         mut check: BodyCheck,
         share: Share,
     ) -> Result<Spooled, SpoolError> {
-        let dir = self.dir.clone();
-        let file = blocking(move || {
-            let named = tempfile::Builder::new().prefix(PREFIX).tempfile_in(&dir)?;
-            // Unlinked at once: nothing outlives the open file.
-            let (file, path) = named.into_parts();
-            path.close()?;
-            Ok(file)
-        })
-        .await
-        .map_err(SpoolError::Disk)?;
-        let file = Arc::new(file);
+        let file = Arc::new(self.file().await.map_err(SpoolError::Disk)?);
         let mut written = 0u64;
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batched = 0usize;
@@ -153,7 +156,7 @@ async fn write(file: &Arc<File>, chunks: Vec<Bytes>, offset: u64) -> Result<u64,
     .map_err(SpoolError::Disk)
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
     tokio::task::spawn_blocking(work)

@@ -241,6 +241,21 @@ impl P2pRouter {
 
 #[async_trait::async_trait]
 impl Router for P2pRouter {
+    async fn members(&self) -> Option<(String, Vec<Peer>)> {
+        // Connected peers passed the membership handshake: they are members.
+        let peers = self.peers().await.ok()?;
+        let members = peers
+            .into_iter()
+            .filter_map(|peer| {
+                Some(Peer {
+                    id: peer.id.to_string(),
+                    addr: peer.registry?,
+                })
+            })
+            .collect();
+        Some((self.peer_id().to_string(), members))
+    }
+
     fn has_peers(&self) -> bool {
         self.shared.routing_table_size.load(Ordering::Relaxed) > 0
     }

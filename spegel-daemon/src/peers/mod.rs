@@ -33,6 +33,7 @@ pub(crate) mod wire;
 mod attempt;
 mod blob;
 mod book;
+pub mod burst;
 mod config;
 mod connector;
 mod latency;

@@ -1080,6 +1080,7 @@ async fn a_received_blob_frees_its_slot_before_the_client_reads() {
         peer_buffer_budget: 1 << 20,
         peer_spool_dir: None,
         peer_spool_budget: 1 << 20,
+        shared_fetch_budget: 0,
     };
     let buffered = Buffered::new(Arc::new(peers.clone()), &args, data_dir.path()).unwrap();
 
@@ -1120,6 +1121,7 @@ async fn a_corrupt_spooled_blob_is_unavailable_and_its_peer_quarantined() {
         peer_buffer_budget: 1 << 20,
         peer_spool_dir: None,
         peer_spool_budget: 1 << 20,
+        shared_fetch_budget: 0,
     };
     let buffered = Buffered::new(Arc::new(peers.clone()), &args, data_dir.path()).unwrap();
     let result = bounded(buffered.fetch(&blob_request(digest))).await;

@@ -40,6 +40,12 @@ pub trait Router: Send + Sync + 'static {
     async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError>;
     /// Stop providing `keys`.
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;
+    /// This node's id and the authenticated cluster members it is connected to whose registry
+    /// API is known (for picking one fetcher per blob in a cold burst, `peers::burst`). `None`
+    /// when the router cannot tell.
+    async fn members(&self) -> Option<(String, Vec<Peer>)> {
+        None
+    }
 }
 
 pub mod memory;

@@ -366,30 +366,33 @@ impl NotesPublic {
 impl Source for NotesPublic {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
         let object = self.upstream.fetch(request).await?;
-        if !request.headers.contains_key(header::AUTHORIZATION) {
+        // A peer's request served from this node's fetch in flight carries no credentials of
+        // its own: it says nothing about who may read the object.
+        if !request.mirrored && !request.headers.contains_key(header::AUTHORIZATION) {
             self.access.public.insert(object.digest);
         }
         Ok(object)
     }
 }
 
-/// This node's own store, answering another node that asked for public content only with what
-/// this node knows to be public.
-pub struct PublicOnlyLocal {
-    local: Arc<dyn Source>,
+/// What this node serves other nodes — its store, or its own upstream fetch in flight
+/// (`body::shared`) — answering one that asked for public content only with what this node
+/// knows to be public.
+pub struct PublicOnly {
+    inner: Arc<dyn Source>,
     access: Arc<Access>,
 }
 
-impl PublicOnlyLocal {
-    pub fn new(local: Arc<dyn Source>, access: Arc<Access>) -> Self {
-        Self { local, access }
+impl PublicOnly {
+    pub fn new(inner: Arc<dyn Source>, access: Arc<Access>) -> Self {
+        Self { inner, access }
     }
 }
 
 #[async_trait::async_trait]
-impl Source for PublicOnlyLocal {
+impl Source for PublicOnly {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
-        let object = self.local.fetch(request).await?;
+        let object = self.inner.fetch(request).await?;
         if request.mirrored
             && request.public_only
             && !self

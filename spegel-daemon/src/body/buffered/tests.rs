@@ -74,6 +74,7 @@ fn args(max: u64, budget: u64, spool: u64) -> BufferArgs {
         peer_buffer_budget: budget,
         peer_spool_dir: None,
         peer_spool_budget: spool,
+        shared_fetch_budget: 0,
     }
 }
 

@@ -222,7 +222,7 @@ async fn all_public_needs_no_confirmation() {
 #[tokio::test]
 async fn a_node_gives_public_only_requests_what_it_knows_is_public() {
     let access = access("", false);
-    let local = PublicOnlyLocal::new(Fake::new(ok) as Arc<dyn Source>, Arc::clone(&access));
+    let local = PublicOnly::new(Fake::new(ok) as Arc<dyn Source>, Arc::clone(&access));
     let mut asked = request(None, b"layer");
     asked.origin = None;
     asked.mirrored = true;
