@@ -19,6 +19,7 @@ mod cgroup;
 mod cleanup;
 mod cmd;
 mod cri;
+mod delay;
 pub mod faultproxy;
 mod images;
 mod net;
@@ -26,7 +27,9 @@ mod node;
 mod pki;
 mod process;
 pub mod prometheus;
+pub mod proxycache;
 mod registry;
+pub mod shape;
 pub mod spegel;
 pub mod trap;
 

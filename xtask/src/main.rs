@@ -7,7 +7,9 @@
 //! - `cargo xtask no-faults [binary]` — fail if a daemon binary (default: the release one) has a
 //!   test-only fault switch compiled in (the check `test` ends with).
 //! - `cargo xtask demo`    — prereqs, build, bring up a local multi-node cluster and pull through it.
-//! - `cargo xtask bench`   — prereqs, build, run the benchmarks (ratios against a baseline run).
+//! - `cargo xtask bench [all|rollout|burst|preflight] [flags]` — prereqs, build (release), run the
+//!   benchmarks on a rig with a shaped upstream (ratios against a direct baseline in the same run;
+//!   `--help` lists the flags).
 //! - `cargo xtask fuzz [--time SECS | --runs N] [target…]` — prereqs and cargo-fuzz, then every
 //!   fuzz target of `spegel-daemon/fuzz/` (or the ones named) in turn; see docs/fuzzing.md.
 //!
@@ -59,7 +61,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Seconds each fuzz target runs in `cargo xtask test` (the smoke run; 17 targets).
 const SMOKE_SECS: u64 = 5;
 
-const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | no-faults [binary] | demo | bench [name] | fuzz [--time SECS | --runs N] [target…]>";
+const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | no-faults [binary] | demo | bench [all|rollout|burst|preflight] [--help] | fuzz [--time SECS | --runs N] [target…]>";
 
 fn main() -> ExitCode {
     let mut args = env::args_os().skip(1);

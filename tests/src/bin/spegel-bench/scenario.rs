@@ -1,0 +1,107 @@
+//! The ways a node can get its images, each set up and torn down on the same rig.
+
+use anyhow::Result;
+use clap::ValueEnum;
+use spegel_tests::{
+    cluster,
+    rig::{
+        Endpoint, Rig,
+        proxycache::ProxyCache,
+        spegel::{Spegel, SpegelOptions, configure_mirror, registry_urls, undo_mirror},
+    },
+};
+
+/// One way of pulling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Scenario {
+    /// Every node pulls from the registry (the baseline).
+    Direct,
+    /// A central pull-through cache (distribution in proxy mode) as every node's mirror.
+    Proxy,
+    /// spegel in mirror mode (`hosts.toml` points containerd at the node's daemon).
+    Mirror,
+    /// spegel in transparent mode (eBPF interception; no containerd configuration).
+    Transparent,
+}
+
+impl Scenario {
+    /// Its name in tables and charts.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct",
+            Scenario::Proxy => "proxy cache",
+            Scenario::Mirror => "spegel mirror",
+            Scenario::Transparent => "spegel transparent",
+        }
+    }
+}
+
+/// A scenario set up on the rig.
+pub(crate) struct Running {
+    pub(crate) scenario: Scenario,
+    /// The daemons, for spegel scenarios (node order).
+    pub(crate) daemons: Vec<Spegel>,
+    cache: Option<ProxyCache>,
+}
+
+impl Running {
+    /// Sets `scenario` up. `Transparent` changes containerd's trust and configuration for
+    /// good; run it last.
+    pub(crate) async fn start(rig: &Rig, scenario: Scenario) -> Result<Self> {
+        let mut running = Self {
+            scenario,
+            daemons: Vec::new(),
+            cache: None,
+        };
+        match scenario {
+            Scenario::Direct => {}
+            Scenario::Proxy => {
+                let cache = ProxyCache::start(rig).await?;
+                for node in rig.nodes() {
+                    node.set_mirrors(Endpoint::Tls, &[cache.mirror()])?;
+                }
+                running.cache = Some(cache);
+            }
+            Scenario::Mirror => {
+                let mut upstream_ca = std::ffi::OsString::from("--upstream-ca-file=");
+                upstream_ca.push(rig.ca().cert_path());
+                let options = SpegelOptions::mirror().log("info").arg(upstream_ca);
+                running.daemons = rig.start_spegel_everywhere(options).await?;
+                for (node, daemon) in rig.nodes().iter().zip(&running.daemons) {
+                    configure_mirror(node, &[daemon.url()], &registry_urls(rig, Endpoint::Tls))
+                        .await?;
+                }
+            }
+            Scenario::Transparent => {
+                running.daemons =
+                    cluster::transparent(rig, SpegelOptions::transparent().log("info")).await?;
+            }
+        }
+        Ok(running)
+    }
+
+    /// Undoes what [`Running::start`] did (as far as the next scenario needs).
+    pub(crate) async fn stop(self, rig: &Rig) -> Result<()> {
+        if let Some(cache) = &self.cache {
+            for node in rig.nodes() {
+                node.set_mirrors(Endpoint::Tls, &[])?;
+            }
+            cache.stop().await?;
+        }
+        if self.scenario == Scenario::Mirror {
+            for node in rig.nodes() {
+                undo_mirror(node).await?;
+            }
+        }
+        for daemon in &self.daemons {
+            daemon.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether peers can serve what another node pulled.
+    pub(crate) fn has_peers(&self) -> bool {
+        !self.daemons.is_empty()
+    }
+}
