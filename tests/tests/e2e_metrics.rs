@@ -18,6 +18,9 @@ use spegel_tests::rig::spegel::{
 };
 use spegel_tests::rig::{Endpoint, Rig, TestImage};
 
+/// A condition on one query's values, by series.
+type Check = Box<dyn Fn(&BTreeMap<String, f64>) -> bool>;
+
 /// How long peers may take to find content another node just got (DHT provide + lookup).
 const FIND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long Prometheus may take to scrape what the daemons count (1 s scrape interval).
@@ -191,7 +194,7 @@ async fn prometheus_scrapes_every_daemon_and_sees_bytes_served_by_peers() {
     // The latency histograms, the DHT gauges and libp2p's own metrics, as Prometheus has them.
     let blobs = image.pulled_blobs().len() as f64;
     let job = format!("job=\"{SCRAPE_JOB}\"");
-    let checks: Vec<(String, Box<dyn Fn(&BTreeMap<String, f64>) -> bool>)> = vec![
+    let checks: Vec<(String, Check)> = vec![
         (
             // B and C timed every blob they got from a peer, to the first and the last byte.
             format!("spegel_peer_fetch_duration_seconds_count{{{job},kind=\"blob\"}}"),

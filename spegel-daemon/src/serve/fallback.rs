@@ -120,6 +120,7 @@ mod tests {
                 tls: true,
             }),
             mirrored: false,
+            public_only: false,
         }
     }
 

@@ -101,6 +101,7 @@ fn get(digest: Digest) -> ObjectRequest {
             tls: true,
         }),
         mirrored: false,
+        public_only: false,
     }
 }
 
@@ -133,10 +134,10 @@ async fn drain(body: Option<Body>) -> (Vec<u8>, Option<io::Error>) {
     }
 }
 
-fn spawn_get(
-    shared: &Arc<SharedFetch>,
-    request: ObjectRequest,
-) -> tokio::task::JoinHandle<Result<(Vec<u8>, Option<io::Error>), SourceError>> {
+/// A GET's bytes, and the error that ended its body early, if any.
+type Got = Result<(Vec<u8>, Option<io::Error>), SourceError>;
+
+fn spawn_get(shared: &Arc<SharedFetch>, request: ObjectRequest) -> tokio::task::JoinHandle<Got> {
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         let object = shared.fetch(&request).await?;
@@ -264,6 +265,7 @@ async fn a_peers_get_is_served_from_a_fetch_in_flight_and_never_starts_one() {
     let fixture = shared(Arc::clone(&fake));
     let from_peer = ObjectRequest {
         mirrored: true,
+        public_only: false,
         ..get(digest)
     };
     assert!(matches!(

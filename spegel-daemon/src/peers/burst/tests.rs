@@ -123,6 +123,7 @@ fn blob(digest: Digest) -> ObjectRequest {
             tls: true,
         }),
         mirrored: false,
+        public_only: false,
     }
 }
 
@@ -224,6 +225,7 @@ async fn ranges_heads_peers_and_a_zero_wait_are_not_gated() {
         },
         ObjectRequest {
             mirrored: true,
+            public_only: false,
             ..blob(digest)
         },
     ];
