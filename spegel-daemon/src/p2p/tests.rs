@@ -505,7 +505,12 @@ async fn gauges_lookup_durations_and_libp2p_metrics_follow_the_network() {
         .advertise(vec!["k".into(), "k2".into()])
         .await
         .unwrap();
-    assert_eq!(a.router.advertised_keys(), 2);
+    // The event loop counts the keys it provides as it takes them up, not before `advertise`
+    // returns.
+    eventually("a counts the keys it advertises", || async {
+        a.router.advertised_keys() == 2
+    })
+    .await;
 
     let durations = &b.router.stats().lookup_durations;
     expect_found(&b.router, "k", 1, &[a.peer()]).await;
