@@ -218,14 +218,7 @@ fn serve(
     flight: &Flight,
 ) -> Result<Object, SourceError> {
     let size = tee.size();
-    let range = match request.range {
-        None => None,
-        Some(range) => Some(
-            range
-                .resolve(size)
-                .ok_or(SourceError::RangeNotSatisfiable { size })?,
-        ),
-    };
+    let range = request.resolve_range(size)?;
     let bytes = range.as_ref().map_or(0..size, |r| *r.start()..*r.end() + 1);
     Ok(Object {
         digest,

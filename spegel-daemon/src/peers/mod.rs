@@ -240,14 +240,7 @@ impl Inner {
             Ok(result) => result.map_err(race_error)?,
             Err(_) => return Err(timed_out()),
         };
-        let range = match request.range {
-            None => None,
-            Some(range) => Some(
-                range
-                    .resolve(size)
-                    .ok_or(SourceError::RangeNotSatisfiable { size })?,
-            ),
-        };
+        let range = request.resolve_range(size)?;
         Ok(Object {
             digest,
             media_type: "application/octet-stream".into(),

@@ -65,6 +65,20 @@ pub struct Object {
     pub source: &'static str,
 }
 
+impl ObjectRequest {
+    /// The bytes its `Range` asks for in an object of `size` bytes (`None`: the whole object),
+    /// or `RangeNotSatisfiable`.
+    pub fn resolve_range(&self, size: u64) -> Result<Option<RangeInclusive<u64>>, SourceError> {
+        self.range
+            .map(|range| {
+                range
+                    .resolve(size)
+                    .ok_or(SourceError::RangeNotSatisfiable { size })
+            })
+            .transpose()
+    }
+}
+
 impl std::fmt::Debug for Object {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Object")
