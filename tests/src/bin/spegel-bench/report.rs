@@ -39,7 +39,7 @@ impl Machine {
         Ok(Self { cpu, cores, kernel })
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!("{}, {} cores, Linux {}", self.cpu, self.cores, self.kernel)
     }
 }
@@ -93,20 +93,25 @@ pub(crate) fn write(out: &Path, record: &Record, root: Option<PathBuf>) -> Resul
                 ""
             }
         );
-        std::fs::write(&readme, replace_section(&text, &section))?;
+        std::fs::write(
+            &readme,
+            replace_section(&text, &section, README_START, README_END),
+        )?;
         println!("README.md and docs/bench/ updated");
     }
     Ok(())
 }
 
-/// `text` with the generated section replaced (or appended when it has none).
-fn replace_section(text: &str, section: &str) -> String {
-    match (text.find(README_START), text.find(README_END)) {
+/// `text` with the generated section between `start` and `end` replaced by `section` (or
+/// appended when it has none).
+pub(crate) fn replace_section(text: &str, section: &str, start: &str, end: &str) -> String {
+    let end_marker = end;
+    match (text.find(start), text.find(end)) {
         (Some(start), Some(end)) if end > start => {
             format!(
                 "{}{section}{}",
                 &text[..start],
-                &text[end + README_END.len()..]
+                &text[end + end_marker.len()..]
             )
         }
         _ => format!("{text}\n{section}\n"),
@@ -203,9 +208,14 @@ mod tests {
     #[test]
     fn readme_section_is_replaced_in_place() {
         let text = format!("a\n{README_START}\nold\n{README_END}\nb\n");
-        let out = replace_section(&text, &format!("{README_START}\nnew\n{README_END}"));
+        let out = replace_section(
+            &text,
+            &format!("{README_START}\nnew\n{README_END}"),
+            README_START,
+            README_END,
+        );
         assert_eq!(out, format!("a\n{README_START}\nnew\n{README_END}\nb\n"));
-        let appended = replace_section("a\n", "S");
+        let appended = replace_section("a\n", "S", README_START, README_END);
         assert_eq!(appended, "a\n\nS\n");
     }
 }
