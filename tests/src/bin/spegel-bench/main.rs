@@ -9,8 +9,12 @@
 //! nobody has pulled before. Output: every raw number as JSON under `target/bench/`, a markdown
 //! table of ratios against `direct`, and a PNG chart. Nothing here asserts a timing.
 //!
+//! `micro` runs the per-path benchmarks instead (`micro/`): DHT lookups, peer serving against
+//! nginx, passthrough and a miss against direct, the daemon's memory with 10,000 keys.
+//!
 //! Every flag has a `SPEGEL_BENCH_*` environment twin; `--help` lists them.
 
+mod micro;
 mod phase;
 mod plot;
 mod report;
@@ -26,6 +30,7 @@ use spegel_tests::rig::{
     shape::{Preflight, Shaping},
 };
 
+use crate::micro::Micro;
 use crate::phase::{Case, Phase};
 use crate::scenario::Scenario;
 
@@ -42,6 +47,8 @@ enum Which {
     Burst,
     /// Only shape the link and verify it.
     Preflight,
+    /// The micro benchmarks (`--micro` chooses which), on an unshaped rig.
+    Micro,
 }
 
 #[derive(Debug, Parser)]
@@ -87,6 +94,19 @@ struct Args {
     /// Also copy the chart to `docs/bench/latest.png` and the table into README.md.
     #[arg(long, env = "SPEGEL_BENCH_README")]
     readme: bool,
+    /// Micro benchmarks to run, comma-separated (with `micro`).
+    #[arg(long, env = "SPEGEL_BENCH_MICRO", value_delimiter = ',', value_enum,
+          default_values_t = [Micro::Dht, Micro::Serving, Micro::Rss, Micro::Passthrough])]
+    micro: Vec<Micro>,
+    /// Routers in the DHT micro benchmark.
+    #[arg(long, env = "SPEGEL_BENCH_DHT_ROUTERS", default_value_t = 1000)]
+    dht_routers: usize,
+    /// Size of the blob the serving micro benchmark moves, in MiB.
+    #[arg(long, env = "SPEGEL_BENCH_BLOB_MIB", default_value_t = 256)]
+    blob_mib: u64,
+    /// Keys (digests and tags) the memory micro benchmark has the daemon advertise.
+    #[arg(long, env = "SPEGEL_BENCH_RSS_KEYS", default_value_t = 10_000)]
+    rss_keys: usize,
 }
 
 impl Args {
@@ -108,7 +128,7 @@ impl Args {
             Which::All => vec![Phase::Rollout, Phase::Burst],
             Which::Rollout => vec![Phase::Rollout],
             Which::Burst => vec![Phase::Burst],
-            Which::Preflight => Vec::new(),
+            Which::Preflight | Which::Micro => Vec::new(),
         }
     }
 
@@ -156,6 +176,19 @@ async fn main() -> Result<()> {
         args.layers.iter().all(|l| *l >= 1),
         "--layers must be at least 1"
     );
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("target/bench"));
+    if args.which == Which::Micro {
+        let settings = micro::Settings {
+            which: args.micro.clone(),
+            dht_routers: args.dht_routers,
+            blob_mib: args.blob_mib,
+            rss_keys: args.rss_keys,
+        };
+        return micro::run(&settings, &out, args.readme.then(workspace_root)).await;
+    }
     let shaping = args.shaping();
     let phases = args.phases();
     let scenarios = args.scenarios();
@@ -192,10 +225,6 @@ async fn main() -> Result<()> {
     if record.results.is_empty() {
         return Ok(());
     }
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("target/bench"));
     report::write(&out, &record, args.readme.then(workspace_root))?;
     Ok(())
 }
