@@ -7,7 +7,7 @@
 //! - `cargo xtask no-faults [binary]` — fail if a daemon binary (default: the release one) has a
 //!   test-only fault switch compiled in (the check `test` ends with).
 //! - `cargo xtask demo`    — prereqs, build, bring up a local multi-node cluster and pull through it.
-//! - `cargo xtask bench [all|rollout|burst|preflight] [flags]` — prereqs, build (release), run the
+//! - `cargo xtask bench [all|rollout|burst|preflight|micro] [flags]` — prereqs, build (release), run the
 //!   benchmarks on a rig with a shaped upstream (ratios against a direct baseline in the same run;
 //!   `--help` lists the flags).
 //! - `cargo xtask fuzz [--time SECS | --runs N] [target…]` — prereqs and cargo-fuzz, then every
@@ -61,7 +61,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Seconds each fuzz target runs in `cargo xtask test` (the smoke run; 17 targets).
 const SMOKE_SECS: u64 = 5;
 
-const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | no-faults [binary] | demo | bench [all|rollout|burst|preflight] [--help] | fuzz [--time SECS | --runs N] [target…]>";
+const USAGE: &str = "usage: cargo xtask <prereqs | test [cargo test args…] | no-faults [binary] | demo | bench [all|rollout|burst|preflight|micro] [--help] | fuzz [--time SECS | --runs N] [target…]>";
 
 fn main() -> ExitCode {
     let mut args = env::args_os().skip(1);
@@ -134,11 +134,21 @@ fn is_root() -> bool {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
+/// Debian packages only the benchmarks need: nginx is the micro benchmarks' file-serving
+/// baseline (Debian's package does not start a service when installed without an init).
+const BENCH_APT_PACKAGES: &[&str] = &["nginx"];
+
 /// Installs whatever is missing; returns the PATH to build with (bpf-linker first).
 fn prereqs() -> anyhow::Result<OsString> {
+    prereqs_with(&[])
+}
+
+/// [`prereqs`] plus the Debian packages `extra`.
+fn prereqs_with(extra: &[&str]) -> anyhow::Result<OsString> {
     check_kubectl()?;
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(extra)
         .copied()
         .filter(|pkg| {
             let out = Command::new("dpkg-query")
@@ -508,11 +518,10 @@ fn run_tool(bin: &str, extra: &[OsString]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("{bin} needs root (network namespaces, cgroups, eBPF)");
     }
-    let path = prereqs()?;
-    let profile = if bin == "spegel-bench" {
-        "release"
+    let (path, profile) = if bin == "spegel-bench" {
+        (prereqs_with(BENCH_APT_PACKAGES)?, "release")
     } else {
-        "dev"
+        (prereqs()?, "dev")
     };
     status(cargo(&path).args([
         "build",
