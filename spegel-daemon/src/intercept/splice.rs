@@ -1,9 +1,11 @@
 //! Passes an intercepted connection through to its original destination untouched: bytes are
-//! copied both ways, TLS is never decrypted. Whatever the client already sent is still in the
-//! socket (it was only peeked at), so nothing needs replaying. A splice that moves no byte either
-//! way for its idle timeout is ended, so a dead or parked connection does not hold a slot forever;
-//! one whose client reads nothing of what is written to it for the write timeout is ended too
-//! (a stuck reader does not hold the destination's bytes in our buffers forever).
+//! moved both ways by the kernel (`splice(2)` through a pipe per direction, `kernel.rs`; copied
+//! through a buffer only when no pipe can be had), TLS is never decrypted. Whatever the client
+//! already sent is still in the socket (it was only peeked at), so nothing needs replaying. A
+//! splice that moves no byte either way for its idle timeout is ended, so a dead or parked
+//! connection does not hold a slot forever; one whose client reads nothing of what is written
+//! to it for the write timeout is ended too (a stuck reader does not hold the destination's
+//! bytes in a pipe or buffer forever).
 use std::{
     io,
     net::SocketAddr,
@@ -19,6 +21,8 @@ use tokio::{
     time::Instant,
 };
 use tokio_io_timeout::TimeoutStream;
+
+mod kernel;
 
 /// Copy buffer per direction; large enough that image layers move in few syscalls.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -92,22 +96,26 @@ pub async fn splice(
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
     let last = Arc::new(Mutex::new(Instant::now()));
-    let mut client = TimeoutStream::new(Active::new(client, &last));
-    client.set_write_timeout(Some(timeouts.write));
-    let mut client = Box::pin(client);
-    let mut upstream = Active::new(upstream, &last);
-    let copy = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    );
+    let moved = || *last.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    let pipes = kernel::Pipe::new().and_then(|up| Ok((up, kernel::Pipe::new()?)));
+    let copy = async {
+        match pipes {
+            Ok((up, down)) => tokio::try_join!(
+                kernel::pump(&client, &upstream, &up, None, &moved),
+                kernel::pump(&upstream, &client, &down, Some(timeouts.write), &moved),
+            ),
+            Err(error) => {
+                tracing::debug!(%error, "no pipe for a zero-copy splice; copying instead");
+                copy_through_buffers(client, upstream, &last, timeouts.write).await
+            }
+        }
+    };
     tokio::select! {
         copied = copy => copied
             .map(|(up, down)| Spliced { up, down })
             .map_err(|source| {
-                // The wrapper's own timeout error carries no OS error code (a kernel ETIMEDOUT
-                // from the destination's side does).
+                // The write timeout's error carries no OS error code (a kernel ETIMEDOUT from
+                // the destination's side does).
                 if source.kind() == io::ErrorKind::TimedOut && source.raw_os_error().is_none() {
                     SpliceError::WriteTimeout { dst, timeout: timeouts.write }
                 } else {
@@ -117,6 +125,22 @@ pub async fn splice(
         () = idle_for(&last, timeouts.idle) => Err(SpliceError::Idle { dst, idle: timeouts.idle }),
     }
     // Both streams drop here, closing both sides.
+}
+
+/// The fallback: copies both ways through a buffer per direction, noting transfers in `last`;
+/// a write to the client that makes no progress for `write_timeout` fails with `TimedOut`.
+async fn copy_through_buffers(
+    client: TcpStream,
+    upstream: TcpStream,
+    last: &Arc<Mutex<Instant>>,
+    write_timeout: Duration,
+) -> io::Result<(u64, u64)> {
+    let mut client = TimeoutStream::new(Active::new(client, last));
+    client.set_write_timeout(Some(write_timeout));
+    let mut client = Box::pin(client);
+    let mut upstream = Active::new(upstream, last);
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
+        .await
 }
 
 /// Completes once `last` (the time of the latest transfer) is `idle` in the past.
@@ -248,6 +272,35 @@ mod tests {
         assert_eq!(back, b"hellohello");
         server.await.unwrap();
         assert_eq!(proxy.await.unwrap().unwrap(), Spliced { up: 5, down: 10 });
+    }
+
+    /// The fallback without pipes copies through buffers, with the same half-close.
+    #[tokio::test]
+    async fn fallback_copies_both_ways_and_half_closes() {
+        let (mut client, front_side) = loopback_pair().await;
+        let (upstream_side, mut server) = loopback_pair().await;
+        let last = Arc::new(Mutex::new(Instant::now()));
+        let proxy = tokio::spawn(async move {
+            copy_through_buffers(front_side, upstream_side, &last, TIMEOUTS.write).await
+        });
+        client.write_all(b"ping").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        server.write_all(b"pong!").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong!");
+        assert_eq!(proxy.await.unwrap().unwrap(), (4, 5));
+    }
+
+    async fn loopback_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
     }
 
     #[tokio::test]
