@@ -646,19 +646,9 @@ async fn scenario_intercepted_stuck_reader(suite: &Suite) {
     let node = suite.rig.node(0);
     let host = registry.host(Endpoint::Tls);
     let mark = a.log_mark();
-    let mut client = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(r#"echo $$ > "$0" && exec "$@""#)
-        .arg(node.cgroup_dir().join("cgroup.procs"))
-        .args([
-            "ip",
-            "netns",
-            "exec",
-            node.netns(),
-            "openssl",
-            "s_client",
-            "-quiet",
-        ])
+    let mut client = node
+        .command(true, "openssl")
+        .args(["s_client", "-quiet"])
         .arg("-connect")
         .arg(&host)
         .arg("-servername")

@@ -29,7 +29,6 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -799,34 +798,12 @@ async fn abuse(node: &Node, in_cgroup: bool, ip: &str, port: u16, payload: &Path
 cat "$3" >&3 2>/dev/null
 timeout "$4" cat <&3 >/dev/null 2>&1
 echo "read-exit=$?""#;
-    let mut command = tokio::process::Command::new("sh");
-    if in_cgroup {
-        command
-            .arg("-c")
-            .arg(r#"echo $$ > "$0" && exec "$@""#)
-            .arg(node.cgroup_dir().join("cgroup.procs"));
-    } else {
-        command.arg("-c").arg(r#"exec "$@""#).arg("sh");
-    }
+    let mut command = node.command(in_cgroup, "bash");
     command
-        .args([
-            "ip",
-            "netns",
-            "exec",
-            node.netns(),
-            "bash",
-            "-c",
-            script,
-            "bash",
-            ip,
-        ])
+        .args(["-c", script, "bash", ip])
         .arg(port.to_string())
         .arg(payload)
-        .arg(CLIENT_WAIT_SECS.to_string())
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .arg(CLIENT_WAIT_SECS.to_string());
     let output = tokio::time::timeout(Duration::from_secs(CLIENT_WAIT_SECS + 30), command.output())
         .await
         .context("the client hung")?

@@ -29,7 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
@@ -306,22 +306,8 @@ fn no_hosts_toml_anywhere(suite: &Suite) {
 /// Runs `program args` in `node`'s namespace, inside containerd's cgroup (`in_cgroup`) or not.
 /// Returns the output whatever the exit status.
 async fn run_on(node: &Node, in_cgroup: bool, program: &str, args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new("sh");
-    if in_cgroup {
-        command
-            .arg("-c")
-            .arg(r#"echo $$ > "$0" && exec "$@""#)
-            .arg(node.cgroup_dir().join("cgroup.procs"));
-    } else {
-        command.arg("-c").arg(r#"exec "$@""#).arg("sh");
-    }
-    command
-        .args(["ip", "netns", "exec", node.netns(), program])
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut command = node.command(in_cgroup, program);
+    command.args(args);
     tokio::time::timeout(COMMAND_TIMEOUT, command.output())
         .await
         .unwrap_or_else(|_| panic!("{program} {args:?} on {} timed out", node.name()))

@@ -203,6 +203,28 @@ impl Node {
         &self.cgroup_dir
     }
 
+    /// A command running `program` in the node's namespace, inside containerd's cgroup
+    /// (`in_cgroup`: the node's spegel intercepts its connections as it would containerd's) or
+    /// not; with only `PATH` in its environment, no stdin, and killed when dropped.
+    pub fn command(&self, in_cgroup: bool, program: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("sh");
+        if in_cgroup {
+            command
+                .arg("-c")
+                .arg(r#"echo $$ > "$0" && exec "$@""#)
+                .arg(self.cgroup_dir.join("cgroup.procs"));
+        } else {
+            command.arg("-c").arg(r#"exec "$@""#).arg("sh");
+        }
+        command
+            .args(["ip", "netns", "exec", &self.netns, program])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
     /// containerd's content store root (`<root>/io.containerd.content.v1.content`).
     pub fn content_dir(&self) -> PathBuf {
         self.dir

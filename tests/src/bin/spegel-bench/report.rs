@@ -56,14 +56,9 @@ pub(crate) fn now_utc() -> Result<String> {
 /// Writes `bench-<date>.json`, `.md` and `.png` under `out` and prints the table; with a
 /// workspace `root`, also `docs/bench/latest.png` and the README section.
 pub(crate) fn write(out: &Path, record: &Record, root: Option<PathBuf>) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let stem = format!("bench-{}", record.date.replace(':', ""));
-    let json = out.join(format!("{stem}.json"));
-    std::fs::write(&json, serde_json::to_vec_pretty(record)?)
-        .with_context(|| format!("writing {}", json.display()))?;
     let table = table(record);
-    let md = out.join(format!("{stem}.md"));
-    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    let (json, md) = write_record(out, &stem, record, &table)?;
     let png = out.join(format!("{stem}.png"));
     let plotted = match crate::plot::draw(&png, record) {
         Ok(()) => true,
@@ -100,6 +95,23 @@ pub(crate) fn write(out: &Path, record: &Record, root: Option<PathBuf>) -> Resul
         println!("README.md and docs/bench/ updated");
     }
     Ok(())
+}
+
+/// Writes `record` as `<stem>.json` and `table` as `<stem>.md` under `out` (created if need
+/// be); returns both paths.
+pub(crate) fn write_record(
+    out: &Path,
+    stem: &str,
+    record: &impl serde::Serialize,
+    table: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join(format!("{stem}.json"));
+    std::fs::write(&json, serde_json::to_vec_pretty(record)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let md = out.join(format!("{stem}.md"));
+    std::fs::write(&md, table).with_context(|| format!("writing {}", md.display()))?;
+    Ok((json, md))
 }
 
 /// `text` with the generated section between `start` and `end` replaced by `section` (or

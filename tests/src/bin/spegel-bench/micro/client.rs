@@ -156,17 +156,8 @@ pub(crate) async fn curl(
     ca_file: Option<&std::path::Path>,
     url: &str,
 ) -> Result<CurlTimes> {
-    let mut command = tokio::process::Command::new("sh");
-    if in_cgroup {
-        command
-            .arg("-c")
-            .arg(r#"echo $$ > "$0" && exec "$@""#)
-            .arg(node.cgroup_dir().join("cgroup.procs"));
-    } else {
-        command.arg("-c").arg(r#"exec "$@""#).arg("sh");
-    }
+    let mut command = node.command(in_cgroup, "curl");
     command
-        .args(["ip", "netns", "exec", node.netns(), "curl"])
         .args(["--silent", "--show-error", "--output", "/dev/null"])
         .args(["--max-time", "120"])
         .args([
@@ -176,15 +167,7 @@ pub(crate) async fn curl(
     if let Some(ca) = ca_file {
         command.arg("--cacert").arg(ca);
     }
-    let output = command
-        .arg(url)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("running curl")?;
+    let output = command.arg(url).output().await.context("running curl")?;
     let text = String::from_utf8_lossy(&output.stdout);
     ensure!(
         output.status.success(),

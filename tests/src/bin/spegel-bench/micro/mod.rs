@@ -24,7 +24,7 @@ mod serving;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::ValueEnum;
 use spegel_tests::rig::{ImageSpec, Rig};
 
@@ -167,14 +167,9 @@ async fn run_on_rig(
 }
 
 fn write(out: &Path, record: &MicroRecord, root: Option<PathBuf>) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let stem = format!("micro-{}", record.date.replace(':', ""));
-    let json = out.join(format!("{stem}.json"));
-    std::fs::write(&json, serde_json::to_vec_pretty(record)?)
-        .with_context(|| format!("writing {}", json.display()))?;
     let table = table(record);
-    let md = out.join(format!("{stem}.md"));
-    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    let (json, md) = crate::report::write_record(out, &stem, record, &table)?;
     println!("\n{table}");
     println!("raw: {}\ntable: {}", json.display(), md.display());
     if let Some(root) = root {
