@@ -13,7 +13,10 @@ use crate::{
     membership::Membership,
     metrics::{AccessStats, Instrumented, Metrics, TagStats},
     p2p::P2pRouter,
-    peers::{FetchConfig, PeerSource},
+    peers::{
+        FetchConfig, PeerSource,
+        burst::{Claimer, Claims},
+    },
     routing::Router,
     serve::{
         access::{Access, ConfirmedPeers, NotesPublic, PublicOnly},
@@ -138,10 +141,10 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     );
     let access_stats = Arc::new(AccessStats::default());
     let access = Arc::new(args.access.access(Arc::clone(&access_stats)));
-    let upstream = shared_upstream(
+    let (upstream, claims) = shared_upstream(
         &args,
         upstream,
-        &dyn_router,
+        (&dyn_router, router.peer_id().to_string()),
         &fetch_config,
         transparent,
         &peer_auth,
@@ -208,6 +211,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let registry = Arc::new(
         Registry::new(source)
             .with_peer_auth(peer_auth)
+            .with_claims(claims)
             .with_readiness(Arc::new(StoreReadiness::new(Arc::clone(&store))))
             .with_metrics(Arc::new(move || encoder_metrics.encode()))
             .with_max_connections(args.registry.registry_max_connections)
@@ -324,21 +328,24 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     Ok(())
 }
 
+/// The cold-burst claims this node coordinates, when it coordinates any (transparent mode).
+type CoordinatedClaims = Option<Arc<Claims>>;
+
 /// The upstream as the serve policy asks it: one shared fetch per blob on this node, served to
 /// peers while in flight (`body::shared`), behind the cold-burst gate that asks a blob's chosen
 /// fetcher first (`peers::burst`).
 fn shared_upstream(
     args: &RunArgs,
     upstream: Arc<dyn Source>,
-    router: &Arc<dyn Router>,
+    (router, me): (&Arc<dyn Router>, String),
     fetch_config: &crate::peers::FetchConfig,
     transparent: bool,
     peer_auth: &crate::membership::PeerAuth,
     (access, backoff): (&Arc<Access>, &Arc<Backoff>),
-) -> anyhow::Result<Arc<dyn Source>> {
+) -> anyhow::Result<(Arc<dyn Source>, CoordinatedClaims)> {
     use crate::{
         body::{shared::SharedFetch, spool::Spool},
-        peers::burst::{BurstGate, FetcherRouter},
+        peers::burst::{BurstGate, HolderRouter},
     };
     let spool = match args.buffer.shared_fetch_budget {
         0 => None,
@@ -351,28 +358,36 @@ fn shared_upstream(
     let in_flight = shared.in_flight();
     let shared: Arc<dyn Source> = Arc::new(shared);
     if !transparent || args.burst.burst_wait.is_zero() {
-        return Ok(shared);
+        return Ok((shared, None));
     }
-    let fetchers = Arc::new(FetcherRouter::new(Arc::clone(router)));
+    let holders = Arc::new(HolderRouter::new(Arc::clone(router)));
     let client = PeerSource::new(
-        Arc::clone(&fetchers) as Arc<dyn Router>,
+        Arc::clone(&holders) as Arc<dyn Router>,
         fetch_config.clone(),
         Some(Arc::clone(&shared)),
         peer_auth.clone(),
     );
-    // Bytes from a fetcher are peer bytes: verified whole before containerd sees one.
+    let claimer: Arc<dyn Claimer> = Arc::new(client.clone());
+    // Bytes from a holder are peer bytes: verified whole before containerd sees one.
     let verified: Arc<dyn Source> = Arc::new(
         Buffered::new(Arc::new(client), &args.buffer, &args.data_dir)
             .context("cannot prepare the peer blob spool")?,
     );
-    // A fetcher's copy is a peer's copy: private content only once upstream confirmed this
+    // A holder's copy is a peer's copy: private content only once upstream confirmed this
     // client may read it, public content only when it cannot answer.
     let verified: Arc<dyn Source> = Arc::new(
         ConfirmedPeers::new(verified, Some(upstream), Arc::clone(access))
             .with_backoff(Arc::clone(backoff)),
     );
-    let gate = BurstGate::new(shared, in_flight, verified, fetchers, args.burst.burst_wait);
-    Ok(Arc::new(gate))
+    let claims = Arc::new(Claims::new(me, in_flight.clone()));
+    let gate = BurstGate::new(
+        shared,
+        in_flight,
+        (verified, holders),
+        (Arc::clone(&claims), claimer),
+        args.burst.burst_wait,
+    );
+    Ok((Arc::new(gate), Some(claims)))
 }
 
 /// Connects to containerd, retrying with backoff: the daemon may start before containerd does.

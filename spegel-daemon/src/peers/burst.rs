@@ -1,35 +1,44 @@
 //! One upstream fetch per blob per cluster, also in a cold burst: every node misses the same
-//! new blob at the same instant, before anyone has it or has announced it.
+//! new blob at once, before anyone has it or has announced it.
 //!
 //! **The design, and why.** Each node's upstream fetch of a blob is shared by every GET of it on
 //! that node and served to peers while it is in flight (`body::shared`: a spooled tee, the
 //! verified bytes as they arrive). What remains is to make the other nodes ask that fetch
 //! instead of upstream, without a central component and without waiting for the DHT:
 //!
-//! - **Rendezvous hashing picks the fetcher.** For a blob's digest, every node ranks itself and
-//!   the cluster members it is connected to (authenticated by the membership handshake) by
-//!   `sha256(digest "/" peer id)`; the lowest is the blob's *fetcher*. Nodes that see the same
-//!   members agree without talking, so the tie of a cold burst is broken at once; different
-//!   blobs of one image spread over different fetchers.
-//! - **The fetcher goes upstream at once** (and also announces the blob in the DHT, so nodes
-//!   that ask later find it by the usual lookup). **Every other node asks the fetcher directly**
-//!   (a peer GET with `X-Spegel-Mirrored`, through the ordinary peer client: cluster mTLS,
-//!   verification, resume) and, while the fetcher answers 404 (its own containerd has not asked
-//!   yet), asks again every [`POLL`] for at most `--burst-wait`; then it goes upstream itself.
-//!   The DHT alone cannot break the tie: a lookup made at the instant of the miss finds nobody,
-//!   and "nobody" is cached for a moment.
-//! - **Bytes from the fetcher are peer bytes**: verified whole before containerd gets the first
-//!   one (`body::buffered`, verify-before-send), and a fetcher that dies or stalls mid-blob is
-//!   replaced by the peer client's resume (`Range`, same hash) from upstream: a dead fetcher
+//! - **Rendezvous hashing picks a coordinator.** For a blob's digest, every node ranks itself
+//!   and the cluster members it is connected to (authenticated by the membership handshake) by
+//!   `sha256(digest "/" peer id)`; the lowest is the blob's *coordinator*. Nodes that see the
+//!   same members agree without talking; different blobs spread over different coordinators.
+//! - **The first node to ask the coordinator fetches.** A node that misses a blob *claims* it at
+//!   its coordinator (`POST /spegel/v1/burst/claim/<digest>?by=<peer id>`, or its own [`Claims`]
+//!   when it is the coordinator). The coordinator records the first claimant (the *holder*) for
+//!   [`CLAIM_TTL`] and answers every claim with the holder's id. The holder goes upstream at
+//!   once; every other node asks the holder (a peer GET with `X-Spegel-Mirrored`, through the
+//!   ordinary peer client: cluster mTLS, verification, resume), again every [`POLL`] while it
+//!   answers 404 (its fetch has not registered yet), for at most `--burst-wait`; then it goes
+//!   upstream itself. Who comes first does not matter, nor how far apart the nodes start: the
+//!   tie is broken by arrival at one place, not by a timer. The DHT alone cannot break it: a
+//!   lookup made at the instant of the miss finds nobody, and "nobody" is cached for a moment.
+//! - **Bytes from the holder are peer bytes**: verified whole before containerd gets the first
+//!   one (`body::buffered`, verify-before-send), and a holder that dies or stalls mid-blob is
+//!   replaced by the peer client's resume (`Range`, same hash) from upstream: a dead holder
 //!   costs at most `--burst-wait` plus the peer stall bound, never a stalled pull.
-//! - **Never a forward.** The fetcher serves only its *own* fetch in flight (or its store); a
-//!   peer's request never makes it go upstream.
+//! - **Never a forward.** The holder serves only its *own* fetch in flight (or its store); a
+//!   peer's request never makes a node go upstream. A claim only names who fetches; the holder
+//!   fetches because its own containerd asked.
 //!
-//! The price: a node that is not a blob's fetcher and pulls it alone (a rolling update's first
-//! node) waits up to `--burst-wait` before going upstream. `--burst-wait 0` turns it off.
-//! Nodes that disagree on the members (a partition, a node just joined) may each fetch: at most
-//! one extra upstream download per view, never a failure.
-use std::{sync::Arc, time::Duration};
+//! The price: one round trip to the coordinator per blob a node misses (none when it is the
+//! coordinator). An unreachable coordinator costs at most `--burst-wait`, then the node fetches
+//! itself. Nodes that disagree on the members (a partition, a node just joined) may ask different
+//! coordinators: at most one extra upstream download per view, never a failure. Claims are
+//! made by authenticated members only; a member that lies about who it is can only delay others
+//! by `--burst-wait`, never feed them bytes that do not hash to the digest.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{sync::mpsc, time::Instant};
 
@@ -40,21 +49,36 @@ use crate::{
     source::{Object, ObjectRequest, Source, SourceError},
 };
 
-/// How often a node asks a blob's fetcher again while it has not started.
+/// How often a node asks a blob's holder again while its fetch has not started.
 pub const POLL: Duration = Duration::from_millis(50);
 
-/// Flags of the cold-burst fetcher choice.
+/// How long a coordinator names a blob's first claimant as its holder. Past that, the holder
+/// has the blob in its store (and advertises it) or failed; either way a new claim starts over.
+pub const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// Most claims a coordinator keeps; past it, expired ones are dropped, and if none are, new
+/// claims are granted without being recorded (each claimant fetches: fail open, bounded memory).
+const MAX_CLAIMS: usize = 4096;
+
+/// Where a coordinator takes claims: `POST {CLAIM_PATH}<digest>?by=<peer id>`, answered with
+/// the holder's peer id as the body.
+pub const CLAIM_PATH: &str = "/spegel/v1/burst/claim/";
+
+/// Longest peer id a claim may name (libp2p ids in base58 are about 52 characters).
+pub const MAX_PEER_ID_LEN: usize = 128;
+
+/// Flags of the cold-burst coordination.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BurstArgs {
-    /// A node that is not a new blob's chosen fetcher (rendezvous hashing over the cluster
-    /// members) asks that fetcher for at most this long before going upstream itself; 0: every
-    /// node goes upstream at once.
+    /// A node that is not a new blob's holder (the first node to claim it at its coordinator,
+    /// chosen by rendezvous hashing over the cluster members) asks the holder for at most this
+    /// long before going upstream itself; 0: no coordination, every node goes upstream at once.
     #[arg(long, env = "SPEGEL_BURST_WAIT", value_parser = humantime::parse_duration, default_value = "300ms")]
     pub burst_wait: Duration,
 }
 
-/// The fetcher of `digest` among `me` and `members`: `None` when it is `me`.
-pub fn fetcher(digest: &Digest, me: &str, members: &[Peer]) -> Option<Peer> {
+/// The coordinator of `digest` among `me` and `members`: `None` when it is `me`.
+pub fn coordinator(digest: &Digest, me: &str, members: &[Peer]) -> Option<Peer> {
     let score = |id: &str| Digest::of(format!("{digest}/{id}").as_bytes()).to_string();
     let best = members
         .iter()
@@ -63,34 +87,108 @@ pub fn fetcher(digest: &Digest, me: &str, members: &[Peer]) -> Option<Peer> {
     (score(&best.id) < score(me)).then(|| best.clone())
 }
 
-/// A router whose only provider of a digest is its fetcher (when that is another node): it
-/// points the ordinary peer client at the fetcher.
-pub struct FetcherRouter {
-    router: Arc<dyn Router>,
+/// Whether `id` may be named in a claim: a libp2p peer id's alphabet, bounded.
+pub fn valid_peer_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_PEER_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-impl FetcherRouter {
-    pub fn new(router: Arc<dyn Router>) -> Self {
-        Self { router }
+/// A coordinator's record of who fetches which blob.
+pub struct Claims {
+    me: String,
+    in_flight: InFlight,
+    held: Mutex<HashMap<Digest, (String, Instant)>>,
+}
+
+impl Claims {
+    /// Claims coordinated by this node (`me`), whose own fetches in flight `in_flight` lists.
+    pub fn new(me: String, in_flight: InFlight) -> Self {
+        Self {
+            me,
+            in_flight,
+            held: Mutex::default(),
+        }
     }
 
-    /// The fetcher of the blob `key` names, if another node.
-    pub async fn fetcher_of(&self, key: &str) -> Option<Peer> {
+    /// `by` claims `digest`: the holder's id, `by` itself when it is the first (or the last
+    /// holder's claim expired). This node holds what it is fetching already.
+    pub fn claim(&self, digest: Digest, by: &str) -> String {
+        let now = Instant::now();
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some((holder, at)) = held.get(&digest)
+            && now.duration_since(*at) < CLAIM_TTL
+        {
+            return holder.clone();
+        }
+        if self.in_flight.has(&digest) {
+            return self.me.clone();
+        }
+        if held.len() >= MAX_CLAIMS {
+            held.retain(|_, (_, at)| now.duration_since(*at) < CLAIM_TTL);
+        }
+        if held.len() < MAX_CLAIMS {
+            held.insert(digest, (by.to_owned(), now));
+        }
+        by.to_owned()
+    }
+}
+
+/// Asks another node, the coordinator of a blob, to record a claim.
+#[async_trait::async_trait]
+pub trait Claimer: Send + Sync {
+    /// `me` claims `digest` at `coordinator`: the holder's id, or why the coordinator did not
+    /// answer.
+    async fn claim(&self, coordinator: &Peer, digest: Digest, me: &str) -> Result<String, String>;
+}
+
+/// A router whose only provider of a digest is its holder, as the gate last learnt it: it
+/// points the ordinary peer client at the holder.
+pub struct HolderRouter {
+    router: Arc<dyn Router>,
+    holders: Mutex<HashMap<Digest, (Peer, Instant)>>,
+}
+
+impl HolderRouter {
+    pub fn new(router: Arc<dyn Router>) -> Self {
+        Self {
+            router,
+            holders: Mutex::default(),
+        }
+    }
+
+    fn set(&self, digest: Digest, holder: Peer) {
+        let now = Instant::now();
+        let mut holders = self
+            .holders
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if holders.len() >= MAX_CLAIMS {
+            holders.retain(|_, (_, at)| now.duration_since(*at) < CLAIM_TTL);
+        }
+        holders.insert(digest, (holder, now));
+    }
+
+    fn get(&self, key: &str) -> Option<Peer> {
         let digest: Digest = key.parse().ok()?;
-        let (me, members) = self.router.members().await?;
-        fetcher(&digest, &me, &members)
+        let holders = self
+            .holders
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        holders.get(&digest).map(|(peer, _)| peer.clone())
     }
 }
 
 #[async_trait::async_trait]
-impl Router for FetcherRouter {
+impl Router for HolderRouter {
     fn has_peers(&self) -> bool {
         self.router.has_peers()
     }
 
     async fn lookup(&self, key: &str, _count: usize) -> Result<mpsc::Receiver<Peer>, RouterError> {
         let (tx, rx) = mpsc::channel(1);
-        if let Some(peer) = self.fetcher_of(key).await {
+        if let Some(peer) = self.get(key) {
             // Room for one: cannot fail.
             let _ = tx.try_send(peer);
         }
@@ -106,34 +204,70 @@ impl Router for FetcherRouter {
     }
 }
 
-/// In front of the (shared) upstream: a blob this node is not the fetcher of is asked of its
-/// fetcher first, for at most `wait`. See the module docs.
+/// In front of the (shared) upstream: a blob is claimed at its coordinator first, and fetched
+/// from its holder when that is another node, for at most `wait`. See the module docs.
 pub struct BurstGate {
     upstream: Arc<dyn Source>,
     in_flight: InFlight,
-    /// The peer client pointed at fetchers (verify-before-send in front of it).
-    from_fetcher: Arc<dyn Source>,
-    router: Arc<FetcherRouter>,
+    /// The peer client pointed at holders (verify-before-send in front of it).
+    from_holder: Arc<dyn Source>,
+    holders: Arc<HolderRouter>,
+    /// This node's own claims, as a coordinator.
+    claims: Arc<Claims>,
+    claimer: Arc<dyn Claimer>,
     wait: Duration,
 }
 
 impl BurstGate {
-    /// `upstream`: the shared upstream whose copies `in_flight` lists; `from_fetcher`: a peer
-    /// source asking through `router`.
+    /// `upstream`: the shared upstream whose copies `in_flight` lists; `from_holder`: a peer
+    /// source asking through `holders`; `claims`: this node's as a coordinator; `claimer`: asks
+    /// other coordinators.
     pub fn new(
         upstream: Arc<dyn Source>,
         in_flight: InFlight,
-        from_fetcher: Arc<dyn Source>,
-        router: Arc<FetcherRouter>,
+        (from_holder, holders): (Arc<dyn Source>, Arc<HolderRouter>),
+        (claims, claimer): (Arc<Claims>, Arc<dyn Claimer>),
         wait: Duration,
     ) -> Self {
         Self {
             upstream,
             in_flight,
-            from_fetcher,
-            router,
+            from_holder,
+            holders,
+            claims,
+            claimer,
             wait,
         }
+    }
+
+    /// The holder of `digest` when it is another member; `None`: this node fetches.
+    async fn holder(&self, digest: Digest) -> Option<Peer> {
+        let (me, members) = self.holders.router.members().await?;
+        let holder = match coordinator(&digest, &me, &members) {
+            None => self.claims.claim(digest, &me),
+            Some(coordinator) => {
+                let asked = self.claimer.claim(&coordinator, digest, &me);
+                match tokio::time::timeout(self.wait, asked).await {
+                    Ok(Ok(holder)) => holder,
+                    Ok(Err(err)) => {
+                        tracing::debug!(%digest, coordinator = %coordinator.id, %err, "burst coordinator did not answer; fetching");
+                        return None;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%digest, coordinator = %coordinator.id, wait = ?self.wait, "burst coordinator did not answer in time; fetching");
+                        return None;
+                    }
+                }
+            }
+        };
+        if holder == me {
+            return None;
+        }
+        let found = members.into_iter().find(|peer| peer.id == holder);
+        if found.is_none() {
+            tracing::debug!(%digest, %holder, "burst holder is not a member this node knows; fetching");
+        }
+        found
     }
 }
 
@@ -153,18 +287,19 @@ impl Source for BurstGate {
         if !gated {
             return self.upstream.fetch(request).await;
         }
-        let Some(fetcher) = self.router.fetcher_of(&digest.to_string()).await else {
+        let Some(holder) = self.holder(digest).await else {
             return self.upstream.fetch(request).await;
         };
+        self.holders.set(digest, holder.clone());
         let deadline = Instant::now() + self.wait;
         loop {
-            match self.from_fetcher.fetch(request).await {
+            match self.from_holder.fetch(request).await {
                 Ok(object) => {
-                    tracing::debug!(%digest, fetcher = %fetcher.id, "blob from its burst fetcher");
+                    tracing::debug!(%digest, holder = %holder.id, "blob from its burst holder");
                     return Ok(object);
                 }
                 Err(err) => {
-                    tracing::trace!(%digest, fetcher = %fetcher.id, %err, "burst fetcher has not started")
+                    tracing::trace!(%digest, holder = %holder.id, %err, "burst holder has not started")
                 }
             }
             if Instant::now() + POLL >= deadline || self.in_flight.has(&digest) {
@@ -172,7 +307,7 @@ impl Source for BurstGate {
             }
             tokio::time::sleep(POLL).await;
         }
-        tracing::debug!(%digest, fetcher = %fetcher.id, wait = ?self.wait, "burst fetcher did not serve in time; going upstream");
+        tracing::debug!(%digest, holder = %holder.id, wait = ?self.wait, "burst holder did not serve in time; going upstream");
         self.upstream.fetch(request).await
     }
 }

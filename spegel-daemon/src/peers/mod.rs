@@ -34,6 +34,7 @@ mod attempt;
 mod blob;
 mod book;
 pub mod burst;
+mod claim;
 mod config;
 mod connector;
 mod latency;

@@ -19,8 +19,9 @@ use crate::{
     metrics,
     oci::{
         self, API_VERSION_HEADER, CONTENT_DIGEST_HEADER, ErrorBody, ErrorCode, Kind,
-        MIRRORED_HEADER, PUBLIC_ONLY_HEADER, ParseError, Reference,
+        MIRRORED_HEADER, PUBLIC_ONLY_HEADER, ParseError, Reference, digest::Digest,
     },
+    peers::burst::{CLAIM_PATH, Claims, valid_peer_id},
     source::{Object, ObjectRequest, Origin, Source, SourceError},
     store::{Store, StoreError},
 };
@@ -185,6 +186,8 @@ pub struct Registry {
     header_timeout: Duration,
     /// Where each finished response is recorded for the admin status page.
     recent: Option<Arc<crate::metrics::recent::RecentServed>>,
+    /// Cold-burst claims this node coordinates (`peers::burst`); `None`: claims get 404.
+    claims: Option<Arc<Claims>>,
 }
 
 /// What a request asks for, before anything is fetched.
@@ -195,6 +198,11 @@ enum Route {
     /// `GET /v2/`: the API version check.
     ApiVersion,
     Pull(Box<ObjectRequest>),
+    /// A member claims a blob at its cold-burst coordinator (`peers::burst`).
+    Claim {
+        digest: Digest,
+        by: String,
+    },
     /// Answered without asking anyone: a bad or unsupported request.
     Reject(Rejection),
 }
@@ -223,7 +231,15 @@ impl Registry {
             peer_auth: PeerAuth::Open,
             header_timeout: server::DEFAULT_HEADER_TIMEOUT,
             recent: None,
+            claims: None,
         }
+    }
+
+    /// Coordinates cold-burst claims with `claims` (members only, like content); `None`:
+    /// claims get 404.
+    pub fn with_claims(mut self, claims: Option<Arc<Claims>>) -> Self {
+        self.claims = claims;
+        self
     }
 
     /// Records every served object (source, size, duration) into `recent`.
@@ -329,7 +345,7 @@ impl Registry {
         let head = request.method() == Method::HEAD;
         let route = route(&request, &ctx);
         let mut plaintext_token = None;
-        if matches!(route, Route::Pull(_)) {
+        if matches!(route, Route::Pull(_) | Route::Claim { .. }) {
             match self.authorize(&request, &ctx) {
                 Ok(token) => plaintext_token = token,
                 Err(refusal) => return log.finish(refusal),
@@ -345,6 +361,10 @@ impl Registry {
                 let response = passthrough.forward(request, ctx.origin.as_ref()).await;
                 return log.finish(response);
             }
+            (Route::Claim { digest, by }, None) => match &self.claims {
+                Some(claims) => text_response(StatusCode::OK, claims.claim(digest, &by)),
+                None => Rejection::not_found("this node coordinates no claims").into_response(),
+            },
             (Route::Livez, None) => text_response(StatusCode::OK, "ok"),
             (Route::Readyz, None) => self.readyz().await,
             (Route::Metrics, None) => self.metrics(request.headers()),
@@ -448,6 +468,9 @@ fn route<B>(request: &Request<B>, ctx: &RequestContext) -> Route {
         } else {
             Route::Reject(Rejection::method_not_allowed())
         };
+    }
+    if let Some(digest) = path.strip_prefix(CLAIM_PATH) {
+        return claim_route(method, digest, request.uri().query());
     }
     let object = match oci::parse_object_path(path) {
         Ok(object) => object,
@@ -701,6 +724,39 @@ fn reference_text(request: &ObjectRequest) -> String {
     match &request.reference {
         Reference::Tag(tag) => format!("{registry}{}:{tag}", request.repository),
         Reference::Digest(digest) => format!("{registry}{}@{digest}", request.repository),
+    }
+}
+
+/// `POST {CLAIM_PATH}<digest>?by=<peer id>`.
+fn claim_route(method: &Method, digest: &str, query: Option<&str>) -> Route {
+    if *method != Method::POST {
+        return Route::Reject(Rejection {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: ErrorCode::Unsupported,
+            message: "claims are POSTed".into(),
+        });
+    }
+    let Ok(digest) = digest.parse::<Digest>() else {
+        return Route::Reject(Rejection {
+            status: StatusCode::BAD_REQUEST,
+            code: ErrorCode::DigestInvalid,
+            message: "a claim names a sha256 digest".into(),
+        });
+    };
+    let by = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("by="));
+    match by {
+        Some(by) if valid_peer_id(by) => Route::Claim {
+            digest,
+            by: by.to_owned(),
+        },
+        _ => Route::Reject(Rejection {
+            status: StatusCode::BAD_REQUEST,
+            code: ErrorCode::Unsupported,
+            message: "a claim names its claimant as by=<peer id>".into(),
+        }),
     }
 }
 

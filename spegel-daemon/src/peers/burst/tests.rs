@@ -1,4 +1,5 @@
-//! The fetcher choice and the gate in front of upstream, with fake sources and members.
+//! The coordinator choice, the claims and the gate in front of upstream, with fake sources,
+//! members and coordinators.
 use std::{
     net::SocketAddr,
     sync::atomic::{AtomicUsize, Ordering},
@@ -17,7 +18,7 @@ fn peer(id: &str) -> Peer {
 }
 
 #[test]
-fn every_node_picks_the_same_fetcher_and_blobs_spread() {
+fn every_node_picks_the_same_coordinator_and_blobs_spread() {
     let ids = ["a", "b", "c", "d"];
     let mut picked = std::collections::BTreeSet::new();
     for n in 0..64u32 {
@@ -30,7 +31,7 @@ fn every_node_picks_the_same_fetcher_and_blobs_spread() {
                     .filter(|id| *id != me)
                     .map(|id| peer(id))
                     .collect();
-                fetcher(&digest, me, &others).map_or_else(|| me.to_string(), |p| p.id)
+                coordinator(&digest, me, &others).map_or_else(|| me.to_string(), |p| p.id)
             })
             .collect();
         assert!(
@@ -41,7 +42,7 @@ fn every_node_picks_the_same_fetcher_and_blobs_spread() {
     }
     assert_eq!(picked.len(), ids.len(), "blobs spread over every node");
     assert!(
-        fetcher(&Digest::of(b"x"), "a", &[]).is_none(),
+        coordinator(&Digest::of(b"x"), "a", &[]).is_none(),
         "alone: itself"
     );
 }
@@ -127,8 +128,8 @@ fn blob(digest: Digest) -> ObjectRequest {
     }
 }
 
-/// A digest whose fetcher, seen from `me` among `ids`, is (`true`) or is not `me`.
-fn digest_fetched_by_me(me: &str, ids: &[&str], mine: bool) -> Digest {
+/// A digest whose coordinator, seen from `me` among `ids`, is (`true`) or is not `me`.
+fn digest_coordinated_by_me(me: &str, ids: &[&str], mine: bool) -> Digest {
     let others: Vec<Peer> = ids
         .iter()
         .filter(|id| **id != me)
@@ -136,84 +137,194 @@ fn digest_fetched_by_me(me: &str, ids: &[&str], mine: bool) -> Digest {
         .collect();
     (0u32..)
         .map(|n| Digest::of(&n.to_le_bytes()))
-        .find(|d| fetcher(d, me, &others).is_none() == mine)
+        .find(|d| coordinator(d, me, &others).is_none() == mine)
         .unwrap()
+}
+
+/// A coordinator that answers every claim with `holder` (or fails).
+struct Coordinator {
+    holder: Result<String, String>,
+    calls: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Claimer for Coordinator {
+    async fn claim(&self, _: &Peer, _: Digest, _: &str) -> Result<String, String> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.holder.clone()
+    }
 }
 
 struct Gate {
     gate: BurstGate,
     upstream: Arc<Counted>,
-    fetcher: Arc<Counted>,
+    holder: Arc<Counted>,
+    claims: Arc<Claims>,
+    coordinator: Arc<Coordinator>,
 }
 
-fn gate(fetcher_misses: usize, wait: Duration) -> Gate {
+/// Node "a" among b, c, d; the holder misses `holder_misses` times; remote coordinators answer
+/// `remote`.
+fn gate(holder_misses: usize, remote: Result<&str, &str>, wait: Duration) -> Gate {
     let router = Arc::new(Members {
         me: "a",
         others: vec![peer("b"), peer("c"), peer("d")],
     });
     let upstream = Counted::new("upstream", 0);
-    let fetcher = Counted::new("peer", fetcher_misses);
-    let dir_spool = None;
-    let shared = crate::body::shared::SharedFetch::new(upstream.clone(), dir_spool);
+    let holder = Counted::new("peer", holder_misses);
+    let shared = crate::body::shared::SharedFetch::new(upstream.clone(), None);
+    let claims = Arc::new(Claims::new("a".into(), shared.in_flight()));
+    let coordinator = Arc::new(Coordinator {
+        holder: remote.map(str::to_owned).map_err(str::to_owned),
+        calls: AtomicUsize::new(0),
+    });
     let gate = BurstGate::new(
         upstream.clone(),
         shared.in_flight(),
-        fetcher.clone(),
-        Arc::new(FetcherRouter::new(router)),
+        (holder.clone(), Arc::new(HolderRouter::new(router))),
+        (Arc::clone(&claims), coordinator.clone()),
         wait,
     );
     Gate {
         gate,
         upstream,
-        fetcher,
+        holder,
+        claims,
+        coordinator,
     }
 }
 
 const IDS: [&str; 4] = ["a", "b", "c", "d"];
 
-#[tokio::test]
-async fn the_fetcher_goes_upstream_at_once() {
-    let g = gate(0, Duration::from_secs(5));
-    let got = g
-        .gate
-        .fetch(&blob(digest_fetched_by_me("a", &IDS, true)))
-        .await
-        .unwrap();
-    assert_eq!(got.source, "upstream");
-    assert_eq!(g.fetcher.calls(), 0);
+#[test]
+fn the_first_claimant_holds_until_its_claim_expires() {
+    let shared = crate::body::shared::SharedFetch::new(Counted::new("upstream", 0), None);
+    let claims = Claims::new("me".into(), shared.in_flight());
+    let digest = Digest::of(b"blob");
+    assert_eq!(claims.claim(digest, "b"), "b");
+    assert_eq!(claims.claim(digest, "c"), "b");
+    assert_eq!(claims.claim(digest, "b"), "b");
+    assert_eq!(claims.claim(Digest::of(b"other"), "c"), "c");
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_others_wait_for_the_fetcher_to_start() {
-    let g = gate(3, Duration::from_secs(5));
+async fn an_expired_claim_goes_to_the_next_claimant() {
+    let shared = crate::body::shared::SharedFetch::new(Counted::new("upstream", 0), None);
+    let claims = Claims::new("me".into(), shared.in_flight());
+    let digest = Digest::of(b"blob");
+    assert_eq!(claims.claim(digest, "b"), "b");
+    tokio::time::advance(CLAIM_TTL).await;
+    assert_eq!(claims.claim(digest, "c"), "c");
+}
+
+#[test]
+fn claims_stay_bounded() {
+    let shared = crate::body::shared::SharedFetch::new(Counted::new("upstream", 0), None);
+    let claims = Claims::new("me".into(), shared.in_flight());
+    for n in 0..(MAX_CLAIMS as u32 + 100) {
+        // Unrecorded past the bound: every claimant is granted its own claim.
+        assert_eq!(claims.claim(Digest::of(&n.to_le_bytes()), "b"), "b");
+    }
+    assert_eq!(claims.held.lock().unwrap().len(), MAX_CLAIMS);
+}
+
+#[test]
+fn peer_ids_in_claims_are_plain_and_short() {
+    assert!(valid_peer_id(
+        "12D3KooWFxQ5kpdbTsNZ1RBiaNqjb4w9WxSDrrbZkX8yr9LRGp4h"
+    ));
+    for bad in [
+        "",
+        "a b",
+        "a&by=b",
+        "../x",
+        "ü",
+        &"a".repeat(MAX_PEER_ID_LEN + 1),
+    ] {
+        assert!(!valid_peer_id(bad), "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_first_to_claim_at_itself_goes_upstream_at_once() {
+    let g = gate(0, Err("unused"), Duration::from_secs(5));
+    let digest = digest_coordinated_by_me("a", &IDS, true);
+    let got = g.gate.fetch(&blob(digest)).await.unwrap();
+    assert_eq!(got.source, "upstream");
+    assert_eq!(g.holder.calls(), 0);
+    assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(g.claims.claim(digest, "b"), "a", "a holds it now");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_claimed_by_another_fetches_from_the_holder() {
+    let g = gate(3, Err("unused"), Duration::from_secs(5));
+    let digest = digest_coordinated_by_me("a", &IDS, true);
+    assert_eq!(g.claims.claim(digest, "c"), "c");
+    let got = g.gate.fetch(&blob(digest)).await.unwrap();
+    assert_eq!(got.source, "peer");
+    assert_eq!(g.holder.calls(), 4);
+    assert_eq!(g.upstream.calls(), 0, "no second upstream download");
+}
+
+#[tokio::test]
+async fn the_first_to_claim_elsewhere_goes_upstream_at_once() {
+    let g = gate(0, Ok("a"), Duration::from_secs(5));
     let got = g
         .gate
-        .fetch(&blob(digest_fetched_by_me("a", &IDS, false)))
+        .fetch(&blob(digest_coordinated_by_me("a", &IDS, false)))
+        .await
+        .unwrap();
+    assert_eq!(got.source, "upstream");
+    assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(g.holder.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_claimant_waits_for_the_holder_to_start() {
+    let g = gate(3, Ok("c"), Duration::from_secs(5));
+    let got = g
+        .gate
+        .fetch(&blob(digest_coordinated_by_me("a", &IDS, false)))
         .await
         .unwrap();
     assert_eq!(got.source, "peer");
-    assert_eq!(g.fetcher.calls(), 4);
+    assert_eq!(g.holder.calls(), 4);
     assert_eq!(g.upstream.calls(), 0, "no second upstream download");
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_fetcher_that_never_serves_costs_at_most_the_wait() {
+async fn a_holder_that_never_serves_costs_at_most_the_wait() {
     let wait = Duration::from_millis(300);
-    let g = gate(usize::MAX, wait);
+    let g = gate(usize::MAX, Ok("c"), wait);
     let started = Instant::now();
     let got = g
         .gate
-        .fetch(&blob(digest_fetched_by_me("a", &IDS, false)))
+        .fetch(&blob(digest_coordinated_by_me("a", &IDS, false)))
         .await
         .unwrap();
     assert_eq!(got.source, "upstream");
     assert!(started.elapsed() <= wait);
-    assert!(g.fetcher.calls() >= 2);
+    assert!(g.holder.calls() >= 2);
+}
+
+#[tokio::test]
+async fn an_unanswered_claim_or_an_unknown_holder_fetches_at_once() {
+    for remote in [Err("coordinator answered 503"), Ok("zz")] {
+        let g = gate(0, remote, Duration::from_secs(5));
+        let got = g
+            .gate
+            .fetch(&blob(digest_coordinated_by_me("a", &IDS, false)))
+            .await
+            .unwrap();
+        assert_eq!(got.source, "upstream", "{remote:?}");
+        assert_eq!(g.holder.calls(), 0, "{remote:?}");
+    }
 }
 
 #[tokio::test]
 async fn ranges_heads_peers_and_a_zero_wait_are_not_gated() {
-    let digest = digest_fetched_by_me("a", &IDS, false);
+    let digest = digest_coordinated_by_me("a", &IDS, false);
     let requests = [
         ObjectRequest {
             head: true,
@@ -229,14 +340,15 @@ async fn ranges_heads_peers_and_a_zero_wait_are_not_gated() {
             ..blob(digest)
         },
     ];
-    let g = gate(0, Duration::from_secs(5));
+    let g = gate(0, Ok("c"), Duration::from_secs(5));
     for request in &requests {
         assert_eq!(g.gate.fetch(request).await.unwrap().source, "upstream");
     }
-    let g = gate(0, Duration::ZERO);
+    let g = gate(0, Ok("c"), Duration::ZERO);
     assert_eq!(
         g.gate.fetch(&blob(digest)).await.unwrap().source,
         "upstream"
     );
-    assert_eq!(g.fetcher.calls(), 0);
+    assert_eq!(g.holder.calls(), 0);
+    assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 0);
 }

@@ -1793,3 +1793,97 @@ fn flags() {
         );
     }
 }
+
+#[tokio::test]
+async fn members_claim_blobs_and_learn_the_first_claimant() {
+    use crate::{
+        body::shared::SharedFetch,
+        membership::{ClusterSecrets, PlaintextAuth},
+        peers::burst::Claims,
+    };
+    let upstream = FakeSource::new(|_| Err(SourceError::NotFound));
+    let shared = SharedFetch::new(upstream.clone(), None);
+    let claims = Arc::new(Claims::new("coordinator".into(), shared.in_flight()));
+    let auth =
+        PlaintextAuth::new(&ClusterSecrets::new(&["a cluster secret, long enough"]).unwrap());
+    let registry = Registry::new(upstream)
+        .with_peer_auth(PeerAuth::Plaintext(auth))
+        .with_claims(Some(claims));
+    let digest = Digest::of(b"blob");
+    let claim = |by: &str| format!("/spegel/v1/burst/claim/{digest}?by={by}");
+    let member = || RequestContext {
+        caller: Caller::Local,
+        ..RequestContext::default()
+    };
+    let post = Method::POST;
+    check(
+        &registry,
+        member(),
+        request(post.clone(), &claim("first"), &[]),
+        200,
+        &[],
+        Expect::Body(b"first"),
+    )
+    .await;
+    check(
+        &registry,
+        member(),
+        request(post.clone(), &claim("second"), &[]),
+        200,
+        &[],
+        Expect::Body(b"first"),
+    )
+    .await;
+    // Not a member: refused like content.
+    let remote = RequestContext::default();
+    check(
+        &registry,
+        remote,
+        request(post.clone(), &claim("third"), &[]),
+        401,
+        &[],
+        Expect::Code("UNAUTHORIZED"),
+    )
+    .await;
+    check(
+        &registry,
+        member(),
+        request(GET, &claim("third"), &[]),
+        405,
+        &[],
+        Expect::Code("UNSUPPORTED"),
+    )
+    .await;
+    let bad_digest = "/spegel/v1/burst/claim/sha256:nothex?by=x";
+    check(
+        &registry,
+        member(),
+        request(post.clone(), bad_digest, &[]),
+        400,
+        &[],
+        Expect::Code("DIGEST_INVALID"),
+    )
+    .await;
+    for by in ["", "?by=", "?by=a%20b", "?by=a/b"] {
+        let uri = format!("/spegel/v1/burst/claim/{digest}{by}");
+        check(
+            &registry,
+            member(),
+            request(post.clone(), &uri, &[]),
+            400,
+            &[],
+            Expect::Code("UNSUPPORTED"),
+        )
+        .await;
+    }
+    let uncoordinated = Registry::new(FakeSource::new(|_| Err(SourceError::NotFound)));
+    check(
+        &uncoordinated,
+        member(),
+        request(post, &claim("first"), &[]),
+        404,
+        &[],
+        Expect::Code("UNSUPPORTED"),
+    )
+    .await;
+}
