@@ -159,6 +159,14 @@ pub fn configure(path: &Path, config: &MirrorConfig) -> Result<Vec<PathBuf>, Mir
     let mut desired = backup;
     for (host, content) in &files {
         let dir = PathBuf::from(host);
+        // The upstream's own TLS settings (a private CA, a client certificate) in the file we
+        // replace must survive: containerd falls back to the upstream with them.
+        let content = match desired.get(&dir.join(HOSTS_TOML)) {
+            Some(Node::File {
+                content: previous, ..
+            }) => keep_server_tls(content, &String::from_utf8_lossy(previous)),
+            _ => content.clone(),
+        };
         if !matches!(desired.get(&dir), Some(Node::Dir { .. })) {
             desired.retain(|p, _| !p.starts_with(&dir));
             desired.insert(dir.clone(), Node::Dir { mode: 0o755 });
@@ -166,7 +174,7 @@ pub fn configure(path: &Path, config: &MirrorConfig) -> Result<Vec<PathBuf>, Mir
         desired.insert(
             dir.join(HOSTS_TOML),
             Node::File {
-                content: content.clone().into_bytes(),
+                content: content.into_bytes(),
                 mode: 0o644,
             },
         );
@@ -231,6 +239,50 @@ pub fn hosts_files(config: &MirrorConfig) -> Result<BTreeMap<String, String>, Mi
         }
     }
     Ok(files)
+}
+
+/// Top-level keys of a `hosts.toml` that configure TLS to the `server` itself.
+const SERVER_TLS_KEYS: [&str; 3] = ["ca", "client", "skip_verify"];
+
+/// `content` (one of our files) with the top-level TLS settings of `previous` (the file it
+/// replaces) added after its `server` line. Only top-level keys are read, before the first
+/// table; a value spans lines until its brackets balance.
+fn keep_server_tls(content: &str, previous: &str) -> String {
+    let mut kept = Vec::new();
+    let mut open = 0i64;
+    for line in previous.lines() {
+        let trimmed = line.trim_start();
+        if open == 0 {
+            if trimmed.starts_with('[') {
+                break;
+            }
+            let key = trimmed.split('=').next().unwrap_or_default().trim();
+            if !trimmed.contains('=') || !SERVER_TLS_KEYS.contains(&key) {
+                continue;
+            }
+        }
+        kept.push(line);
+        open += line.matches('[').count() as i64 - line.matches(']').count() as i64;
+        open = open.max(0);
+    }
+    if kept.is_empty() {
+        return content.to_owned();
+    }
+    let mut out = String::with_capacity(content.len() + 128);
+    let mut added = false;
+    for line in content.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if !added && line.starts_with("server = ") {
+            out.push_str("# The upstream's TLS settings, kept from the file this one replaced:\n");
+            for line in &kept {
+                out.push_str(line);
+                out.push('\n');
+            }
+            added = true;
+        }
+    }
+    out
 }
 
 /// The upstream URL for `server =`: the registry's own URL, except that `docker.io` is served
@@ -548,6 +600,46 @@ mod tests {
             }
         }
         tree
+    }
+
+    #[test]
+    fn the_upstreams_tls_settings_survive() {
+        let ours = "# header\nserver = \"https://r.test:5443\"\n\n[host.\"http://10.0.0.1:5000\"]\n  capabilities = [\"pull\"]\n";
+        let previous = "server = \"https://r.test:5443\"\nca = \"/etc/r/ca.crt\"\nclient = [\n  [\"/c.crt\", \"/c.key\"],\n]\nskip_verify = false\noverride_path = true\n\n[host.\"https://m.test\"]\n  ca = \"/m.crt\"\n";
+        assert_eq!(
+            keep_server_tls(ours, previous),
+            "# header\nserver = \"https://r.test:5443\"\n# The upstream's TLS settings, kept from the file this one replaced:\nca = \"/etc/r/ca.crt\"\nclient = [\n  [\"/c.crt\", \"/c.key\"],\n]\nskip_verify = false\n\n[host.\"http://10.0.0.1:5000\"]\n  capabilities = [\"pull\"]\n"
+        );
+        assert_eq!(keep_server_tls(ours, "server = \"https://x\"\n"), ours);
+        assert_eq!(
+            keep_server_tls(ours, "[host.\"https://m\"]\n  ca = \"/m.crt\"\n"),
+            ours
+        );
+    }
+
+    #[test]
+    fn configure_keeps_the_replaced_files_ca_and_undo_restores_it() {
+        let dir = TempDir::new("keep-ca");
+        let root = &dir.0;
+        fs::create_dir_all(root.join("r.test:5443")).unwrap();
+        let original = "server = \"https://r.test:5443\"\nca = \"/etc/r/ca.crt\"\n";
+        fs::write(root.join("r.test:5443/hosts.toml"), original).unwrap();
+        let config = config(&["https://r.test:5443"], &["http://10.0.0.1:5000"], false);
+        for _ in 0..2 {
+            configure(root, &config).unwrap();
+            let written = fs::read_to_string(root.join("r.test:5443/hosts.toml")).unwrap();
+            assert!(written.contains("\nca = \"/etc/r/ca.crt\"\n"), "{written}");
+            assert_eq!(written.matches("ca = ").count(), 1, "{written}");
+            assert!(
+                written.contains("[host.\"http://10.0.0.1:5000\"]"),
+                "{written}"
+            );
+        }
+        assert!(undo(root).unwrap());
+        assert_eq!(
+            fs::read_to_string(root.join("r.test:5443/hosts.toml")).unwrap(),
+            original
+        );
     }
 
     fn populate(root: &Path) {
