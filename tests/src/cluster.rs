@@ -222,10 +222,18 @@ pub async fn wait_attached(daemon: &Spegel, mark: LogMark) -> Result<()> {
         .map(drop)
 }
 
-/// Waits until `daemon` can find `digest` among its peers (content is advertised a moment after
-/// a pull completes). Asks without `X-Spegel-Mirrored`, so the daemon looks peers up.
-pub async fn wait_until_findable(daemon: &Spegel, repository: &str, digest: &str) -> Result<()> {
-    let path = format!("/v2/{repository}/blobs/{digest}");
+/// Waits until `daemon` can find `digest` of `registry`'s `repository` among its peers (content
+/// is advertised a moment after a pull completes). Asks without `X-Spegel-Mirrored`, so the
+/// daemon looks peers up, and with `?ns=`, as containerd does: without a registry, peers answer
+/// only with content they learned is public from upstream themselves, which in mirror mode they
+/// never do (containerd fetches from upstream directly).
+pub async fn wait_until_findable(
+    daemon: &Spegel,
+    registry: &str,
+    repository: &str,
+    digest: &str,
+) -> Result<()> {
+    let path = format!("/v2/{repository}/blobs/{digest}?{}", ns_query(registry));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         if let Ok(response) = daemon.request("HEAD", &path, &[]).await

@@ -140,6 +140,10 @@ pub(crate) async fn run(
 ) -> Result<Measurement> {
     let before = rig.registry_log().await?;
     let reference = image.reference(Endpoint::Tls);
+    let registry = reference
+        .split('/')
+        .next()
+        .context("a reference names its registry")?;
     let last_layer = image
         .pulled_blobs()
         .last()
@@ -155,6 +159,7 @@ pub(crate) async fn run(
             for node in members {
                 cluster::wait_until_findable(
                     &running.daemons[*node],
+                    registry,
                     &image.repository,
                     &last_layer,
                 )

@@ -1,8 +1,9 @@
 //! A miss: a client in containerd's cgroup (so its connection is intercepted, as containerd's
 //! is) asks for a blob no node has, so the node's daemon terminates TLS, finds no copy and goes
-//! upstream (itself: one claim at the blob's burst coordinator first). Against: the same blob straight from
-//! the registry, not intercepted. Both timed from TLS established to the first body byte, each
-//! blob fetched once each way (direct first, so the registry's page cache is warm for both).
+//! upstream (itself, after one claim at the blob's burst coordinator). Against: the same blob
+//! straight from the registry, not intercepted. Both timed from TLS established to the first body
+//! byte, each blob fetched once each way (direct first, so the registry's page cache is warm for
+//! both).
 
 use std::path::Path;
 

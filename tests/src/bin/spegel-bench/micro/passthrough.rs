@@ -110,8 +110,9 @@ pub(crate) async fn run(rig: &Rig) -> Result<PassthroughResult> {
         let cluster = cluster::transparent_for(
             rig,
             &rig_registry_hosts(rig),
+            // Warnings only, but the set-up waits for the interception's "attached" line.
             SpegelOptions::transparent()
-                .log("warn")
+                .log("warn,spegel::intercept=info")
                 .intercept_ports([PORT]),
         )
         .await?;
