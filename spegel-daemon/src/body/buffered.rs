@@ -173,6 +173,7 @@ impl Source for Buffered {
         let Some(body) = object.body.take() else {
             return Ok(object);
         };
+        object.file = None;
         let digest = object.digest;
         // The peer body checks the digest of a whole blob itself (tail held back); reading it
         // through a length check makes the whole answer known before the first byte is sent.

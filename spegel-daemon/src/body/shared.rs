@@ -158,6 +158,8 @@ impl SharedFetch {
                 return Err(err);
             }
         };
+        // Whatever is served from here on is the shared stream, never the source's own file.
+        object.file = None;
         let body = match (object.body.take(), object.range.is_none()) {
             (Some(body), true) => body,
             (body, _) => {
@@ -227,6 +229,7 @@ fn serve(
         range,
         body: (!request.head).then(|| tee.reader(bytes)),
         source: flight.source,
+        file: None,
     })
 }
 

@@ -93,6 +93,10 @@ impl Source for FaultySource {
         let Some(mut body) = object.body.take() else {
             return Ok(object);
         };
+        if self.args.test_corrupt_peer_blobs || self.args.test_throttle_peer_bytes.is_some() {
+            // The bytes are rewritten or paced here: they must not leave by sendfile instead.
+            object.file = None;
+        }
         if self.args.test_corrupt_peer_blobs {
             tracing::warn!(digest = %object.digest, "TEST FAULT: corrupting a blob served to a peer");
             body = Box::pin(body.map(|chunk| {
@@ -150,6 +154,7 @@ mod tests {
                 range: None,
                 body: Some(Box::pin(futures::stream::iter([Ok(bytes)]))),
                 source: "local",
+                file: None,
             })
         }
     }

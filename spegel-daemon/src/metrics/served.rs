@@ -152,6 +152,12 @@ impl Source for Instrumented {
             head = request.head,
             "serving"
         );
+        if let Some(file) = &mut object.file {
+            let bytes = served.bytes[k][s].clone();
+            file.observe(move |sent| {
+                bytes.inc_by(sent);
+            });
+        }
         if let Some(body) = object.body.take() {
             let bytes = served.bytes[k][s].clone();
             object.body = Some(Box::pin(body.inspect(move |chunk| {

@@ -37,6 +37,7 @@ impl Source for Peerish {
                 b"abc",
             ))]))),
             source: "peer",
+            file: None,
         })
     }
 }

@@ -96,6 +96,7 @@ impl Inner {
             range,
             body,
             source: "peer",
+            file: None,
         })
     }
 

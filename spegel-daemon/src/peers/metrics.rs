@@ -128,6 +128,7 @@ impl FetchTimings {
 pub(super) fn time(metrics: &Arc<FetchMetrics>, kind: Kind, started: Instant, object: &mut Object) {
     metrics.timings.first_byte(kind, started.elapsed());
     if let Some(body) = object.body.take() {
+        object.file = None;
         object.body = Some(Box::pin(TimedBody {
             inner: body,
             metrics: Arc::clone(metrics),

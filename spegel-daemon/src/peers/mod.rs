@@ -249,6 +249,7 @@ impl Inner {
             range,
             body: None,
             source: "peer",
+            file: None,
         })
     }
 
@@ -308,6 +309,7 @@ impl Inner {
             range,
             body: Some(body),
             source: "peer",
+            file: None,
         })
     }
 }

@@ -338,6 +338,7 @@ impl Source for FakeUpstream {
             range,
             body: Some(once_body(part)),
             source: "upstream",
+            file: None,
         })
     }
 }

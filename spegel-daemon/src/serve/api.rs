@@ -28,6 +28,7 @@ use crate::{
 
 mod body;
 mod bounds;
+mod sendfile;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -338,6 +339,21 @@ impl Registry {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        let (response, log) = self.respond(request, ctx).await;
+        log.finish(response)
+    }
+
+    /// [`Registry::handle`] without the access log attached: the caller writes it, through
+    /// [`body::AccessLog::finish`] or, for a body it sends another way, [`body::AccessLog::sent`].
+    async fn respond<B>(
+        &self,
+        request: Request<B>,
+        ctx: RequestContext,
+    ) -> (Response<HttpBody>, body::AccessLog)
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let mut log = body::AccessLog::new(request.method(), request.uri().path());
         if let Some(recent) = &self.recent {
             log.record_into(Arc::clone(recent));
@@ -348,7 +364,7 @@ impl Registry {
         if matches!(route, Route::Pull(_) | Route::Claim { .. }) {
             match self.authorize(&request, &ctx) {
                 Ok(token) => plaintext_token = token,
-                Err(refusal) => return log.finish(refusal),
+                Err(refusal) => return (refusal, log),
             }
         }
         let mut response = match (route, &ctx.passthrough) {
@@ -359,7 +375,7 @@ impl Registry {
                 log.set_source("passthrough");
                 let request = request.map(|body| body.map_err(Into::into).boxed_unsync());
                 let response = passthrough.forward(request, ctx.origin.as_ref()).await;
-                return log.finish(response);
+                return (response, log);
             }
             (Route::Claim { digest, by }, None) => match &self.claims {
                 Some(claims) => text_response(StatusCode::OK, claims.claim(digest, &by)),
@@ -383,7 +399,7 @@ impl Registry {
             );
             response.headers_mut().insert(AUTH_HEADER, tag);
         }
-        log.finish(response)
+        (response, log)
     }
 
     async fn pull(
@@ -618,6 +634,11 @@ fn object_response(request: &ObjectRequest, object: Object) -> Response<HttpBody
         _ => empty_body(),
     };
     let mut response = Response::new(body);
+    if let Some(file) = object.file.filter(|_| !request.head) {
+        response
+            .extensions_mut()
+            .insert(sendfile::FileResponse::new(file));
+    }
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, content_type);

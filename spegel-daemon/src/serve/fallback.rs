@@ -90,6 +90,7 @@ mod tests {
                 range: None,
                 body: None,
                 source: "upstream",
+                file: None,
             })
         }
     }

@@ -288,6 +288,7 @@ mod tests {
                 range: None,
                 body: None,
                 source: self.name,
+                file: None,
             })
         }
     }

@@ -5,7 +5,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::{
     oci::{self, Kind, Reference, digest::Digest},
-    source::{Body, Object, ObjectRequest, Source, SourceError},
+    source::{Body, FileBody, Object, ObjectRequest, Source, SourceError},
     store::{Descriptor, Store, StoreError},
 };
 
@@ -55,20 +55,30 @@ impl Source for LocalSource {
             ),
             _ => None,
         };
-        let body = if request.head {
-            None
+        let (body, file) = if request.head {
+            (None, None)
         } else {
             let (offset, len) = match &range {
                 Some(range) => (*range.start(), range.end() - range.start() + 1),
                 None => (0, size),
             };
-            let reader = self
+            let region = self
                 .store
-                .open(&digest, offset, len)
+                .open_region(&digest, offset, len)
                 .await
                 .map_err(store_error)?;
+            let reader = match &region {
+                Some(region) => region
+                    .reader()
+                    .map_err(|err| SourceError::Unavailable(format!("reading {digest}: {err}")))?,
+                None => self
+                    .store
+                    .open(&digest, offset, len)
+                    .await
+                    .map_err(store_error)?,
+            };
             let body: Body = Box::pin(ReaderStream::with_capacity(reader, READ_BUFFER));
-            Some(body)
+            (Some(body), region.map(FileBody::new))
         };
         Ok(Object {
             digest,
@@ -77,6 +87,7 @@ impl Source for LocalSource {
             range,
             body,
             source: "local",
+            file,
         })
     }
 }

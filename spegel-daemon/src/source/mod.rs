@@ -63,6 +63,46 @@ pub struct Object {
     pub body: Option<Body>,
     /// Which source served it, for logs and metrics: `local`, `peer`, `upstream`.
     pub source: &'static str,
+    /// The bytes of `body` as a region of a file, for a server that can send them with
+    /// `sendfile(2)` instead of polling `body` (which it then drops). Only a source reading a
+    /// file sets it, and **whatever replaces or rewrites `body` must clear it** (a wrapper that
+    /// only observes the bytes carries it, observing [`FileBody::sent`] instead).
+    pub file: Option<FileBody>,
+}
+
+/// [`Object::file`]: the region, and who wants to know how much of it was sent.
+pub struct FileBody {
+    pub region: crate::store::FileRegion,
+    observers: Vec<Box<dyn Fn(u64) + Send + Sync>>,
+}
+
+impl FileBody {
+    pub fn new(region: crate::store::FileRegion) -> Self {
+        Self {
+            region,
+            observers: Vec::new(),
+        }
+    }
+
+    /// Also call `observer` with the bytes sent, as a wrapper counting `body` would see them.
+    pub fn observe(&mut self, observer: impl Fn(u64) + Send + Sync + 'static) {
+        self.observers.push(Box::new(observer));
+    }
+
+    /// Report `bytes` of the region sent to the client.
+    pub fn sent(&self, bytes: u64) {
+        for observer in &self.observers {
+            observer(bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for FileBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileBody")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ObjectRequest {

@@ -27,6 +27,29 @@ pub struct Keys {
 /// A reader positioned at the requested offset, yielding exactly the requested bytes.
 pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
 
+/// `len` bytes at `offset` of an open file holding an object: what a server can hand to
+/// `sendfile(2)` instead of reading the bytes through this process.
+#[derive(Debug)]
+pub struct FileRegion {
+    pub file: std::fs::File,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl FileRegion {
+    /// A reader over the region (a second descriptor for the same file, so the region stays
+    /// usable; reads go through the blocking pool like any `tokio::fs` read).
+    pub fn reader(&self) -> std::io::Result<Reader> {
+        use std::io::{Seek as _, SeekFrom};
+        let mut file = self.file.try_clone()?;
+        // A duplicated descriptor shares the file position; `sendfile` with an explicit offset
+        // neither reads nor moves it, so the region and this reader never disturb each other.
+        file.seek(SeekFrom::Start(self.offset))?;
+        let file = tokio::fs::File::from_std(file);
+        Ok(Box::pin(walk::Exact::new(file, self.len)))
+    }
+}
+
 /// Why the store could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +71,16 @@ pub trait Store: Send + Sync + 'static {
     /// Read `len` bytes of a present object starting at `offset`. The caller has checked the
     /// bounds against [`Store::descriptor`].
     async fn open(&self, digest: &Digest, offset: u64, len: u64) -> Result<Reader, StoreError>;
+    /// The same bytes as [`Store::open`] as a region of a file, when the store keeps content in
+    /// files this process can open; `None` when it does not (then use [`Store::open`]).
+    async fn open_region(
+        &self,
+        _digest: &Digest,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Option<FileRegion>, StoreError> {
+        Ok(None)
+    }
     /// Everything to advertise.
     async fn keys(&self) -> Result<Keys, StoreError>;
     /// A counter that moves whenever images may have changed; watchers re-read [`Store::keys`].

@@ -245,6 +245,7 @@ impl UpstreamSource {
             range: None,
             body,
             source: "upstream",
+            file: None,
         }))
     }
 
@@ -332,6 +333,7 @@ impl UpstreamSource {
             range,
             body,
             source: "upstream",
+            file: None,
         })
     }
 }

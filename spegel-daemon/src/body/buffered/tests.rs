@@ -48,6 +48,7 @@ impl Source for Chunked {
             range: None,
             body: Some(Box::pin(futures::stream::iter(chunks))),
             source: "peer",
+            file: None,
         })
     }
 }

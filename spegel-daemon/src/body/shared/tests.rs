@@ -82,6 +82,7 @@ impl Source for Fake {
             range,
             body: Some(body),
             source: "upstream",
+            file: None,
         })
     }
 }

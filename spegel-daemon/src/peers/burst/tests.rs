@@ -105,6 +105,7 @@ impl Source for Counted {
             range: None,
             body: None,
             source: self.name,
+            file: None,
         })
     }
 }

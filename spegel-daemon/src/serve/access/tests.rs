@@ -40,6 +40,7 @@ impl Source for Fake {
             range: None,
             body: None,
             source: "fake",
+            file: None,
         })
     }
 }

@@ -176,52 +176,49 @@ impl Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        let log = &self.log;
-        let duration_ms = log.start.elapsed().as_secs_f64() * 1000.0;
         let complete = self.finished || self.inner.is_end_stream();
-        if let Some(recent) = &log.recent
-            && matches!(log.source, "local" | "peer" | "upstream")
+        self.log
+            .write(self.status, self.bytes, complete, self.error.as_deref());
+    }
+}
+
+impl AccessLog {
+    /// Write the log for a response whose body went out another way (`sendfile`): `bytes` of
+    /// it, all of it when `complete`, else cut short by `error`.
+    pub(super) fn sent(self, status: StatusCode, bytes: u64, error: Option<&str>) {
+        self.write(status, bytes, error.is_none(), error);
+    }
+
+    fn write(&self, status: StatusCode, bytes: u64, complete: bool, error: Option<&str>) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        if let Some(recent) = &self.recent
+            && matches!(self.source, "local" | "peer" | "upstream")
         {
             recent.record(
-                log.method.as_str(),
-                &log.path,
-                log.source,
-                self.status.as_u16(),
-                self.bytes,
-                log.start.elapsed(),
-                complete && self.error.is_none(),
+                self.method.as_str(),
+                &self.path,
+                self.source,
+                status.as_u16(),
+                bytes,
+                self.start.elapsed(),
+                complete && error.is_none(),
             );
         }
-        if let Some(error) = &self.error {
+        let status = status.as_u16();
+        let (method, path, source) = (&self.method, &self.path, self.source);
+        if let Some(error) = error {
             tracing::warn!(
-                method = %log.method,
-                path = %log.path,
-                status = self.status.as_u16(),
-                bytes = self.bytes,
-                source = log.source,
-                duration_ms,
-                %error,
+                %method, %path, status, bytes, source, duration_ms, %error,
                 "response aborted: the body failed mid-stream"
             );
-        } else if self.status.is_server_error() {
+        } else if status >= 500 {
             tracing::warn!(
-                method = %log.method,
-                path = %log.path,
-                status = self.status.as_u16(),
-                bytes = self.bytes,
-                source = log.source,
-                duration_ms,
+                %method, %path, status, bytes, source, duration_ms,
                 "request failed"
             );
         } else {
             tracing::debug!(
-                method = %log.method,
-                path = %log.path,
-                status = self.status.as_u16(),
-                bytes = self.bytes,
-                source = log.source,
-                duration_ms,
-                complete,
+                %method, %path, status, bytes, source, duration_ms, complete,
                 "request"
             );
         }

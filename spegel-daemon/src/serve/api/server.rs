@@ -131,6 +131,11 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
                         }
                     }
                 }
+                // Another host over plain HTTP, in a cluster that allows it: local blobs go
+                // out with sendfile.
+                _ if !local && !matches!(registry.peer_auth, PeerAuth::Tls(_)) => {
+                    registry.serve_plain(stream, &shutdown).await
+                }
                 _ => {
                     let caller = if local { Caller::Local } else { Caller::Remote };
                     registry.serve_accepted(stream, caller, &shutdown).await
@@ -201,7 +206,7 @@ pub fn is_write_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 impl Registry {
     /// Serves one connection [`serve`] accepted (and TLS-terminated, for members) from `caller`,
     /// with the same bounds as [`Registry::serve_connection`].
-    async fn serve_accepted<I>(
+    pub(super) async fn serve_accepted<I>(
         self: &Arc<Self>,
         io: I,
         caller: Caller,
@@ -345,6 +350,7 @@ mod tests {
                 range: None,
                 body: Some(Box::pin(futures::stream::iter(chunks))),
                 source: "large",
+                file: None,
             })
         }
     }

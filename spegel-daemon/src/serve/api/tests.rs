@@ -92,6 +92,7 @@ fn streamed(digest: Digest, size: u64, chunks: Vec<io::Result<Bytes>>) -> Object
         range: None,
         body: Some(Box::pin(futures::stream::iter(chunks))),
         source: "fake",
+        file: None,
     }
 }
 

@@ -32,7 +32,7 @@ pub use self::{api::ContainerdError, args::ContainerdArgs};
 use crate::{
     oci::digest::Digest,
     store::{
-        Descriptor, Keys, Reader, Store, StoreError,
+        Descriptor, FileRegion, Keys, Reader, Store, StoreError,
         walk::{self, Index, ParseCache},
     },
 };
@@ -223,6 +223,15 @@ impl Store for ContainerdStore {
 
     async fn open(&self, digest: &Digest, offset: u64, len: u64) -> Result<Reader, StoreError> {
         self.inner.open(digest, offset, len).await
+    }
+
+    async fn open_region(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<FileRegion>, StoreError> {
+        Ok(self.inner.open_region(digest, offset, len).await)
     }
 
     async fn keys(&self) -> Result<Keys, StoreError> {

@@ -5,10 +5,7 @@ use std::{collections::HashMap, io, path::Path, sync::PoisonError};
 use bytes::Bytes;
 use containerd_client::services::v1::{ReadContentRequest, content_client::ContentClient};
 use futures::StreamExt as _;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncSeekExt as _},
-    time::timeout,
-};
+use tokio::{io::AsyncReadExt as _, time::timeout};
 use tokio_util::io::StreamReader;
 
 use super::{
@@ -18,7 +15,7 @@ use super::{
 use crate::{
     oci::digest::Digest,
     store::{
-        Reader, StoreError,
+        FileRegion, Reader, StoreError,
         walk::{self, Blobs, Exact, MAX_DOCUMENT_SIZE},
     },
 };
@@ -43,6 +40,24 @@ impl Inner {
             }
         }
         self.open_grpc(digest, offset, len).await
+    }
+
+    /// `len` bytes at `offset` as a region of the content file; `None` without a content
+    /// directory or when the file cannot be opened (then [`Inner::open`] reads over gRPC).
+    pub(super) async fn open_region(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Option<FileRegion> {
+        let dir = self.blobs_dir.as_ref()?;
+        match region_of(&dir.join(digest.hex()), offset, len).await {
+            Ok(region) => Some(region),
+            Err(err) => {
+                tracing::debug!(%digest, %err, "content file unavailable for sendfile");
+                None
+            }
+        }
     }
 
     /// The whole content of a small object: from the content directory, else over gRPC.
@@ -167,19 +182,23 @@ impl Blobs for ContentBlobs<'_> {
     }
 }
 
-/// Opens `len` bytes at `offset` of a blob file, refusing files shorter than that (a file being
+/// `len` bytes at `offset` of a blob file, refusing files shorter than that (a file being
 /// replaced, or not what containerd says it is).
-async fn open_file(path: &Path, offset: u64, len: u64) -> io::Result<Reader> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let file_len = file.metadata().await?.len();
+async fn region_of(path: &Path, offset: u64, len: u64) -> io::Result<FileRegion> {
+    let file = tokio::fs::File::open(path).await?.into_std().await;
+    let file_len = file.metadata()?.len();
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             format!("range {offset}+{len} is outside a file of {file_len} bytes"),
         ));
     }
-    file.seek(io::SeekFrom::Start(offset)).await?;
-    Ok(Box::pin(Exact::new(file, len)))
+    Ok(FileRegion { file, offset, len })
+}
+
+/// A reader over `len` bytes at `offset` of a blob file ([`region_of`]'s checks).
+async fn open_file(path: &Path, offset: u64, len: u64) -> io::Result<Reader> {
+    region_of(path, offset, len).await?.reader()
 }
 
 async fn read_file(path: &Path, size: u64) -> io::Result<Bytes> {
