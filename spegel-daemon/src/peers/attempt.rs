@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tokio::{
@@ -106,6 +106,31 @@ impl Inner {
             .ban(&peer.id, Instant::now() + self.config.quarantine);
     }
 
+    /// In an authenticated-plaintext cluster, signs `request` and returns the token its answer
+    /// must be signed for; otherwise `None` (TLS or an open cluster).
+    pub(super) fn sign<B>(&self, request: &mut Request<B>) -> Option<HeaderValue> {
+        let auth = self.plaintext.as_ref()?;
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let token = auth.sign_request(request.method(), path, std::time::SystemTime::now());
+        request.headers_mut().insert(AUTH_HEADER, token.clone());
+        Some(token)
+    }
+
+    /// Whether `response` is the authentic answer to the request [`Inner::sign`] signed with
+    /// `token` (always, when nothing was signed).
+    pub(super) fn authentic<B>(&self, token: Option<&HeaderValue>, response: &Response<B>) -> bool {
+        let (Some(auth), Some(token)) = (&self.plaintext, token) else {
+            return true;
+        };
+        let headers = response.headers();
+        auth.verify_response(
+            token,
+            response.status(),
+            headers.get(crate::oci::CONTENT_DIGEST_HEADER),
+            headers.get(AUTH_HEADER),
+        )
+    }
+
     /// Send one request to `peer` and wait for its headers. 2xx answers only, with the span of
     /// the object they carry.
     pub(super) async fn send(
@@ -138,12 +163,7 @@ impl Inner {
             request.public_only,
         )
         .map_err(AttemptError::Failed)?;
-        let token = self.plaintext.as_ref().map(|auth| {
-            let path = outgoing.uri().path_and_query().map_or("/", |p| p.as_str());
-            let token = auth.sign_request(outgoing.method(), path, std::time::SystemTime::now());
-            outgoing.headers_mut().insert(AUTH_HEADER, token.clone());
-            token
-        });
+        let token = self.sign(&mut outgoing);
         let started = Instant::now();
         let response = self.client.request(outgoing).await.map_err(|e| {
             if e.is_connect() {
@@ -153,18 +173,10 @@ impl Inner {
             }
         })?;
         let status = response.status();
-        if let (Some(auth), Some(token)) = (&self.plaintext, &token) {
-            let headers = response.headers();
-            if !auth.verify_response(
-                token,
-                status,
-                headers.get(crate::oci::CONTENT_DIGEST_HEADER),
-                headers.get(AUTH_HEADER),
-            ) {
-                return Err(AttemptError::Failed(format!(
-                    "peer's answer ({status}) is not authenticated with our cluster secret"
-                )));
-            }
+        if !self.authentic(token.as_ref(), &response) {
+            return Err(AttemptError::Failed(format!(
+                "peer's answer ({status}) is not authenticated with our cluster secret"
+            )));
         }
         match status {
             StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}

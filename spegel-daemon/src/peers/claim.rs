@@ -6,7 +6,7 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use tokio::time::Instant;
 
 use super::{Inner, PeerSource, burst};
-use crate::{membership::AUTH_HEADER, oci::digest::Digest, routing::Peer};
+use crate::{oci::digest::Digest, routing::Peer};
 
 /// `POST http://<coordinator>/spegel/v1/burst/claim/<digest>?by=<me>`.
 fn claim_uri(coordinator: &Peer, digest: Digest, me: &str) -> Result<Uri, String> {
@@ -32,21 +32,14 @@ impl Inner {
             .header(header::USER_AGENT, "spegel")
             .body(Empty::<Bytes>::new())
             .map_err(|e| format!("bad claim request: {e}"))?;
-        let token = self.plaintext.as_ref().map(|auth| {
-            let path = outgoing.uri().path_and_query().map_or("/", |p| p.as_str());
-            let token = auth.sign_request(outgoing.method(), path, std::time::SystemTime::now());
-            outgoing.headers_mut().insert(AUTH_HEADER, token.clone());
-            token
-        });
+        let token = self.sign(&mut outgoing);
         let response = self
             .client
             .request(outgoing)
             .await
             .map_err(|e| format!("claim failed: {e}"))?;
         let status = response.status();
-        if let (Some(auth), Some(token)) = (&self.plaintext, &token)
-            && !auth.verify_response(token, status, None, response.headers().get(AUTH_HEADER))
-        {
+        if !self.authentic(token.as_ref(), &response) {
             return Err(format!(
                 "the coordinator's answer ({status}) is not authenticated with our cluster secret"
             ));
