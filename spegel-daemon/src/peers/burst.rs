@@ -92,11 +92,50 @@ pub fn valid_peer_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_PEER_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
+/// Per-blob entries that expire [`CLAIM_TTL`] after they were set, at most [`MAX_CLAIMS`] of
+/// them: when full, expired ones are dropped, and if none are, a new entry is not kept.
+struct Expiring<V> {
+    entries: HashMap<Digest, (V, Instant)>,
+}
+
+impl<V> Default for Expiring<V> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+        }
+    }
+}
+
+impl<V> Expiring<V> {
+    /// The entry for `digest`, unless it expired by `now`.
+    fn get(&self, digest: &Digest, now: Instant) -> Option<&V> {
+        let (value, at) = self.entries.get(digest)?;
+        (now.duration_since(*at) < CLAIM_TTL).then_some(value)
+    }
+
+    /// Sets `digest`'s entry as of `now`, unless the map is full of live entries.
+    fn insert(&mut self, digest: Digest, value: V, now: Instant) {
+        if self.entries.len() >= MAX_CLAIMS && !self.entries.contains_key(&digest) {
+            self.entries
+                .retain(|_, (_, at)| now.duration_since(*at) < CLAIM_TTL);
+            if self.entries.len() >= MAX_CLAIMS {
+                return;
+            }
+        }
+        self.entries.insert(digest, (value, now));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 /// A coordinator's record of who fetches which blob.
 pub struct Claims {
     me: String,
     in_flight: InFlight,
-    held: Mutex<HashMap<Digest, (String, Instant)>>,
+    held: Mutex<Expiring<String>>,
 }
 
 impl Claims {
@@ -117,20 +156,13 @@ impl Claims {
             .held
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        if let Some((holder, at)) = held.get(&digest)
-            && now.duration_since(*at) < CLAIM_TTL
-        {
+        if let Some(holder) = held.get(&digest, now) {
             return holder.clone();
         }
         if self.in_flight.has(&digest) {
             return self.me.clone();
         }
-        if held.len() >= MAX_CLAIMS {
-            held.retain(|_, (_, at)| now.duration_since(*at) < CLAIM_TTL);
-        }
-        if held.len() < MAX_CLAIMS {
-            held.insert(digest, (by.to_owned(), now));
-        }
+        held.insert(digest, by.to_owned(), now);
         by.to_owned()
     }
 }
@@ -147,7 +179,7 @@ pub trait Claimer: Send + Sync {
 /// points the ordinary peer client at the holder.
 pub struct HolderRouter {
     router: Arc<dyn Router>,
-    holders: Mutex<HashMap<Digest, (Peer, Instant)>>,
+    holders: Mutex<Expiring<Peer>>,
 }
 
 impl HolderRouter {
@@ -159,15 +191,10 @@ impl HolderRouter {
     }
 
     fn set(&self, digest: Digest, holder: Peer) {
-        let now = Instant::now();
-        let mut holders = self
-            .holders
+        self.holders
             .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if holders.len() >= MAX_CLAIMS {
-            holders.retain(|_, (_, at)| now.duration_since(*at) < CLAIM_TTL);
-        }
-        holders.insert(digest, (holder, now));
+            .unwrap_or_else(|poison| poison.into_inner())
+            .insert(digest, holder, Instant::now());
     }
 
     fn get(&self, key: &str) -> Option<Peer> {
@@ -176,7 +203,7 @@ impl HolderRouter {
             .holders
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        holders.get(&digest).map(|(peer, _)| peer.clone())
+        holders.get(&digest, Instant::now()).cloned()
     }
 }
 

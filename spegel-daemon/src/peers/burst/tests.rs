@@ -229,6 +229,34 @@ fn claims_stay_bounded() {
     assert_eq!(claims.held.lock().unwrap().len(), MAX_CLAIMS);
 }
 
+#[tokio::test(start_paused = true)]
+async fn holders_stay_bounded_and_expire() {
+    let router = Arc::new(Members {
+        me: "me",
+        others: Vec::new(),
+    });
+    let holders = HolderRouter::new(router);
+    for n in 0..(MAX_CLAIMS as u32 + 100) {
+        holders.set(Digest::of(&n.to_le_bytes()), peer("holder"));
+    }
+    assert_eq!(holders.holders.lock().unwrap().len(), MAX_CLAIMS);
+    let first = Digest::of(&0u32.to_le_bytes()).to_string();
+    assert_eq!(holders.get(&first).map(|p| p.id), Some("holder".into()));
+    tokio::time::advance(CLAIM_TTL).await;
+    assert!(
+        holders.get(&first).is_none(),
+        "an expired holder is still named"
+    );
+    // Full of expired entries: a new one replaces them.
+    let fresh = Digest::of(b"fresh");
+    holders.set(fresh, peer("new"));
+    assert_eq!(holders.holders.lock().unwrap().len(), 1);
+    assert_eq!(
+        holders.get(&fresh.to_string()).map(|p| p.id),
+        Some("new".into())
+    );
+}
+
 #[test]
 fn peer_ids_in_claims_are_plain_and_short() {
     assert!(valid_peer_id(
