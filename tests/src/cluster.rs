@@ -261,12 +261,8 @@ pub fn ns_query(host: &str) -> String {
 /// [`Endpoint::Auth`](crate::rig::Endpoint::Auth)). Requests to the registry API that were not
 /// intercepted never go upstream, so a 200 means this node or a peer has it.
 pub fn content_paths(image: &TestImage, tag_registry: Option<&str>) -> Vec<String> {
-    let reference = image.reference(crate::rig::Endpoint::Tls);
-    let ns = ns_query(
-        tag_registry
-            .or_else(|| reference.split('/').next())
-            .expect("a reference names its registry"),
-    );
+    let registry = image.registry(crate::rig::Endpoint::Tls);
+    let ns = ns_query(tag_registry.unwrap_or(&registry));
     let mut paths: Vec<String> = image
         .pulled_blobs()
         .iter()

@@ -85,8 +85,7 @@ async fn scenario_sources(rig: &Rig, daemons: &[Spegel]) {
     n1.cri_pull(&image.reference(Endpoint::Tls))
         .await
         .expect("node 1 pulls from the registry");
-    let reference = image.reference(Endpoint::Tls);
-    let registry = reference.split('/').next().expect("a registry");
+    let registry = &image.registry(Endpoint::Tls);
     for blob in image.pulled_blobs() {
         cluster::wait_until_findable(&daemons[1], registry, &image.repository, &blob.digest)
             .await

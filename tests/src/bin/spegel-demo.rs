@@ -69,7 +69,7 @@ async fn demo(rig: &Rig) -> Result<()> {
         if i > 0 {
             spegel_tests::cluster::wait_until_findable(
                 &daemons[i],
-                reference.split('/').next().unwrap_or_default(),
+                &image.registry(Endpoint::Tls),
                 &image.repository,
                 &blobs[blobs.len() - 1].digest,
             )

@@ -264,12 +264,16 @@ impl TestImage {
         }
     }
 
+    /// `registry.<prefix>.test:<port>`: the registry part of its references (what `?ns=` names).
+    pub fn registry(&self, endpoint: Endpoint) -> String {
+        format!("{}:{}", self.registry_hostname, endpoint.port())
+    }
+
     /// `registry.<prefix>.test:<port>/<repository>:<tag>`: what to pull.
     pub fn reference(&self, endpoint: Endpoint) -> String {
         format!(
-            "{}:{}/{}:{}",
-            self.registry_hostname,
-            endpoint.port(),
+            "{}/{}:{}",
+            self.registry(endpoint),
             self.repository,
             self.tag
         )

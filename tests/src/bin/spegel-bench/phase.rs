@@ -140,10 +140,7 @@ pub(crate) async fn run(
 ) -> Result<Measurement> {
     let before = rig.registry_log().await?;
     let reference = image.reference(Endpoint::Tls);
-    let registry = reference
-        .split('/')
-        .next()
-        .context("a reference names its registry")?;
+    let registry = &image.registry(Endpoint::Tls);
     let last_layer = image
         .pulled_blobs()
         .last()
