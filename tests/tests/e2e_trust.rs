@@ -245,6 +245,17 @@ async fn authenticated_plaintext_peers_share_and_refuse_forged_requests() {
             .expect("A's and B's daemons start");
 
     members_share(&rig, &members[1], &image).await;
+    // A served B's blobs from containerd's files, zero-copy.
+    let sent = members[0]
+        .metrics()
+        .await
+        .expect("A's metrics")
+        .sum("spegel_registry_sendfile_bytes_total");
+    let blobs: u64 = image.pulled_blobs().iter().map(|blob| blob.size).sum();
+    assert!(
+        sent >= blobs as f64,
+        "A sent {sent} bytes with sendfile, B pulled {blobs} bytes of blobs"
+    );
 
     // Without the header, or with a forged one, C gets 401.
     let now = std::time::SystemTime::now()

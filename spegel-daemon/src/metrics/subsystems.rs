@@ -39,6 +39,9 @@ pub struct ConnectionStats {
     pub unauthorized: AtomicU64,
     /// Connections whose TLS handshake failed (no or a foreign client certificate).
     pub tls_failures: AtomicU64,
+    /// Body bytes sent with `sendfile(2)` from containerd's content files (plain peer
+    /// connections).
+    pub sendfile_bytes: AtomicU64,
 }
 
 /// Collects the subsystems' counters on every scrape; each subsystem is optional but the
@@ -73,6 +76,11 @@ impl Collector for Subsystems {
                 "spegel_registry_tls_failures",
                 &self.api.tls_failures,
                 "Registry API connections whose TLS handshake failed (no cluster certificate).",
+            ),
+            (
+                "spegel_registry_sendfile_bytes",
+                &self.api.sendfile_bytes,
+                "Body bytes sent with sendfile(2) from containerd's content files.",
             ),
         ] {
             counter(&mut encoder, name, help, load(value))?;

@@ -93,6 +93,9 @@ impl Registry {
                         Err((sent, _)) => *sent,
                     };
                     file.sent(sent);
+                    self.stats
+                        .sendfile_bytes
+                        .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
                     let error = result.as_ref().err().map(|(_, err)| err.to_string());
                     log.sent(status, sent, error.as_deref());
                     if let Err((_, err)) = result {
