@@ -63,12 +63,16 @@ impl Registry {
             ..RequestContext::default()
         };
         let mut head = vec![0; MAX_HEAD];
+        // The first request must come within the header timeout, as on hyper's path; later
+        // ones within the idle timeout.
+        let mut wait = self.header_timeout;
         loop {
             let peeked = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(self.idle_timeout) => return Ok(()),
+                () = tokio::time::sleep(wait) => return Ok(()),
                 peeked = stream.peek(&mut head) => peeked?,
             };
+            wait = self.idle_timeout;
             if peeked == 0 {
                 return Ok(());
             }
@@ -83,6 +87,8 @@ impl Registry {
                 .and_then(|file| file.take());
             let close = !response.headers().contains_key(header::CONTENT_LENGTH);
             let status = response.status();
+            // Corked, the head and the file leave in full segments, as nginx's `tcp_nopush`.
+            let _cork = file.as_ref().map(|_| Cork::new(&stream));
             self.write(&mut stream, &response_head(&response, close))
                 .await?;
             match file {
@@ -206,6 +212,38 @@ async fn send_region(
         }
     }
     Ok(())
+}
+
+/// `TCP_CORK` on a socket for as long as this lives: only full segments leave until it is
+/// dropped, which sends what is left at once.
+struct Cork(RawFd);
+
+impl Cork {
+    fn new(stream: &TcpStream) -> Self {
+        let cork = Self(stream.as_raw_fd());
+        cork.set(1);
+        cork
+    }
+
+    fn set(&self, on: libc::c_int) {
+        // SAFETY: setsockopt on a descriptor its stream keeps open for the call, with a c_int
+        // option value and its size.
+        let _ = unsafe {
+            libc::setsockopt(
+                self.0,
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                std::ptr::from_ref(&on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 /// One `sendfile(2)` call from `file` at `offset` (advanced by what moved) to `socket`.

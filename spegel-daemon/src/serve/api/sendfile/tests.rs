@@ -328,6 +328,25 @@ async fn a_client_that_stops_reading_times_the_send_out() {
     assert!(sent < region.len, "all {sent} bytes went out");
 }
 
+#[tokio::test]
+async fn a_client_silent_from_the_start_is_closed_after_the_header_timeout() {
+    let source = LocalSource::new(FileStore::new());
+    let registry =
+        Arc::new(Registry::new(Arc::new(source)).with_header_timeout(Duration::from_millis(200)));
+    let (mut client, server) = connected_pair().await;
+    let served = tokio::spawn(async move {
+        registry
+            .serve_plain(server, &CancellationToken::new())
+            .await
+    });
+    let mut byte = [0; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut byte))
+        .await
+        .expect("still open long after the header timeout");
+    assert_eq!(read.unwrap(), 0);
+    served.await.unwrap().unwrap();
+}
+
 #[test]
 fn only_plain_registry_reads_are_taken() {
     let taken = |head: &str| parse_head(head.as_bytes()).map(|(_, len)| len);
