@@ -26,7 +26,7 @@ use crate::MIB;
 /// Intercepted (in the daemon's port list), not mirrored.
 const PORT: u16 = 18081;
 const BIG_MIB: u64 = 256;
-const THROUGHPUT_RUNS: usize = 5;
+const THROUGHPUT_RUNS: usize = 15;
 const LATENCY_RUNS: usize = 40;
 
 #[derive(Debug, serde::Serialize)]

@@ -18,8 +18,9 @@ use super::nginx::{Nginx, TLS_NAME};
 use super::{Row, sorted};
 
 pub(crate) const IMAGE: &str = "micro-serving";
-/// Measured transfers per server and transport (after one warm-up each).
-const RUNS: usize = 5;
+/// Measured transfers per server and transport (after one warm-up each). On a small shared
+/// machine one transfer at GB/s varies by a third either way; fifteen give a steady median.
+const RUNS: usize = 15;
 const NGINX_PLAIN: u16 = 18080;
 const NGINX_TLS: u16 = 18443;
 
@@ -156,17 +157,25 @@ async fn measure(
     let daemon = rig.start_spegel(0, options()).await?;
     let addr = daemon.registry_addr();
     for run in 0..=RUNS {
-        let ours =
-            client::get_ok(client, addr, Some(&peer_tls), &peer_path, &[], blob.size).await?;
-        let theirs = client::get_ok(
-            client,
-            nginx_tls_addr,
-            Some(&nginx_tls),
-            &nginx_path,
-            &[],
-            blob.size,
-        )
-        .await?;
+        // Who goes first alternates, so neither gains from the other's warm-up.
+        let ours = || client::get_ok(client, addr, Some(&peer_tls), &peer_path, &[], blob.size);
+        let theirs = || {
+            client::get_ok(
+                client,
+                nginx_tls_addr,
+                Some(&nginx_tls),
+                &nginx_path,
+                &[],
+                blob.size,
+            )
+        };
+        let (ours, theirs) = if run % 2 == 0 {
+            let ours = ours().await?;
+            (ours, theirs().await?)
+        } else {
+            let theirs = theirs().await?;
+            (ours().await?, theirs)
+        };
         if run > 0 {
             result.peer_tls.push(ours.bytes_per_sec() / 1e6);
             result.nginx_tls.push(theirs.bytes_per_sec() / 1e6);
@@ -182,8 +191,15 @@ async fn measure(
     for run in 0..=RUNS {
         let token = plaintext.sign_request(&Method::GET, &peer_path, SystemTime::now());
         let headers = [(AUTH_HEADER, token.to_str()?.to_owned())];
-        let ours = client::get_ok(client, addr, None, &peer_path, &headers, blob.size).await?;
-        let theirs = client::get_ok(client, nginx.plain, None, &nginx_path, &[], blob.size).await?;
+        let ours = || client::get_ok(client, addr, None, &peer_path, &headers, blob.size);
+        let theirs = || client::get_ok(client, nginx.plain, None, &nginx_path, &[], blob.size);
+        let (ours, theirs) = if run % 2 == 0 {
+            let ours = ours().await?;
+            (ours, theirs().await?)
+        } else {
+            let theirs = theirs().await?;
+            (ours().await?, theirs)
+        };
         if run > 0 {
             result.peer_plaintext.push(ours.bytes_per_sec() / 1e6);
             result.nginx_sendfile.push(theirs.bytes_per_sec() / 1e6);
