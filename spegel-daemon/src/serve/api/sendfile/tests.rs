@@ -143,6 +143,31 @@ async fn start(
     (addr, sent)
 }
 
+/// A registry serving one blob (see [`blob`]) and a connection to it.
+struct Fixture {
+    bytes: Vec<u8>,
+    digest: Digest,
+    /// The blob's registry API path.
+    path: String,
+    stream: TcpStream,
+    /// Bytes sent by `sendfile` so far.
+    sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn serving_a_blob(auth: PeerAuth) -> Fixture {
+    let store = FileStore::new();
+    let bytes = blob();
+    let digest = store.insert(&bytes);
+    let (addr, sent) = start(store, auth).await;
+    Fixture {
+        bytes,
+        digest,
+        path: format!("/v2/library/app/blobs/{digest}"),
+        stream: TcpStream::connect(addr).await.unwrap(),
+        sent,
+    }
+}
+
 /// An answer as read off the wire.
 struct Answer {
     status: u16,
@@ -200,12 +225,13 @@ fn get(path: &str, extra: &str) -> String {
 
 #[tokio::test]
 async fn blobs_are_sent_from_their_file_on_a_kept_alive_connection() {
-    let store = FileStore::new();
-    let bytes = blob();
-    let digest = store.insert(&bytes);
-    let (addr, sent) = start(Arc::clone(&store), PeerAuth::Open).await;
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let path = format!("/v2/library/app/blobs/{digest}");
+    let Fixture {
+        bytes,
+        digest,
+        path,
+        mut stream,
+        sent,
+    } = serving_a_blob(PeerAuth::Open).await;
     for round in 1..=2u64 {
         let answer = exchange(&mut stream, &get(&path, "")).await;
         assert_eq!(answer.status, 200);
@@ -217,12 +243,12 @@ async fn blobs_are_sent_from_their_file_on_a_kept_alive_connection() {
 
 #[tokio::test]
 async fn ranges_and_heads_are_answered_and_the_connection_stays_usable() {
-    let store = FileStore::new();
-    let bytes = blob();
-    let digest = store.insert(&bytes);
-    let (addr, _) = start(store, PeerAuth::Open).await;
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let path = format!("/v2/library/app/blobs/{digest}");
+    let Fixture {
+        bytes,
+        path,
+        mut stream,
+        ..
+    } = serving_a_blob(PeerAuth::Open).await;
     let answer = exchange(&mut stream, &get(&path, "range: bytes=1000-1999\r\n")).await;
     assert_eq!(answer.status, 206);
     assert_eq!(
@@ -253,12 +279,12 @@ async fn misses_are_oci_errors_on_the_same_connection() {
 
 #[tokio::test]
 async fn other_requests_go_to_hyper_from_where_the_loop_stopped() {
-    let store = FileStore::new();
-    let bytes = blob();
-    let digest = store.insert(&bytes);
-    let (addr, _) = start(store, PeerAuth::Open).await;
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let path = format!("/v2/library/app/blobs/{digest}");
+    let Fixture {
+        bytes,
+        path,
+        mut stream,
+        ..
+    } = serving_a_blob(PeerAuth::Open).await;
     assert_eq!(exchange(&mut stream, &get(&path, "")).await.status, 200);
     // Not `/v2/`: hyper answers, on the same connection, and keeps serving blobs after it.
     let answer = exchange(&mut stream, &get("/livez", "")).await;
@@ -274,14 +300,15 @@ async fn other_requests_go_to_hyper_from_where_the_loop_stopped() {
 
 #[tokio::test]
 async fn plaintext_clusters_check_the_request_and_sign_the_answer() {
-    let store = FileStore::new();
-    let bytes = blob();
-    let digest = store.insert(&bytes);
     let auth =
         PlaintextAuth::new(&ClusterSecrets::new(&["a cluster secret, long enough"]).unwrap());
-    let (addr, _) = start(store, PeerAuth::Plaintext(auth.clone())).await;
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let path = format!("/v2/library/app/blobs/{digest}");
+    let Fixture {
+        bytes,
+        digest,
+        path,
+        mut stream,
+        ..
+    } = serving_a_blob(PeerAuth::Plaintext(auth.clone())).await;
     let answer = exchange(&mut stream, &get(&path, "")).await;
     assert_eq!(answer.status, 401);
     let token = auth.sign_request(&Method::GET, &path, SystemTime::now());

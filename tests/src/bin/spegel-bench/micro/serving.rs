@@ -157,7 +157,6 @@ async fn measure(
     let daemon = rig.start_spegel(0, options()).await?;
     let addr = daemon.registry_addr();
     for run in 0..=RUNS {
-        // Who goes first alternates, so neither gains from the other's warm-up.
         let ours = || client::get_ok(client, addr, Some(&peer_tls), &peer_path, &[], blob.size);
         let theirs = || {
             client::get_ok(
@@ -169,13 +168,7 @@ async fn measure(
                 blob.size,
             )
         };
-        let (ours, theirs) = if run % 2 == 0 {
-            let ours = ours().await?;
-            (ours, theirs().await?)
-        } else {
-            let theirs = theirs().await?;
-            (ours().await?, theirs)
-        };
+        let (ours, theirs) = in_turn(run, ours, theirs).await?;
         if run > 0 {
             result.peer_tls.push(ours.bytes_per_sec() / 1e6);
             result.nginx_tls.push(theirs.bytes_per_sec() / 1e6);
@@ -193,13 +186,7 @@ async fn measure(
         let headers = [(AUTH_HEADER, token.to_str()?.to_owned())];
         let ours = || client::get_ok(client, addr, None, &peer_path, &headers, blob.size);
         let theirs = || client::get_ok(client, nginx.plain, None, &nginx_path, &[], blob.size);
-        let (ours, theirs) = if run % 2 == 0 {
-            let ours = ours().await?;
-            (ours, theirs().await?)
-        } else {
-            let theirs = theirs().await?;
-            (ours().await?, theirs)
-        };
+        let (ours, theirs) = in_turn(run, ours, theirs).await?;
         if run > 0 {
             result.peer_plaintext.push(ours.bytes_per_sec() / 1e6);
             result.nginx_sendfile.push(theirs.bytes_per_sec() / 1e6);
@@ -207,4 +194,19 @@ async fn measure(
     }
     daemon.stop().await?;
     Ok(result)
+}
+
+/// `ours` and `theirs`, the first of them first on even runs: who goes first alternates, so
+/// neither gains from the other's warm-up.
+async fn in_turn<F, T>(run: usize, ours: impl Fn() -> F, theirs: impl Fn() -> F) -> Result<(T, T)>
+where
+    F: Future<Output = Result<T>>,
+{
+    if run.is_multiple_of(2) {
+        let ours = ours().await?;
+        Ok((ours, theirs().await?))
+    } else {
+        let theirs = theirs().await?;
+        Ok((ours().await?, theirs))
+    }
 }
