@@ -37,7 +37,7 @@ use super::{
 };
 use crate::{
     oci::Kind,
-    source::{Body, Object, ObjectRequest, Source, SourceError},
+    source::{Body, Object, ObjectRequest, Payload, Source, SourceError},
 };
 
 /// Flags of verify-before-send buffering and spooling.
@@ -173,7 +173,6 @@ impl Source for Buffered {
         let Some(body) = object.body.take() else {
             return Ok(object);
         };
-        object.file = None;
         let digest = object.digest;
         // The peer body checks the digest of a whole blob itself (tail held back); reading it
         // through a length check makes the whole answer known before the first byte is sent.
@@ -201,7 +200,7 @@ impl Source for Buffered {
             }
             Plan::Stream => {
                 if request.range.is_none() {
-                    object.body = Some(body);
+                    object.body = Payload::Stream(body);
                     return Ok(object);
                 }
                 // Not the whole blob: ask for just the range (passed through unverified).
@@ -212,7 +211,7 @@ impl Source for Buffered {
         object.range = request
             .range
             .map(|_| wanted.start..=wanted.end.saturating_sub(1));
-        object.body = Some(body);
+        object.body = Payload::Stream(body);
         Ok(object)
     }
 }

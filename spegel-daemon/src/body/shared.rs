@@ -34,7 +34,7 @@ use super::{
 use crate::{
     oci::{Kind, Reference, digest::Digest},
     routing::Router,
-    source::{Object, ObjectRequest, Source, SourceError},
+    source::{Object, ObjectRequest, Payload, Source, SourceError},
 };
 
 /// A copy in flight, as the table keeps it.
@@ -158,21 +158,21 @@ impl SharedFetch {
                 return Err(err);
             }
         };
-        // Whatever is served from here on is the shared stream, never the source's own file.
-        object.file = None;
+        // Whatever is served from here on is the shared stream (a file's reads, if the source
+        // answered with a file), never the file itself.
         let body = match (object.body.take(), object.range.is_none()) {
             (Some(body), true) => body,
             (body, _) => {
                 // Not a whole body (the source answered a range anyway): nothing to share.
                 guard.finish(Lead::Failed);
-                object.body = body;
+                object.body = body.into();
                 return Ok(object);
             }
         };
         let Some(share) = spool.reserve(object.size) else {
             tracing::info!(%digest, size = object.size, available = spool.available(), "spool budget spent; this blob's fetch is not shared");
             guard.finish(Lead::Failed);
-            object.body = Some(body);
+            object.body = Payload::Stream(body);
             return Ok(object);
         };
         let file = match spool.file().await {
@@ -180,7 +180,7 @@ impl SharedFetch {
             Err(error) => {
                 tracing::warn!(%digest, %error, "cannot create a spool file; this blob's fetch is not shared");
                 guard.finish(Lead::Failed);
-                object.body = Some(body);
+                object.body = Payload::Stream(body);
                 return Ok(object);
             }
         };
@@ -227,9 +227,8 @@ fn serve(
         media_type: flight.media_type.clone(),
         size,
         range,
-        body: (!request.head).then(|| tee.reader(bytes)),
+        body: (!request.head).then(|| tee.reader(bytes)).into(),
         source: flight.source,
-        file: None,
     })
 }
 

@@ -16,7 +16,7 @@ use futures::StreamExt as _;
 
 use crate::{
     oci::Kind,
-    source::{Object, ObjectRequest, Source, SourceError},
+    source::{Object, ObjectRequest, Payload, Source, SourceError},
 };
 
 /// Hidden flags: for the end-to-end suite only.
@@ -87,16 +87,14 @@ const THROTTLE_SLICE: usize = 16 * 1024;
 impl Source for FaultySource {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
         let mut object = self.inner.fetch(request).await?;
-        if !request.mirrored || request.kind != Kind::Blob {
+        let rewrites = self.args.test_corrupt_peer_blobs
+            || self.args.test_throttle_peer_bytes.is_some_and(|r| r > 0);
+        if !request.mirrored || request.kind != Kind::Blob || !rewrites {
             return Ok(object);
         }
         let Some(mut body) = object.body.take() else {
             return Ok(object);
         };
-        if self.args.test_corrupt_peer_blobs || self.args.test_throttle_peer_bytes.is_some() {
-            // The bytes are rewritten or paced here: they must not leave by sendfile instead.
-            object.file = None;
-        }
         if self.args.test_corrupt_peer_blobs {
             tracing::warn!(digest = %object.digest, "TEST FAULT: corrupting a blob served to a peer");
             body = Box::pin(body.map(|chunk| {
@@ -129,7 +127,7 @@ impl Source for FaultySource {
                 }),
             );
         }
-        object.body = Some(body);
+        object.body = Payload::Stream(body);
         Ok(object)
     }
 }
@@ -152,9 +150,8 @@ mod tests {
                 media_type: "application/octet-stream".into(),
                 size: bytes.len() as u64,
                 range: None,
-                body: Some(Box::pin(futures::stream::iter([Ok(bytes)]))),
+                body: Payload::Stream(Box::pin(futures::stream::iter([Ok(bytes)]))),
                 source: "local",
-                file: None,
             })
         }
     }
@@ -177,7 +174,7 @@ mod tests {
     async fn body_of(source: &dyn Source, mirrored: bool) -> Vec<u8> {
         let object = source.fetch(&request(mirrored)).await.unwrap();
         let mut out = Vec::new();
-        let mut body = object.body.unwrap();
+        let mut body = object.body.into_body().unwrap();
         while let Some(chunk) = body.next().await {
             out.extend_from_slice(&chunk.unwrap());
         }

@@ -2,7 +2,6 @@
 //! counters, and [`Instrumented`], the [`Source`] wrapper that counts (and logs) every answer.
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -152,20 +151,10 @@ impl Source for Instrumented {
             head = request.head,
             "serving"
         );
-        if let Some(file) = &mut object.file {
-            let bytes = served.bytes[k][s].clone();
-            file.observe(move |sent| {
-                bytes.inc_by(sent);
-            });
-        }
-        if let Some(body) = object.body.take() {
-            let bytes = served.bytes[k][s].clone();
-            object.body = Some(Box::pin(body.inspect(move |chunk| {
-                if let Ok(chunk) = chunk {
-                    bytes.inc_by(chunk.len() as u64);
-                }
-            })));
-        }
+        let bytes = served.bytes[k][s].clone();
+        object.body.observe(move |sent| {
+            bytes.inc_by(sent);
+        });
         Ok(object)
     }
 }

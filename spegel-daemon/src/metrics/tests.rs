@@ -17,7 +17,7 @@ use crate::{
     oci::{Kind, Reference, digest::Digest},
     p2p::{NodeKey, P2pConfig, RegistryAdvertise, TransportKind},
     serve::api::{Registry as Api, RequestContext},
-    source::{Object, ObjectRequest, Source, SourceError},
+    source::{Object, ObjectRequest, Payload, Source, SourceError},
 };
 
 struct Peerish;
@@ -33,11 +33,10 @@ impl Source for Peerish {
             media_type: "application/octet-stream".into(),
             size: 3,
             range: None,
-            body: Some(Box::pin(futures::stream::iter([Ok(Bytes::from_static(
+            body: Payload::Stream(Box::pin(futures::stream::iter([Ok(Bytes::from_static(
                 b"abc",
             ))]))),
             source: "peer",
-            file: None,
         })
     }
 }
@@ -60,7 +59,7 @@ fn request(repository: &str) -> ObjectRequest {
 /// Serves one blob (3 bytes from a peer) and misses one through `source`.
 async fn serve_one_and_miss_one(source: &Instrumented) {
     let object = source.fetch(&request("a/b")).await.unwrap();
-    let body: Vec<_> = object.body.unwrap().collect().await;
+    let body: Vec<_> = object.body.into_body().unwrap().collect().await;
     assert_eq!(body.len(), 1);
     assert!(source.fetch(&request("missing")).await.is_err());
 }

@@ -365,7 +365,7 @@ async fn find_replacement(
                 .range
                 .as_ref()
                 .map_or((0, object.size), |r| (*r.start(), *r.end() + 1));
-            match object.body {
+            match object.body.into_body() {
                 Some(body) if object.size == total && start <= from && stop >= end => {
                     return Some(Replacement::Fallback(body, start));
                 }

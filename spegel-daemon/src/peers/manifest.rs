@@ -94,9 +94,8 @@ impl Inner {
             media_type: manifest.media_type,
             size,
             range,
-            body,
+            body: body.into(),
             source: "peer",
-            file: None,
         })
     }
 

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::{
     oci::Kind,
-    source::{Body, Object},
+    source::{Body, Object, Payload},
 };
 
 /// Declares the counters once: the live atomics, the plain snapshot, and the copy between them.
@@ -128,8 +128,7 @@ impl FetchTimings {
 pub(super) fn time(metrics: &Arc<FetchMetrics>, kind: Kind, started: Instant, object: &mut Object) {
     metrics.timings.first_byte(kind, started.elapsed());
     if let Some(body) = object.body.take() {
-        object.file = None;
-        object.body = Some(Box::pin(TimedBody {
+        object.body = Payload::Stream(Box::pin(TimedBody {
             inner: body,
             metrics: Arc::clone(metrics),
             kind,

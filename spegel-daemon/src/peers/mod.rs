@@ -68,7 +68,7 @@ use crate::{
     oci::{ByteRange, Kind, Reference, digest::Digest},
     routing::Router,
     source::{
-        Body, Object, ObjectRequest, Source, SourceError,
+        Body, Object, ObjectRequest, Payload, Source, SourceError,
         miss::{self, PeerMiss},
     },
 };
@@ -247,9 +247,8 @@ impl Inner {
             media_type: "application/octet-stream".into(),
             size,
             range,
-            body: None,
+            body: Payload::Empty,
             source: "peer",
-            file: None,
         })
     }
 
@@ -307,9 +306,8 @@ impl Inner {
             media_type: "application/octet-stream".into(),
             size: total,
             range,
-            body: Some(body),
+            body: Payload::Stream(body),
             source: "peer",
-            file: None,
         })
     }
 }

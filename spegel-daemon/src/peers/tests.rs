@@ -336,9 +336,8 @@ impl Source for FakeUpstream {
             media_type: "application/octet-stream".into(),
             size,
             range,
-            body: Some(once_body(part)),
+            body: Payload::Stream(once_body(part)),
             source: "upstream",
-            file: None,
         })
     }
 }
@@ -433,7 +432,7 @@ async fn hit_from_first_peer() {
     );
     assert_eq!(object.media_type, "application/octet-stream");
     assert_eq!(object.range, None);
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(got, bytes);
 
@@ -531,7 +530,7 @@ async fn hedge_fires_when_first_peer_is_slow_and_fast_one_wins() {
 
     // The slow peer never answers: without a hedge this could only end in a miss.
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(got, bytes);
     assert_eq!((slow.seen().len(), fast.seen().len()), (1, 1));
@@ -572,7 +571,7 @@ async fn mid_stream_death_resumes_from_another_peer() {
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
     assert_eq!(object.size, 200_000);
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(got == bytes, "resumed body differs from the blob");
     let resumed = good.seen();
@@ -599,7 +598,7 @@ async fn stalled_transfer_resumes_from_another_peer() {
     let source = source(&router, config());
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(got == bytes, "resumed body differs from the blob");
     assert_eq!(good.seen()[0].range.as_deref(), Some("bytes=40000-99999"));
@@ -617,7 +616,7 @@ async fn trickling_peer_is_replaced_by_a_faster_one() {
     let source = source(&router, config());
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(got == bytes, "resumed body differs from the blob");
     let resumed = good.seen();
@@ -645,7 +644,7 @@ async fn trickling_peer_is_kept_when_nothing_else_can_serve() {
     let source = source(&router, config());
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "slow must beat failed: {err:?}");
     assert!(got == bytes);
     assert_eq!(source.metrics().snapshot().resumes, 0);
@@ -664,7 +663,7 @@ async fn corrupted_peer_fails_before_last_byte_and_is_quarantined() {
     let source = source(&router, config());
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     let err = err.expect("a corrupt body must end in an error");
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     // Everything released is genuine, and the object never completed.
@@ -677,7 +676,7 @@ async fn corrupted_peer_fails_before_last_byte_and_is_quarantined() {
     // containerd retries: the quarantined peer is skipped even though the DHT still lists it.
     router.provide(digest, &[&bad, &good]);
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(got, bytes);
     assert_eq!((bad.seen().len(), good.seen().len()), (1, 1));
@@ -696,7 +695,7 @@ async fn corruption_after_resume_is_still_caught() {
     let source = source(&router, config());
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_some(), "the hash spans both peers' bytes");
     assert!(got.len() < bytes.len());
     assert!(source.is_banned("bad"));
@@ -727,7 +726,7 @@ async fn manifest_is_verified_before_the_first_byte() {
     assert_eq!(object.digest, digest);
     assert_eq!(object.media_type, MANIFEST_TYPE);
     assert_eq!(object.size, manifest.len() as u64);
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none());
     assert_eq!(got, manifest);
     assert_eq!(bad.seen().len(), 1);
@@ -746,7 +745,7 @@ async fn corrupt_manifest_moves_on_to_the_next_peer() {
     let source = source(&router, config());
 
     let object = fetch_ok(&source, &request(Kind::Manifest, Reference::Digest(digest))).await;
-    let (got, _) = drain(object.body.unwrap()).await;
+    let (got, _) = drain(object.body.into_body().unwrap()).await;
     assert_eq!(got, manifest);
     assert!(source.is_banned("bad"));
     assert_eq!((bad.seen().len(), good.seen().len()), (1, 1));
@@ -784,7 +783,7 @@ async fn tag_lookup_returns_the_verified_manifest() {
     let object = fetch_ok(&source, &req).await;
     assert_eq!(object.digest, digest);
     assert_eq!(object.media_type, MANIFEST_TYPE);
-    let (got, _) = drain(object.body.unwrap()).await;
+    let (got, _) = drain(object.body.into_body().unwrap()).await;
     assert_eq!(got, manifest);
     assert_eq!(router.lookups(), std::slice::from_ref(&key));
     assert_eq!(
@@ -800,7 +799,7 @@ async fn tag_lookup_returns_the_verified_manifest() {
         (object.digest, object.size),
         (digest, manifest.len() as u64)
     );
-    assert!(object.body.is_none());
+    assert!(object.body.is_empty());
 }
 
 #[tokio::test]
@@ -862,7 +861,7 @@ async fn fallback_resumes_when_no_peer_can() {
     );
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(got == bytes, "resumed body differs from the blob");
     assert_eq!(
@@ -885,7 +884,7 @@ async fn body_fails_when_nothing_can_resume() {
     router.provide(digest, &[&dying]);
     let source = source(&router, config());
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_some());
     assert_eq!(got[..], bytes[..got.len()]);
     assert!(got.len() < bytes.len());
@@ -908,7 +907,7 @@ async fn ranges_pass_through_and_full_ranges_are_verified() {
     let object = fetch_ok(&source, &req).await;
     assert_eq!(object.size, 100_000);
     assert_eq!(object.range, Some(1000..=50_999));
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none());
     assert_eq!(got[..], bytes[1000..51_000]);
     assert_eq!(a.seen()[0].range.as_deref(), Some("bytes=1000-50999"));
@@ -921,7 +920,7 @@ async fn ranges_pass_through_and_full_ranges_are_verified() {
     });
     let object = fetch_ok(&source, &req).await;
     assert_eq!(object.range, Some(0..=99_999));
-    let (_, err) = drain(object.body.unwrap()).await;
+    let (_, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_some());
     assert!(source.is_banned("a"));
 }
@@ -939,7 +938,7 @@ async fn blob_head_and_digest_header_checks() {
     head.head = true;
     let object = fetch_ok(&source, &head).await;
     assert_eq!((object.digest, object.size), (digest, 1234));
-    assert!(object.body.is_none());
+    assert!(object.body.is_empty());
     assert_eq!(a.seen()[0].method, Method::HEAD);
 
     // A peer answering for another digest is not believed.
@@ -980,7 +979,7 @@ async fn unreachable_peer_is_skipped_for_a_while() {
         .insert(digest.to_string(), vec![dead, good.peer.clone()]);
     let source = source(&router, config());
     let object = fetch_ok(&source, &blob_request(digest)).await;
-    let (got, _) = drain(object.body.unwrap()).await;
+    let (got, _) = drain(object.body.into_body().unwrap()).await;
     assert_eq!(got, bytes);
     assert!(source.is_banned("dead"));
     let attempts = source.metrics().snapshot().attempts;
@@ -1048,7 +1047,7 @@ async fn a_streamed_blob_holds_its_slot_until_its_last_byte_arrives() {
     );
     let object = fetch_ok(&source, &blob_request(digest)).await;
     assert_eq!(source.free_slots(), 0, "the transfer is still under way");
-    let (got, err) = drain(object.body.unwrap()).await;
+    let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(got, bytes);
     assert_eq!(source.free_slots(), 1);
@@ -1096,10 +1095,10 @@ async fn a_received_blob_frees_its_slot_before_the_client_reads() {
         .unwrap();
     assert_eq!(peers.free_slots(), 1);
 
-    let (got, err) = drain(spooled.body.unwrap()).await;
+    let (got, err) = drain(spooled.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(got, big);
-    let (got, err) = drain(in_memory.body.unwrap()).await;
+    let (got, err) = drain(in_memory.body.into_body().unwrap()).await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(got, small);
 }

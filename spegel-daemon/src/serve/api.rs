@@ -22,7 +22,7 @@ use crate::{
         MIRRORED_HEADER, PUBLIC_ONLY_HEADER, ParseError, Reference, digest::Digest,
     },
     peers::burst::{CLAIM_PATH, Claims, valid_peer_id},
-    source::{Object, ObjectRequest, Origin, Source, SourceError},
+    source::{Object, ObjectRequest, Origin, Payload, Source, SourceError},
     store::{Store, StoreError},
 };
 
@@ -601,7 +601,7 @@ fn check_object(request: &ObjectRequest, object: Object) -> Result<Object, Sourc
             object.source, object.size
         )));
     }
-    if !request.head && object.body.is_none() && content_length(&object) > 0 {
+    if !request.head && object.body.is_empty() && content_length(&object) > 0 {
         return Err(SourceError::Unavailable(format!(
             "{} answered without a body",
             object.source
@@ -629,15 +629,23 @@ fn object_response(request: &ObjectRequest, object: Object) -> Response<HttpBody
         Some(_) => StatusCode::PARTIAL_CONTENT,
         None => StatusCode::OK,
     };
+    // A file goes both ways: the plain loop takes it from the extensions and sends it with
+    // `sendfile`; hyper polls the body, which takes it then and reads it. Whichever comes first
+    // owns it, so a response holds one descriptor however it is sent.
+    let mut file = None;
     let body = match object.body {
-        Some(stream) if !request.head => body::ObjectBody::new(stream, length).boxed_unsync(),
-        _ => empty_body(),
+        _ if request.head => empty_body(),
+        Payload::Empty => empty_body(),
+        Payload::Stream(stream) => body::ObjectBody::new(stream, length).boxed_unsync(),
+        Payload::File(region) => {
+            let shared = sendfile::FileResponse::new(region);
+            file = Some(shared.clone());
+            body::ObjectBody::new(shared.into_stream(), length).boxed_unsync()
+        }
     };
     let mut response = Response::new(body);
-    if let Some(file) = object.file.filter(|_| !request.head) {
-        response
-            .extensions_mut()
-            .insert(sendfile::FileResponse::new(file));
+    if let Some(file) = file {
+        response.extensions_mut().insert(file);
     }
     *response.status_mut() = status;
     let headers = response.headers_mut();

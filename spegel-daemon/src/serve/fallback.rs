@@ -56,7 +56,7 @@ mod tests {
     use crate::{
         oci::{Kind, Reference, digest::Digest},
         serve::policy::ServePolicy,
-        source::Origin,
+        source::{Origin, Payload},
     };
 
     /// Misses, noting `why` (if any), or fails with `Unavailable`.
@@ -88,9 +88,8 @@ mod tests {
                 media_type: "x".into(),
                 size: 0,
                 range: None,
-                body: None,
+                body: Payload::Empty,
                 source: "upstream",
-                file: None,
             })
         }
     }

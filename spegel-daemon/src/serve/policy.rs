@@ -248,7 +248,10 @@ mod tests {
     use http::HeaderMap;
 
     use super::*;
-    use crate::oci::{Kind, digest::Digest};
+    use crate::{
+        oci::{Kind, digest::Digest},
+        source::Payload,
+    };
 
     /// Answers with its name, or the configured error; counts calls.
     struct Named {
@@ -286,9 +289,8 @@ mod tests {
                 media_type: "x".into(),
                 size: 0,
                 range: None,
-                body: None,
+                body: Payload::Empty,
                 source: self.name,
-                file: None,
             })
         }
     }

@@ -5,15 +5,9 @@ use tokio_util::io::ReaderStream;
 
 use crate::{
     oci::{self, Kind, Reference, digest::Digest},
-    source::{Body, FileBody, Object, ObjectRequest, Source, SourceError},
-    store::{Descriptor, Store, StoreError},
+    source::{FileBody, Object, ObjectRequest, Payload, READ_BUFFER, Source, SourceError},
+    store::{Descriptor, Opened, Store, StoreError},
 };
-
-/// How much one read of a local object hands to the HTTP layer. Each read is a trip through
-/// tokio's blocking pool: at 64 KiB those trips capped a TLS peer transfer at about 0.9× nginx;
-/// at 256 KiB it runs at 1.6× (`cargo xtask bench micro --micro serving`), for at most 256 KiB
-/// held per response in flight.
-const READ_BUFFER: usize = 256 * 1024;
 
 /// A [`Source`] over the node-local store.
 pub struct LocalSource {
@@ -58,30 +52,20 @@ impl Source for LocalSource {
             ),
             _ => None,
         };
-        let (body, file) = if request.head {
-            (None, None)
+        let body = if request.head {
+            Payload::Empty
         } else {
             let (offset, len) = match &range {
                 Some(range) => (*range.start(), range.end() - range.start() + 1),
                 None => (0, size),
             };
-            let region = self
-                .store
-                .open_region(&digest, offset, len)
-                .await
-                .map_err(store_error)?;
-            let reader = match &region {
-                Some(region) => region
-                    .reader()
-                    .map_err(|err| SourceError::Unavailable(format!("reading {digest}: {err}")))?,
-                None => self
-                    .store
-                    .open(&digest, offset, len)
-                    .await
-                    .map_err(store_error)?,
-            };
-            let body: Body = Box::pin(ReaderStream::with_capacity(reader, READ_BUFFER));
-            (Some(body), region.map(FileBody::new))
+            match self.store.open_region(&digest, offset, len).await {
+                Ok(Opened::File(region)) => Payload::File(FileBody::new(region)),
+                Ok(Opened::Reader(reader)) => {
+                    Payload::Stream(Box::pin(ReaderStream::with_capacity(reader, READ_BUFFER)))
+                }
+                Err(err) => return Err(store_error(err)),
+            }
         };
         Ok(Object {
             digest,
@@ -90,7 +74,6 @@ impl Source for LocalSource {
             range,
             body,
             source: "local",
-            file,
         })
     }
 }
@@ -244,7 +227,13 @@ pub(crate) mod tests {
     }
 
     async fn body_of(object: Object) -> Vec<u8> {
-        let chunks: Vec<Bytes> = object.body.unwrap().try_collect().await.unwrap();
+        let chunks: Vec<Bytes> = object
+            .body
+            .into_body()
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
         chunks.concat()
     }
 
@@ -375,7 +364,7 @@ pub(crate) mod tests {
         head.head = true;
         head.range = Some(ByteRange::Suffix(4));
         let object = f.source.fetch(&head).await.unwrap();
-        assert!(object.body.is_none());
+        assert!(object.body.is_empty());
         assert_eq!(object.range, Some(16..=19));
         assert_eq!(object.size, 20);
     }

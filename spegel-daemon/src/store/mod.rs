@@ -37,17 +37,22 @@ pub struct FileRegion {
 }
 
 impl FileRegion {
-    /// A reader over the region (a second descriptor for the same file, so the region stays
-    /// usable; reads go through the blocking pool like any `tokio::fs` read).
-    pub fn reader(&self) -> std::io::Result<Reader> {
+    /// A reader over the region, on the region's own descriptor (moved to the region's start).
+    pub fn into_reader(self) -> std::io::Result<Reader> {
         use std::io::{Seek as _, SeekFrom};
-        let mut file = self.file.try_clone()?;
-        // A duplicated descriptor shares the file position; `sendfile` with an explicit offset
-        // neither reads nor moves it, so the region and this reader never disturb each other.
+        let mut file = self.file;
         file.seek(SeekFrom::Start(self.offset))?;
         let file = tokio::fs::File::from_std(file);
         Ok(Box::pin(walk::Exact::new(file, self.len)))
     }
+}
+
+/// An object's bytes as [`Store::open_region`] opened them.
+pub enum Opened {
+    /// A region of a file this process can hand to `sendfile(2)`.
+    File(FileRegion),
+    /// A reader, when the store keeps no such file (or could not open it).
+    Reader(Reader),
 }
 
 /// Why the store could not answer.
@@ -71,15 +76,16 @@ pub trait Store: Send + Sync + 'static {
     /// Read `len` bytes of a present object starting at `offset`. The caller has checked the
     /// bounds against [`Store::descriptor`].
     async fn open(&self, digest: &Digest, offset: u64, len: u64) -> Result<Reader, StoreError>;
-    /// The same bytes as [`Store::open`] as a region of a file, when the store keeps content in
-    /// files this process can open; `None` when it does not (then use [`Store::open`]).
+    /// The same bytes as [`Store::open`], as a region of a file when the store keeps content
+    /// in files this process can open (one attempt: a file that cannot be opened is read the
+    /// other way, not tried twice).
     async fn open_region(
         &self,
-        _digest: &Digest,
-        _offset: u64,
-        _len: u64,
-    ) -> Result<Option<FileRegion>, StoreError> {
-        Ok(None)
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Opened, StoreError> {
+        self.open(digest, offset, len).await.map(Opened::Reader)
     }
     /// Everything to advertise.
     async fn keys(&self) -> Result<Keys, StoreError>;

@@ -243,9 +243,8 @@ impl UpstreamSource {
             media_type,
             size,
             range: None,
-            body,
+            body: body.into(),
             source: "upstream",
-            file: None,
         }))
     }
 
@@ -331,9 +330,8 @@ impl UpstreamSource {
             media_type,
             size,
             range,
-            body,
+            body: body.into(),
             source: "upstream",
-            file: None,
         })
     }
 }

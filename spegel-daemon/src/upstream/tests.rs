@@ -250,7 +250,10 @@ async fn fetches_and_verifies_a_blob() {
     assert_eq!(object.digest, digest);
     assert_eq!(object.size, 10);
     assert_eq!(object.source, "upstream");
-    assert_eq!(collect(object.body.unwrap()).await.unwrap(), BLOB);
+    assert_eq!(
+        collect(object.body.into_body().unwrap()).await.unwrap(),
+        BLOB
+    );
     let seen = registry.seen();
     assert_eq!(seen[0].method, Method::GET);
     assert_eq!(
@@ -278,7 +281,7 @@ async fn wrong_bytes_end_the_body_with_an_error() {
         Some(origin(&registry, true)),
     );
     let object = source(&pki).fetch(&req).await.unwrap();
-    let err = collect(object.body.unwrap()).await.unwrap_err();
+    let err = collect(object.body.into_body().unwrap()).await.unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 }
 
@@ -298,7 +301,10 @@ async fn forwards_ranges() {
     let object = source(&pki).fetch(&req).await.unwrap();
     assert_eq!(object.range, Some(2..=5));
     assert_eq!(object.size, 10);
-    assert_eq!(collect(object.body.unwrap()).await.unwrap(), b"2345");
+    assert_eq!(
+        collect(object.body.into_body().unwrap()).await.unwrap(),
+        b"2345"
+    );
     assert_eq!(registry.seen()[0].headers[header::RANGE], "bytes=2-5");
 }
 
@@ -343,7 +349,10 @@ async fn manifests_are_verified() {
         object.media_type,
         "application/vnd.oci.image.manifest.v1+json"
     );
-    assert_eq!(collect(object.body.unwrap()).await.unwrap(), MANIFEST);
+    assert_eq!(
+        collect(object.body.into_body().unwrap()).await.unwrap(),
+        MANIFEST
+    );
     // containerd's Accept was absent: the manifest types were asked for.
     assert!(
         registry.seen()[0].headers[header::ACCEPT]
@@ -488,7 +497,10 @@ async fn follows_redirects_and_drops_credentials_across_hosts() {
     )
     .unwrap();
     let object = UpstreamSource::new(client).fetch(&req).await.unwrap();
-    assert_eq!(collect(object.body.unwrap()).await.unwrap(), BLOB);
+    assert_eq!(
+        collect(object.body.into_body().unwrap()).await.unwrap(),
+        BLOB
+    );
 
     let at_registry = registry.seen();
     assert_eq!(at_registry.len(), 2);
@@ -616,7 +628,10 @@ async fn plain_http_origins_work() {
         Some(origin(&registry, false)),
     );
     let object = source(&pki()).fetch(&req).await.unwrap();
-    assert_eq!(collect(object.body.unwrap()).await.unwrap(), BLOB);
+    assert_eq!(
+        collect(object.body.into_body().unwrap()).await.unwrap(),
+        BLOB
+    );
 }
 
 #[tokio::test]
@@ -728,10 +743,13 @@ async fn a_stalled_body_is_aborted() {
         .fetch(&req)
         .await
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(10), collect(object.body.unwrap()))
-        .await
-        .expect("bounded by the idle timeout")
-        .unwrap_err();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        collect(object.body.into_body().unwrap()),
+    )
+    .await
+    .expect("bounded by the idle timeout")
+    .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     server.abort();
 }

@@ -7,7 +7,10 @@ use futures::StreamExt as _;
 use http::HeaderMap;
 
 use super::*;
-use crate::oci::{ByteRange, Reference, digest::Digest};
+use crate::{
+    oci::{ByteRange, Reference, digest::Digest},
+    source::Payload,
+};
 
 /// Serves `data` in 1 KiB chunks, failing before the last chunk when `fail` (as a peer body does
 /// on a digest mismatch); remembers the ranges it was asked for.
@@ -46,9 +49,8 @@ impl Source for Chunked {
             media_type: "application/octet-stream".into(),
             size: self.data.len() as u64,
             range: None,
-            body: Some(Box::pin(futures::stream::iter(chunks))),
+            body: Payload::Stream(Box::pin(futures::stream::iter(chunks))),
             source: "peer",
-            file: None,
         })
     }
 }
@@ -99,7 +101,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 async fn collect(object: Object) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    let mut body = object.body.expect("body");
+    let mut body = object.body.into_body().expect("body");
     while let Some(chunk) = body.next().await {
         out.extend_from_slice(&chunk?);
     }
@@ -146,7 +148,7 @@ async fn the_memory_share_is_held_until_the_body_is_done() {
     let (source, _dir) = buffered(chunked_source(&data, false), args(MIB, MIB, 0));
 
     let object = source.fetch(&request(None)).await.unwrap();
-    let mut body = object.body.unwrap();
+    let mut body = object.body.into_body().unwrap();
     assert!(
         source.memory_available() < MIB,
         "an unread body holds its share"

@@ -13,7 +13,7 @@ use http::HeaderMap;
 use super::*;
 use crate::{
     oci::ByteRange,
-    source::{Body, ObjectRequest},
+    source::{Body, ObjectRequest, Payload},
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -80,9 +80,8 @@ impl Source for Fake {
             media_type: "application/octet-stream".into(),
             size,
             range,
-            body: Some(body),
+            body: Payload::Stream(body),
             source: "upstream",
-            file: None,
         })
     }
 }
@@ -142,7 +141,7 @@ fn spawn_get(shared: &Arc<SharedFetch>, request: ObjectRequest) -> tokio::task::
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         let object = shared.fetch(&request).await?;
-        Ok(drain(object.body).await)
+        Ok(drain(object.body.into_body()).await)
     })
 }
 
@@ -252,7 +251,7 @@ async fn a_range_is_cut_from_a_fetch_in_flight_and_asked_for_alone_otherwise() {
         .await
         .unwrap();
     assert_eq!(object.range, Some(500_000..=500_099));
-    let (bytes, err) = drain(object.body).await;
+    let (bytes, err) = drain(object.body.into_body()).await;
     assert!(err.is_none() && bytes[..] == content[500_000..500_100]);
     assert_eq!(fake.calls(), 2);
     drop(whole);

@@ -8,7 +8,7 @@ use std::{
 use http::HeaderMap;
 
 use super::*;
-use crate::source::Origin;
+use crate::source::{Origin, Payload};
 
 fn peer(id: &str) -> Peer {
     Peer {
@@ -103,9 +103,8 @@ impl Source for Counted {
             media_type: "x".into(),
             size: 0,
             range: None,
-            body: None,
+            body: Payload::Empty,
             source: self.name,
-            file: None,
         })
     }
 }

@@ -4,7 +4,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::*;
-use crate::{oci::Kind, source::Origin};
+use crate::{
+    oci::Kind,
+    source::{Origin, Payload},
+};
 
 /// Answers every request the same way, and remembers what it was asked.
 struct Fake {
@@ -38,9 +41,8 @@ impl Source for Fake {
             media_type: "x".into(),
             size: 1,
             range: None,
-            body: None,
+            body: Payload::Empty,
             source: "fake",
-            file: None,
         })
     }
 }

@@ -26,7 +26,12 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{BoxError, Caller, HttpBody, Registry, RequestContext};
-use crate::{source::FileBody, store::FileRegion};
+use futures::StreamExt as _;
+
+use crate::{
+    source::{Body, FileBody},
+    store::FileRegion,
+};
 
 /// The longest request head this loop reads; longer ones go to hyper.
 const MAX_HEAD: usize = 8 * 1024;
@@ -47,6 +52,15 @@ impl FileResponse {
 
     fn take(&self) -> Option<FileBody> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    /// The file read as a stream, taken when first polled (empty if the plain loop took it).
+    pub(super) fn into_stream(self) -> Body {
+        Box::pin(
+            futures::stream::once(async move { self.take() })
+                .filter_map(std::future::ready)
+                .flat_map(FileBody::into_stream),
+        )
     }
 }
 
@@ -89,8 +103,13 @@ impl Registry {
             let status = response.status();
             // Corked, the head and the file leave in full segments, as nginx's `tcp_nopush`.
             let _cork = file.as_ref().map(|_| Cork::new(&stream));
-            self.write(&mut stream, &response_head(&response, close))
-                .await?;
+            if let Err(err) = self
+                .write(&mut stream, &response_head(&response, close))
+                .await
+            {
+                log.sent(status, 0, Some(&err.to_string()));
+                return Err(err.into());
+            }
             match file {
                 Some(file) => {
                     let result = send_region(&stream, &file.region, self.write_timeout).await;

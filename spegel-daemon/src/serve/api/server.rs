@@ -325,7 +325,7 @@ mod tests {
     use super::*;
     use crate::{
         oci::{self, Reference, digest::Digest},
-        source::{Object, ObjectRequest, Source, SourceError},
+        source::{Object, ObjectRequest, Payload, Source, SourceError},
     };
 
     const CHUNK: usize = 64 * 1024;
@@ -348,9 +348,8 @@ mod tests {
                 media_type: oci::OCTET_STREAM.into(),
                 size: (CHUNK * CHUNKS) as u64,
                 range: None,
-                body: Some(Box::pin(futures::stream::iter(chunks))),
+                body: Payload::Stream(Box::pin(futures::stream::iter(chunks))),
                 source: "large",
-                file: None,
             })
         }
     }

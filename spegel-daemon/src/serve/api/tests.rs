@@ -90,9 +90,8 @@ fn streamed(digest: Digest, size: u64, chunks: Vec<io::Result<Bytes>>) -> Object
         media_type: oci::OCTET_STREAM.into(),
         size,
         range: None,
-        body: Some(Box::pin(futures::stream::iter(chunks))),
+        body: Payload::Stream(Box::pin(futures::stream::iter(chunks))),
         source: "fake",
-        file: None,
     }
 }
 
@@ -874,7 +873,7 @@ async fn source_errors_map_to_answers() {
     });
     let no_body = registry(|digest| {
         let mut object = streamed(digest, 5, vec![]);
-        object.body = None;
+        object.body = Payload::Empty;
         Ok(object)
     });
     for broken in [&wrong_digest, &bad_range, &no_body] {
@@ -909,7 +908,7 @@ async fn source_errors_map_to_answers() {
     .await;
     let empty = registry(|digest| {
         let mut object = streamed(digest, 0, vec![]);
-        object.body = None;
+        object.body = Payload::Empty;
         Ok(object)
     });
     check(
@@ -1161,7 +1160,7 @@ async fn start_with(max_connections: usize, bounds: impl FnOnce(Registry) -> Reg
             Reference::Tag(_) => return Err(SourceError::NotFound),
         };
         let mut object = streamed(digest, 10, vec![]);
-        object.body = Some(if digest == poisoned {
+        object.body = Payload::Stream(if digest == poisoned {
             two_part_body(
                 "01234",
                 fail_.clone(),

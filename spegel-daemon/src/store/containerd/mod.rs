@@ -32,7 +32,7 @@ pub use self::{api::ContainerdError, args::ContainerdArgs};
 use crate::{
     oci::digest::Digest,
     store::{
-        Descriptor, FileRegion, Keys, Reader, Store, StoreError,
+        Descriptor, Keys, Opened, Reader, Store, StoreError,
         walk::{self, Index, ParseCache},
     },
 };
@@ -230,8 +230,8 @@ impl Store for ContainerdStore {
         digest: &Digest,
         offset: u64,
         len: u64,
-    ) -> Result<Option<FileRegion>, StoreError> {
-        Ok(self.inner.open_region(digest, offset, len).await)
+    ) -> Result<Opened, StoreError> {
+        self.inner.open_region(digest, offset, len).await
     }
 
     async fn keys(&self) -> Result<Keys, StoreError> {

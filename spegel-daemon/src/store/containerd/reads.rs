@@ -15,7 +15,7 @@ use super::{
 use crate::{
     oci::digest::Digest,
     store::{
-        FileRegion, Reader, StoreError,
+        FileRegion, Opened, Reader, StoreError,
         walk::{self, Blobs, Exact, MAX_DOCUMENT_SIZE},
     },
 };
@@ -42,22 +42,25 @@ impl Inner {
         self.open_grpc(digest, offset, len).await
     }
 
-    /// `len` bytes at `offset` as a region of the content file; `None` without a content
-    /// directory or when the file cannot be opened (then [`Inner::open`] reads over gRPC).
+    /// `len` bytes at `offset` as a region of the content file, else (no content directory, or
+    /// the file cannot be opened) over gRPC.
     pub(super) async fn open_region(
         &self,
         digest: &Digest,
         offset: u64,
         len: u64,
-    ) -> Option<FileRegion> {
-        let dir = self.blobs_dir.as_ref()?;
-        match region_of(&dir.join(digest.hex()), offset, len).await {
-            Ok(region) => Some(region),
-            Err(err) => {
-                tracing::debug!(%digest, %err, "content file unavailable for sendfile");
-                None
+    ) -> Result<Opened, StoreError> {
+        if let Some(dir) = &self.blobs_dir {
+            match region_of(&dir.join(digest.hex()), offset, len).await {
+                Ok(region) => return Ok(Opened::File(region)),
+                Err(err) => {
+                    tracing::debug!(%digest, %err, "reading through containerd's API instead")
+                }
             }
         }
+        self.open_grpc(digest, offset, len)
+            .await
+            .map(Opened::Reader)
     }
 
     /// The whole content of a small object: from the content directory, else over gRPC.
@@ -198,7 +201,7 @@ async fn region_of(path: &Path, offset: u64, len: u64) -> io::Result<FileRegion>
 
 /// A reader over `len` bytes at `offset` of a blob file ([`region_of`]'s checks).
 async fn open_file(path: &Path, offset: u64, len: u64) -> io::Result<Reader> {
-    region_of(path, offset, len).await?.reader()
+    region_of(path, offset, len).await?.into_reader()
 }
 
 async fn read_file(path: &Path, size: u64) -> io::Result<Bytes> {

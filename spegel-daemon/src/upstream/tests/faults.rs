@@ -186,7 +186,7 @@ async fn fetch(
     let mut req = request(Kind::Blob, Reference::Digest(digest), Some(server.origin()));
     req.range = range;
     let object = source(resumes).fetch(&req).await.unwrap();
-    drain(object.body.unwrap()).await
+    drain(object.body.into_body().unwrap()).await
 }
 
 async fn drain(mut body: Body) -> (Vec<u8>, Option<io::Error>) {
@@ -351,7 +351,7 @@ async fn failures_set_the_backoff_and_answers_end_it() {
     );
 
     let object = upstream.fetch(&req).await.unwrap();
-    assert_eq!(drain(object.body.unwrap()).await.0, DATA);
+    assert_eq!(drain(object.body.into_body().unwrap()).await.0, DATA);
     assert_eq!(
         backoff.remaining(&origin),
         None,

@@ -9,8 +9,8 @@ use super::*;
 use crate::{
     membership::{ClusterSecrets, PeerAuth, PlaintextAuth},
     oci::digest::Digest,
-    source::local::LocalSource,
-    store::{Descriptor, Keys, Reader, Store, StoreError},
+    source::{Payload, local::LocalSource},
+    store::{Descriptor, Keys, Opened, Reader, Store, StoreError},
 };
 
 /// Blobs kept as files, as containerd keeps them: the store that gives [`FileRegion`]s.
@@ -69,7 +69,7 @@ impl Store for FileStore {
 
     async fn open(&self, digest: &Digest, offset: u64, len: u64) -> Result<Reader, StoreError> {
         self.region(digest, offset, len)
-            .reader()
+            .into_reader()
             .map_err(|err| StoreError::Unavailable(err.to_string()))
     }
 
@@ -78,8 +78,8 @@ impl Store for FileStore {
         digest: &Digest,
         offset: u64,
         len: u64,
-    ) -> Result<Option<FileRegion>, StoreError> {
-        Ok(Some(self.region(digest, offset, len)))
+    ) -> Result<Opened, StoreError> {
+        Ok(Opened::File(self.region(digest, offset, len)))
     }
 
     async fn keys(&self) -> Result<Keys, StoreError> {
@@ -96,7 +96,7 @@ fn blob() -> Vec<u8> {
     (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect()
 }
 
-/// [`LocalSource`] counting what leaves by `sendfile` (through [`FileBody::observe`]).
+/// [`LocalSource`] counting what it sends (through [`Payload::observe`]).
 struct Counted {
     local: LocalSource,
     sent: Arc<std::sync::atomic::AtomicU64>,
@@ -109,18 +109,17 @@ impl crate::source::Source for Counted {
         request: &crate::source::ObjectRequest,
     ) -> Result<crate::source::Object, crate::source::SourceError> {
         let mut object = self.local.fetch(request).await?;
-        if let Some(file) = &mut object.file {
-            let sent = Arc::clone(&self.sent);
-            file.observe(move |n| {
-                sent.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
-            });
-        }
+        assert!(matches!(object.body, Payload::File(_) | Payload::Empty));
+        let sent = Arc::clone(&self.sent);
+        object.body.observe(move |n| {
+            sent.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        });
         Ok(object)
     }
 }
 
 /// The registry serving `store`'s blobs, with `auth`, on a loopback listener whose
-/// connections all go through [`Registry::serve_plain`]; and the bytes sent by `sendfile`.
+/// connections all go through [`Registry::serve_plain`]; and the blob bytes it sent.
 async fn start(
     store: Arc<FileStore>,
     auth: PeerAuth,
@@ -150,7 +149,7 @@ struct Fixture {
     /// The blob's registry API path.
     path: String,
     stream: TcpStream,
-    /// Bytes sent by `sendfile` so far.
+    /// Bytes of the blob sent so far, by `sendfile` or read by hyper.
     sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -283,6 +282,7 @@ async fn other_requests_go_to_hyper_from_where_the_loop_stopped() {
         bytes,
         path,
         mut stream,
+        sent,
         ..
     } = serving_a_blob(PeerAuth::Open).await;
     assert_eq!(exchange(&mut stream, &get(&path, "")).await.status, 200);
@@ -292,6 +292,8 @@ async fn other_requests_go_to_hyper_from_where_the_loop_stopped() {
     let answer = exchange(&mut stream, &get(&path, "")).await;
     assert_eq!(answer.status, 200);
     assert!(answer.body == bytes);
+    // Hyper read the same file (taken from the response) and the observer saw those bytes too.
+    assert_eq!(sent.load(Ordering::SeqCst), 2 * bytes.len() as u64);
     assert!(
         !answer.headers.contains_key("connection"),
         "hyper keeps the connection"
