@@ -134,13 +134,16 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
 
     let transparent = intercept_config.is_some();
     let backoff = Arc::new(args.upstream.backoff());
+    let access_stats = Arc::new(AccessStats::default());
+    let access = Arc::new(args.access.access(Arc::clone(&access_stats)));
     let upstream: Arc<dyn Source> = Arc::new(
         UpstreamSource::new(upstream_client.clone())
             .with_backoff(Arc::clone(&backoff))
             .with_resumes(args.upstream.upstream_blob_resumes),
     );
-    let access_stats = Arc::new(AccessStats::default());
-    let access = Arc::new(args.access.access(Arc::clone(&access_stats)));
+    // What upstream answers each request's own credentials (below the shared fetch, which
+    // serves one request another's answer) confirms access and notes public content.
+    let upstream: Arc<dyn Source> = Arc::new(NotesPublic::new(upstream, Arc::clone(&access)));
     let (upstream, claims) = shared_upstream(
         &args,
         upstream,
@@ -196,7 +199,6 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         )
         .with_backoff(Arc::clone(&backoff)),
     );
-    let upstream: Arc<dyn Source> = Arc::new(NotesPublic::new(upstream, Arc::clone(&access)));
     // Its fetches in flight, served to other nodes, follow the same rule as its store.
     let upstream: Arc<dyn Source> = Arc::new(PublicOnly::new(upstream, access));
     let policy = ServePolicy::new(local, peers, Some(upstream), args.tag_upstream_first)

@@ -349,8 +349,14 @@ impl Source for ConfirmedPeers {
     }
 }
 
-/// Upstream, noting what it gave without credentials: public, so this node may later give it
-/// to nodes asking for public content only (when upstream cannot answer them).
+/// Upstream, noting what it gave: to this client, a confirmation that it may read that digest
+/// in that repository (so a manifest fetched by tag needs no second `HEAD` before peers may
+/// serve it by digest); without credentials, also public, so this node may later give it to
+/// nodes asking for public content only (when upstream cannot answer them).
+///
+/// It must wrap the upstream fetch itself, never a fetch shared between requests (`body::shared`)
+/// or coordinated with peers (`peers::burst`): only an answer upstream gave to *this* request's
+/// credentials says anything about them.
 pub struct NotesPublic {
     upstream: Arc<dyn Source>,
     access: Arc<Access>,
@@ -366,10 +372,10 @@ impl NotesPublic {
 impl Source for NotesPublic {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
         let object = self.upstream.fetch(request).await?;
-        // A peer's request served from this node's fetch in flight carries no credentials of
-        // its own: it says nothing about who may read the object.
-        if !request.mirrored && !request.headers.contains_key(header::AUTHORIZATION) {
-            self.access.public.insert(object.digest);
+        // A peer's request carries no credentials of its own: it says nothing about who may
+        // read the object.
+        if !request.mirrored {
+            self.access.confirm(request, object.digest);
         }
         Ok(object)
     }

@@ -298,3 +298,39 @@ async fn heads_and_manifests_pass_through() {
     fixture.shared.fetch(&head).await.unwrap();
     assert_eq!(fake.calls(), 2);
 }
+
+/// The daemon notes what upstream gave (`serve::access::NotesPublic`) *below* the shared
+/// fetch: a GET that joins another's fetch got no answer from upstream for its own credentials,
+/// so it must neither confirm that client's access nor make the blob public.
+#[tokio::test]
+async fn a_get_joining_anothers_fetch_is_not_noted_as_upstreams_answer() {
+    use crate::serve::access::{AccessArgs, NotesPublic};
+    let content = data(1 << 20);
+    let digest = Digest::of(&content);
+    let args = AccessArgs {
+        public_registries: Vec::new(),
+        all_public: false,
+        access_cache_ttl: Duration::from_secs(60),
+    };
+    let access = Arc::new(args.access(Arc::default()));
+    let fake = Fake::new(content.clone());
+    let noted = NotesPublic::new(Arc::clone(&fake) as Arc<dyn Source>, Arc::clone(&access));
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 64 << 20).unwrap();
+    let shared = Arc::new(SharedFetch::new(Arc::new(noted), Some(spool)));
+    let mut private = get(digest);
+    private.headers.insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_static("Bearer secret"),
+    );
+    let leader = spawn_get(&shared, private);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let (bytes, err) = spawn_get(&shared, get(digest)).await.unwrap().unwrap();
+    assert!(err.is_none() && bytes == content, "the joiner is served");
+    leader.await.unwrap().unwrap();
+    assert_eq!(fake.calls(), 1, "the second GET joined the first");
+    assert!(
+        !access.is_public(None, digest),
+        "fetched with credentials, joined without: not public"
+    );
+}

@@ -279,6 +279,40 @@ async fn what_upstream_gives_without_credentials_becomes_public() {
 }
 
 #[tokio::test]
+async fn a_tag_upstream_answered_confirms_its_manifest_for_that_client_only() {
+    let access = access("", false);
+    let upstream = NotesPublic::new(Fake::new(ok) as Arc<dyn Source>, Arc::clone(&access));
+    let by_tag = |auth| ObjectRequest {
+        kind: Kind::Manifest,
+        reference: Reference::Tag("v1".into()),
+        head: true,
+        ..request(auth, b"")
+    };
+    let by_digest = |auth| ObjectRequest {
+        kind: Kind::Manifest,
+        ..request(auth, b"manifest")
+    };
+    upstream.fetch(&by_tag(Some("Basic YQ=="))).await.unwrap();
+    // The manifest the tag named, by digest, with the same credentials: straight to peers.
+    let (peers, checker) = (Fake::new(ok), Fake::new(ok));
+    let gate = gate(&peers, &checker, &access);
+    gate.fetch(&by_digest(Some("Basic YQ=="))).await.unwrap();
+    assert!(checker.seen().is_empty(), "confirmed by the tag's answer");
+    assert!(!access.is_public(None, Digest::of(b"manifest")));
+    // Other credentials (or none) are still checked.
+    gate.fetch(&by_digest(None)).await.unwrap();
+    assert_eq!(checker.seen().len(), 1);
+    // A peer's request says nothing about any client.
+    let mirrored = ObjectRequest {
+        mirrored: true,
+        ..by_tag(Some("Basic Yg=="))
+    };
+    upstream.fetch(&mirrored).await.unwrap();
+    gate.fetch(&by_digest(Some("Basic Yg=="))).await.unwrap();
+    assert_eq!(checker.seen().len(), 2);
+}
+
+#[tokio::test]
 async fn public_content_a_member_vouched_for_is_passed_on_as_public() {
     let access = access("", false);
     let peers = Fake::new(ok);
