@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 use super::Router;
 use crate::store::{Keys, Store};
 
-/// Quiet time after a change before the store is re-read: one pull bumps the counter many times.
-const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Quiet time after a change before the store is re-read, so changes a moment apart cost one
+/// read. Short: the containerd store already coalesces a pull's events into one bump, and until
+/// this pass a new image's manifest and tag cannot be found by the next node to pull it.
+const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Under a steady stream of changes, re-read at least this often.
 const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 /// First retry delay after a failed pass; doubles up to the period.
@@ -274,9 +276,9 @@ mod tests {
         );
 
         store.set(keys(&[b"b"], &["docker.io/library/x:1"]));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(DEBOUNCE / 2).await;
         assert!(router.advertised().contains(&a), "still debouncing");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(DEBOUNCE).await;
         assert_eq!(
             router.advertised(),
             set(&[b.clone(), "docker.io/library/x:1".into()]),
@@ -287,9 +289,9 @@ mod tests {
         let reads = store.reads.load(Ordering::SeqCst);
         for _ in 0..5 {
             store.set(keys(&[b"b", b"c"], &[]));
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(DEBOUNCE / 4).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(DEBOUNCE * 2).await;
         assert_eq!(store.reads.load(Ordering::SeqCst), reads + 1);
         assert_eq!(
             router.advertised(),

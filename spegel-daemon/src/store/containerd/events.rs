@@ -19,8 +19,9 @@ use super::{
     api::{ContainerdError, status_error},
 };
 
-/// A CRI pull fires several image events within milliseconds; one walk covers them all.
-const DEBOUNCE: Duration = Duration::from_millis(250);
+/// A CRI pull fires several image events within milliseconds; one walk covers them all. Short,
+/// because until the walk the image's manifest and tag cannot be found by the next node.
+const DEBOUNCE: Duration = Duration::from_millis(50);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// An event stream that lived this long was healthy: the next failure starts backing off afresh.

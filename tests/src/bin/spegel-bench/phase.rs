@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use spegel_tests::{
     cluster,
-    rig::{Endpoint, ImageSpec, Rig, TestImage},
+    rig::{Endpoint, ImageSpec, Rig, TestImage, spegel::Spegel},
 };
 use tokio::time::Instant;
 
@@ -140,27 +140,15 @@ pub(crate) async fn run(
 ) -> Result<Measurement> {
     let before = rig.registry_log().await?;
     let reference = image.reference(Endpoint::Tls);
-    let registry = &image.registry(Endpoint::Tls);
-    let last_layer = image
-        .pulled_blobs()
-        .last()
-        .map(|b| b.digest.clone())
-        .context("image without blobs")?;
     let batches = batches(case.phase, rig.nodes().len(), batch);
     let start = Instant::now();
     let mut pulls = Vec::new();
     for (index, members) in batches.iter().enumerate() {
         if index > 0 && running.has_peers() {
             // What a real rollout gets for free: the previous batch finished a while ago and
-            // its content is advertised.
+            // its content (every blob and the manifest) is advertised.
             for node in members {
-                cluster::wait_until_findable(
-                    &running.daemons[*node],
-                    registry,
-                    &image.repository,
-                    &last_layer,
-                )
-                .await?;
+                wait_until_all_findable(&running.daemons[*node], image).await?;
             }
         }
         let barrier = Arc::new(tokio::sync::Barrier::new(members.len()));
@@ -234,6 +222,29 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Waits until `daemon` finds every pulled blob of `image` and its manifest (this node or a
+/// peer: requests that were not intercepted never go upstream).
+async fn wait_until_all_findable(daemon: &Spegel, image: &TestImage) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for path in cluster::content_paths(image, None) {
+        loop {
+            let accept = [("Accept", spegel_tests::rig::spegel::MANIFEST_ACCEPT)];
+            if let Ok(response) = daemon.request("HEAD", &path, &accept).await
+                && response.status == 200
+            {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} never found {path} among its peers",
+                daemon.node_name()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
