@@ -21,7 +21,10 @@ use super::{
 
 /// A CRI pull fires several image events within milliseconds; one walk covers them all. Short,
 /// because until the walk the image's manifest and tag cannot be found by the next node.
-const DEBOUNCE: Duration = Duration::from_millis(50);
+const SETTLE: Duration = Duration::from_millis(50);
+/// Under a stream of events (a walk ended less than this ago), walks are at least this far
+/// apart: each one reads every image, and back-to-back walks cost CPU and memory.
+const DEBOUNCE: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// An event stream that lived this long was healthy: the next failure starts backing off afresh.
@@ -105,14 +108,16 @@ fn log_event(envelope: &Envelope) {
 pub(super) async fn refresh_loop(inner: Arc<Inner>, cancel: CancellationToken, period: Duration) {
     let mut resync = tokio::time::interval_at(Instant::now() + period, period);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_walk: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = resync.tick() => {}
             _ = inner.refresh.notified() => {
+                let busy = last_walk.is_some_and(|at| at.elapsed() < DEBOUNCE);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(DEBOUNCE) => {}
+                    _ = tokio::time::sleep(if busy { DEBOUNCE } else { SETTLE }) => {}
                 }
                 // Requests that arrived while debouncing are covered by this walk.
                 let _ = inner.refresh.notified().now_or_never();
@@ -121,5 +126,6 @@ pub(super) async fn refresh_loop(inner: Arc<Inner>, cancel: CancellationToken, p
         if let Err(err) = inner.rebuild().await {
             tracing::warn!(%err, "walking containerd images failed; keeping the previous keys");
         }
+        last_walk = Some(Instant::now());
     }
 }
