@@ -284,15 +284,16 @@ pub fn content_paths(image: &TestImage, tag_registry: Option<&str>) -> Vec<Strin
     paths
 }
 
-/// Polls `daemon`'s registry API (not intercepted: local store, then peers) until every pulled
-/// blob of `image`, its manifest and, if given, its tag for registry `tag_registry` are found;
-/// panics after `timeout`.
-pub async fn wait_discoverable(
+/// Polls `daemon`'s registry API (not intercepted: local store, then peers) every `poll` until
+/// every pulled blob of `image`, its manifest and, if given, its tag for registry `tag_registry`
+/// are found; fails after `timeout`.
+pub async fn find_all(
     daemon: &Spegel,
     image: &TestImage,
     tag_registry: Option<&str>,
     timeout: Duration,
-) {
+    poll: Duration,
+) -> Result<()> {
     let started = std::time::Instant::now();
     for path in content_paths(image, tag_registry) {
         loop {
@@ -303,19 +304,34 @@ pub async fn wait_discoverable(
                     &[("Accept", crate::rig::spegel::MANIFEST_ACCEPT)],
                 )
                 .await
-                .unwrap_or_else(|error| panic!("HEAD {path} on {}: {error:#}", daemon.node_name()));
+                .with_context(|| format!("HEAD {path} on {}", daemon.node_name()))?;
             if response.status == 200 {
                 break;
             }
-            assert!(
+            anyhow::ensure!(
                 started.elapsed() < timeout,
                 "{} still cannot find {path} after {:?} (last status {})",
                 daemon.node_name(),
                 started.elapsed(),
                 response.status
             );
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(poll).await;
         }
+    }
+    Ok(())
+}
+
+/// [`find_all`], polling every 250 ms; panics after `timeout`.
+pub async fn wait_discoverable(
+    daemon: &Spegel,
+    image: &TestImage,
+    tag_registry: Option<&str>,
+    timeout: Duration,
+) {
+    let started = std::time::Instant::now();
+    let poll = Duration::from_millis(250);
+    if let Err(error) = find_all(daemon, image, tag_registry, timeout, poll).await {
+        panic!("{error:#}");
     }
     eprintln!(
         "{} finds {} through its peers after {:?}",

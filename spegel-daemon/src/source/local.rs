@@ -1,11 +1,9 @@
 //! [`LocalSource`]: serves objects from this node's content [`Store`], with Spegel's kind checks.
 use std::sync::Arc;
 
-use tokio_util::io::ReaderStream;
-
 use crate::{
     oci::{self, Kind, Reference, digest::Digest},
-    source::{FileBody, Object, ObjectRequest, Payload, READ_BUFFER, Source, SourceError},
+    source::{FileBody, Object, ObjectRequest, Payload, Source, SourceError, reader_body},
     store::{Descriptor, Opened, Store, StoreError},
 };
 
@@ -61,9 +59,7 @@ impl Source for LocalSource {
             };
             match self.store.open_region(&digest, offset, len).await {
                 Ok(Opened::File(region)) => Payload::File(FileBody::new(region)),
-                Ok(Opened::Reader(reader)) => {
-                    Payload::Stream(Box::pin(ReaderStream::with_capacity(reader, READ_BUFFER)))
-                }
+                Ok(Opened::Reader(reader)) => Payload::Stream(reader_body(reader)),
                 Err(err) => return Err(store_error(err)),
             }
         };

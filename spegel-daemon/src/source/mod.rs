@@ -102,16 +102,9 @@ impl Payload {
 
     /// Calls `observer` with the length of every piece of the body sent, however it is sent.
     pub fn observe(&mut self, observer: impl Fn(u64) + Send + Sync + 'static) {
-        use futures::StreamExt as _;
         match std::mem::take(self) {
             Self::Empty => {}
-            Self::Stream(body) => {
-                *self = Self::Stream(Box::pin(body.inspect(move |chunk| {
-                    if let Ok(chunk) = chunk {
-                        observer(chunk.len() as u64);
-                    }
-                })));
-            }
+            Self::Stream(body) => *self = Self::Stream(observed(body, observer)),
             Self::File(mut file) => {
                 file.observers.push(Box::new(observer));
                 *self = Self::File(file);
@@ -126,11 +119,29 @@ impl From<Option<Body>> for Payload {
     }
 }
 
+/// `body`, calling `observer` with the length of each chunk as it passes.
+fn observed(body: Body, observer: impl Fn(u64) + Send + Sync + 'static) -> Body {
+    use futures::StreamExt as _;
+    Box::pin(body.inspect(move |chunk| {
+        if let Ok(chunk) = chunk {
+            observer(chunk.len() as u64);
+        }
+    }))
+}
+
+/// A store's reader as a body, [`READ_BUFFER`] at a time.
+pub fn reader_body(reader: crate::store::Reader) -> Body {
+    Box::pin(tokio_util::io::ReaderStream::with_capacity(
+        reader,
+        READ_BUFFER,
+    ))
+}
+
 /// How much one read of a local object hands to the HTTP layer. Each read is a trip through tokio's
 /// blocking pool: at 64 KiB those trips capped a TLS peer transfer at about 0.9× nginx; at
 /// 256 KiB it runs at 1.6× (`cargo xtask bench micro --micro serving`), for at most 256 KiB
 /// held per response in flight.
-pub(crate) const READ_BUFFER: usize = 256 * 1024;
+const READ_BUFFER: usize = 256 * 1024;
 
 /// [`Payload::File`]: the region, and who wants to know how much of it was sent.
 pub struct FileBody {
@@ -155,25 +166,19 @@ impl FileBody {
 
     /// The region read as a stream (on the file's own descriptor), observed as it is read.
     pub fn into_stream(self) -> Body {
-        use futures::StreamExt as _;
         let Self { region, observers } = self;
         let body: Body = match region.into_reader() {
-            Ok(reader) => Box::pin(tokio_util::io::ReaderStream::with_capacity(
-                reader,
-                READ_BUFFER,
-            )),
+            Ok(reader) => reader_body(reader),
             Err(err) => Box::pin(futures::stream::once(std::future::ready(Err(err)))),
         };
         if observers.is_empty() {
             return body;
         }
-        Box::pin(body.inspect(move |chunk| {
-            if let Ok(chunk) = chunk {
-                for observer in &observers {
-                    observer(chunk.len() as u64);
-                }
+        observed(body, move |len| {
+            for observer in &observers {
+                observer(len);
             }
-        }))
+        })
     }
 }
 

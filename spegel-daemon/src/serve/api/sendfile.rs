@@ -17,6 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::StreamExt as _;
 use http::{Request, Response, header};
 use http_body_util::{BodyExt as _, Empty};
 use tokio::{
@@ -26,8 +27,6 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{BoxError, Caller, HttpBody, Registry, RequestContext};
-use futures::StreamExt as _;
-
 use crate::{
     source::{Body, FileBody},
     store::FileRegion,

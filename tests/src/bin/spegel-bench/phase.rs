@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use spegel_tests::{
     cluster,
-    rig::{Endpoint, ImageSpec, Rig, TestImage, spegel::Spegel},
+    rig::{Endpoint, ImageSpec, Rig, TestImage},
 };
 use tokio::time::Instant;
 
@@ -148,7 +148,9 @@ pub(crate) async fn run(
             // What a real rollout gets for free: the previous batch finished a while ago and
             // its content (every blob and the manifest) is advertised.
             for node in members {
-                wait_until_all_findable(&running.daemons[*node], image).await?;
+                let daemon = &running.daemons[*node];
+                let (timeout, poll) = (Duration::from_secs(30), Duration::from_millis(20));
+                cluster::find_all(daemon, image, None, timeout, poll).await?;
             }
         }
         let barrier = Arc::new(tokio::sync::Barrier::new(members.len()));
@@ -222,29 +224,6 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// Waits until `daemon` finds every pulled blob of `image` and its manifest (this node or a
-/// peer: requests that were not intercepted never go upstream).
-async fn wait_until_all_findable(daemon: &Spegel, image: &TestImage) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for path in cluster::content_paths(image, None) {
-        loop {
-            let accept = [("Accept", spegel_tests::rig::spegel::MANIFEST_ACCEPT)];
-            if let Ok(response) = daemon.request("HEAD", &path, &accept).await
-                && response.status == 200
-            {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{} never found {path} among its peers",
-                daemon.node_name()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
