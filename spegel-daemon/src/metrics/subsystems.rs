@@ -229,6 +229,11 @@ impl Collector for Subsystems {
                     "Provider records that failed to publish.",
                 ),
                 (
+                    "spegel_router_bootstraps",
+                    &stats.bootstraps,
+                    "Routing table refreshes (Kademlia bootstrap queries) run to their end.",
+                ),
+                (
                     "spegel_router_registry_addrs_refused",
                     &stats.registry_addrs_refused,
                     "Registry addresses peers announced that the address policy refused (their port is used with the IP they are reached at).",

@@ -109,6 +109,7 @@ async fn busy_metrics() -> (Arc<Metrics>, Instrumented) {
     // The event loop never runs: the router's counters are all the test reads.
     let (router, _event_loop) = P2pRouter::new(config).unwrap();
     router.stats().lookups.fetch_add(7, Ordering::Relaxed);
+    router.stats().bootstraps.fetch_add(3, Ordering::Relaxed);
     router.stats().lookup_durations.observe(
         crate::p2p::LookupOutcome::Found,
         std::time::Duration::from_millis(30),
@@ -171,6 +172,7 @@ async fn openmetrics_scrape_is_complete() {
         "spegel_intercept_accepted_total 5",
         "spegel_intercept_mirrored_total 3",
         "spegel_router_lookups_total 7",
+        "spegel_router_bootstraps_total 3",
         "spegel_router_has_peers 0",
         "spegel_registry_refused_connections_total 11",
         "spegel_registry_write_timeouts_total 13",

@@ -277,6 +277,12 @@ impl EventLoop {
                 }
                 kad::QueryResult::Bootstrap(result) => {
                     tracing::trace!(?result, "bootstrap step");
+                    if step.last {
+                        self.shared
+                            .stats
+                            .bootstraps
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 _ => {}
             },

@@ -28,6 +28,9 @@ pub struct Stats {
     pub provides_ok: AtomicU64,
     /// Provide queries that reached no peer (retried).
     pub provides_failed: AtomicU64,
+    /// Bootstrap queries (routing table refreshes: this node's own, Kademlia's while the
+    /// table is small) run to their last step.
+    pub bootstraps: AtomicU64,
     /// Registry addresses peers announced that the address policy refused (only their port
     /// was used).
     pub registry_addrs_refused: AtomicU64,

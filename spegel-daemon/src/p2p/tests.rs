@@ -488,6 +488,20 @@ async fn tcp_routers_pair_reached_ip_with_announced_port() {
     }
 }
 
+/// A router that joins another refreshes its routing table (a Kademlia bootstrap) and counts
+/// it once the query has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_router_counts_its_routing_table_refresh() {
+    let a = Node::memory(0, Vec::new(), test_tunables());
+    let b = Node::memory(1, vec![a.addr().await], test_tunables());
+    eventually("b's bootstrap ends", || async {
+        b.router.stats().bootstraps.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    b.stop().await;
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gauges_lookup_durations_and_libp2p_metrics_follow_the_network() {
     let a = Node::memory(0, Vec::new(), test_tunables());
