@@ -26,6 +26,10 @@ const KEYS: usize = 100;
 const LOOKUPS_PER_KEY: usize = 10;
 /// Patience for joining and providing.
 const PATIENCE: Duration = Duration::from_secs(120);
+/// The DHT counts as settled when no bootstrap has ended for this long.
+const QUIET: Duration = Duration::from_secs(2);
+/// Patience for a wave's bootstraps.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(600);
 const SECRET: &str = "spegel-bench-cluster-secret-0123456789";
 
 /// What the lookups took.
@@ -36,6 +40,8 @@ pub(crate) struct DhtResult {
     pub(crate) found: usize,
     /// Provide queries (one per key) that reached no router.
     pub(crate) provides_failed: usize,
+    /// Each key's time from `advertise` to the end of its provide query (ms).
+    pub(crate) provide_ms: Vec<f64>,
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     pub(crate) max_ms: f64,
@@ -49,9 +55,14 @@ pub(crate) struct DhtResult {
 impl DhtResult {
     pub(crate) fn summary(&self) -> String {
         format!(
-            "{} routers up in {:.1} s; {} of {} lookups found a provider: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "{} routers up in {:.1} s; provides p50 {:.0} ms, max {:.0} ms; {} of {} lookups found a provider: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             self.routers,
             self.start_secs,
+            percentile(&sorted(self.provide_ms.clone()), 0.5),
+            sorted(self.provide_ms.clone())
+                .last()
+                .copied()
+                .unwrap_or(f64::NAN),
             self.found,
             self.lookups,
             self.p50_ms,
@@ -95,11 +106,15 @@ fn start(n: usize, seeds: Vec<String>) -> Result<Running> {
     config.listen_addrs = vec!["/memory/0".parse()?];
     config.bootstrap_peers = seeds.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
     config.secrets = Some(ClusterSecrets::new(&[SECRET])?);
-    // Production timings, except: no lookup result cache (every lookup goes to the DHT) and no
-    // memory guard (it reads this process's memory, which holds every router).
+    // Production timings, except: no lookup result cache (every lookup goes to the DHT), no
+    // memory guard (it reads this process's memory, which holds every router), and no periodic
+    // routing table refresh within the run: each node's refresh every few minutes is its own
+    // small background cost on its own machine, but a thousand of them on these two cores
+    // would leave no moment without one (joining takes longer than the interval).
     config.tunables = Tunables {
         lookup_cache_ttl: Duration::ZERO,
         max_memory_bytes: usize::MAX,
+        rebootstrap_interval: Duration::from_secs(24 * 60 * 60),
         ..Tunables::default()
     };
     let (router, event_loop) = P2pRouter::new(config)?;
@@ -110,6 +125,50 @@ fn start(n: usize, seeds: Vec<String>) -> Result<Running> {
         shutdown,
         task,
     })
+}
+
+/// Waits until every router has finished a bootstrap (its routing table refresh on joining)
+/// and none has ended for [`QUIET`]. Joining costs each router a few hundred dials and noise
+/// handshakes; spread over a cluster's machines that is nothing, but here every router shares
+/// two cores, so a wave's refreshes are let finish before the next wave or any measurement
+/// starts (a lookup during them measures the queue for the CPU, not the DHT).
+async fn settle(routers: &[Running]) -> Result<()> {
+    let deadline = Instant::now() + SETTLE_PATIENCE;
+    let mut last = bootstraps(routers);
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = bootstraps(routers);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        let all_refreshed = routers.iter().all(|r| {
+            r.router
+                .stats()
+                .bootstraps
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        });
+        if all_refreshed && since.elapsed() >= QUIET {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the routers' bootstraps did not settle within {SETTLE_PATIENCE:?}");
+        }
+    }
+}
+
+/// Bootstrap queries ended, over every router.
+fn bootstraps(routers: &[Running]) -> u64 {
+    routers
+        .iter()
+        .map(|r| {
+            r.router
+                .stats()
+                .bootstraps
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum()
 }
 
 async fn seed_addr(router: &P2pRouter) -> Result<String> {
@@ -167,15 +226,25 @@ async fn measure(count: usize, routers: &mut Vec<Running>, started: Instant) -> 
             joining.iter().all(|r| r.router.has_peers())
         })
         .await?;
+        settle(routers).await?;
+        println!(
+            "  {} routers joined and settled after {:.1} s",
+            routers.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
     let start_secs = started.elapsed().as_secs_f64();
     let rss_per_router_kib =
         super::proc_status_kib(std::process::id(), "VmRSS").map(|kib| kib / count as u64);
-    println!("  {count} routers joined in {start_secs:.1} s; advertising {KEYS} keys");
+    println!(
+        "  {count} routers joined in {start_secs:.1} s ({} bootstraps ended); advertising {KEYS} keys",
+        bootstraps(routers)
+    );
 
     let mut rng = Rng::new(0xd47);
     let mut providers = Vec::with_capacity(KEYS);
     let mut provides_failed = 0;
+    let mut provide_ms = Vec::with_capacity(KEYS);
     for k in 0..KEYS {
         let provider = rng.below(count);
         let key = format!("sha256:{:064x}", 0xb0b0_0000u64 + k as u64);
@@ -191,10 +260,20 @@ async fn measure(count: usize, routers: &mut Vec<Running>, started: Instant) -> 
             )
         };
         let (ok_before, ended_before) = ended();
+        let t = Instant::now();
         router.advertise(vec![key.clone()]).await?;
         // Until the provide query ended; one that reached nobody shows as lookups that find
         // nothing, which the goal counts.
         wait_until("a provide query ends", || ended().1 > ended_before).await?;
+        provide_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if (k + 1) % 10 == 0 {
+            println!(
+                "  {} keys provided after {:.1} s ({} bootstraps ended)",
+                k + 1,
+                started.elapsed().as_secs_f64(),
+                bootstraps(routers)
+            );
+        }
         if ended().0 == ok_before {
             provides_failed += 1;
         }
@@ -228,6 +307,7 @@ async fn measure(count: usize, routers: &mut Vec<Running>, started: Instant) -> 
         lookups,
         found,
         provides_failed,
+        provide_ms,
         p50_ms: percentile(&by_time, 0.5),
         p99_ms: percentile(&by_time, 0.99),
         max_ms: by_time.last().copied().unwrap_or(f64::NAN),

@@ -6,16 +6,21 @@
 //!   time to the first byte of a small one on a fresh connection (the splice's added latency:
 //!   the redirected connect completes at the daemon, which connects onwards once it has read
 //!   the request's first bytes).
+//! - **Passthrough on a rate-limited link**: the same throughput comparison with the
+//!   registry's link limited to [`LINK_BPS`] (`tc tbf`, as a datacenter NIC would be). Unlimited,
+//!   both ways are bound by this machine's CPU, and a spliced connection crosses one more TCP
+//!   stack than a direct one (into the daemon and out again), which on 2 cores shows as lost
+//!   throughput; on a link the CPU can fill, the splice should cost nothing.
 //! - **Miss** ([`super::miss`]): a blob no node has, through the intercepting daemon.
 //!
 //! Runs alternate between the two ways, so both see the same machine.
 
-use std::io::Write as _;
+use std::{io::Write as _, time::Duration};
 
 use anyhow::{Context as _, Result};
 use spegel_tests::{
     cluster,
-    rig::{Rig, spegel::SpegelOptions, spegel::rig_registry_hosts},
+    rig::{Rig, shape::Shaping, spegel::SpegelOptions, spegel::rig_registry_hosts},
 };
 
 use super::client::{self, CurlTimes};
@@ -28,6 +33,10 @@ const PORT: u16 = 18081;
 const BIG_MIB: u64 = 256;
 const THROUGHPUT_RUNS: usize = 15;
 const LATENCY_RUNS: usize = 40;
+/// The rate of the limited link (bits per second).
+const LINK_BPS: u64 = 1_000_000_000;
+/// Runs per way on the limited link (each about 2 s).
+const LINK_RUNS: usize = 7;
 
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct PassthroughResult {
@@ -37,6 +46,10 @@ pub(crate) struct PassthroughResult {
     /// Time to first byte on a fresh connection (ms), per run.
     pub(crate) spliced_first_byte_ms: Vec<f64>,
     pub(crate) direct_first_byte_ms: Vec<f64>,
+    /// Bytes per second, per run, on the link limited to [`LINK_BPS`].
+    pub(crate) link_bps: u64,
+    pub(crate) link_spliced_bps: Vec<f64>,
+    pub(crate) link_direct_bps: Vec<f64>,
     pub(crate) miss: miss::MissResult,
 }
 
@@ -51,9 +64,12 @@ impl PassthroughResult {
 
     pub(crate) fn summary(&self) -> String {
         format!(
-            "spliced {:.0} MB/s vs direct {:.0} MB/s; first byte spliced {:.3} ms vs direct {:.3} ms (+{:.3} ms)\n  miss: {}",
+            "spliced {:.0} MB/s vs direct {:.0} MB/s ({:.0} vs {:.0} MB/s on a {} Mbit/s link); first byte spliced {:.3} ms vs direct {:.3} ms (+{:.3} ms)\n  miss: {}",
             median(&self.spliced_bps) / 1e6,
             median(&self.direct_bps) / 1e6,
+            median(&self.link_spliced_bps) / 1e6,
+            median(&self.link_direct_bps) / 1e6,
+            self.link_bps / 1_000_000,
             median(&self.spliced_first_byte_ms),
             median(&self.direct_first_byte_ms),
             self.added_ms(),
@@ -63,6 +79,7 @@ impl PassthroughResult {
 
     pub(crate) fn rows(&self) -> Vec<Row> {
         let throughput = median(&self.spliced_bps) / median(&self.direct_bps);
+        let on_link = median(&self.link_spliced_bps) / median(&self.link_direct_bps);
         let mut rows = vec![
             Row {
                 what: format!(
@@ -73,6 +90,17 @@ impl PassthroughResult {
                 ratio: Some(throughput),
                 goal: "≥ 0.95× direct".into(),
                 met: throughput >= 0.95,
+            },
+            Row {
+                what: format!(
+                    "Passthrough (spliced) throughput on a {} Mbit/s link (tbf), {BIG_MIB} MiB, median of {LINK_RUNS}",
+                    self.link_bps / 1_000_000
+                ),
+                measured: format!("{:.0} MB/s", median(&self.link_spliced_bps) / 1e6),
+                baseline: format!("{:.0} MB/s (direct)", median(&self.link_direct_bps) / 1e6),
+                ratio: Some(on_link),
+                goal: "≥ 0.95× direct".into(),
+                met: on_link >= 0.95,
             },
             Row {
                 what: format!(
@@ -141,6 +169,9 @@ async fn measure(
         direct_bps: Vec::new(),
         spliced_first_byte_ms: Vec::new(),
         direct_first_byte_ms: Vec::new(),
+        link_bps: LINK_BPS,
+        link_spliced_bps: Vec::new(),
+        link_direct_bps: Vec::new(),
         miss: miss::MissResult::default(),
     };
     let fetch = |in_cgroup: bool, url: String, size: u64| async move {
@@ -171,6 +202,20 @@ async fn measure(
     let image = rig.image(miss::IMAGE).context("miss image missing")?;
     let bundle = cluster.bundles.first().context("no trust bundle")?;
     result.miss = miss::measure(rig, &image, bundle).await?;
+    // Last: the rate limit stays on the registry's link until the rig goes.
+    let link = rig
+        .shape_upstream(Shaping {
+            rate_bps: Some(LINK_BPS),
+            rtt: Duration::ZERO,
+        })
+        .await?;
+    for _ in 0..LINK_RUNS {
+        let spliced = fetch(true, big.clone(), BIG_MIB * MIB).await?;
+        let direct = fetch(false, big.clone(), BIG_MIB * MIB).await?;
+        result.link_spliced_bps.push(spliced.speed);
+        result.link_direct_bps.push(direct.speed);
+    }
+    link.remove().await;
     Ok(result)
 }
 
