@@ -15,15 +15,15 @@ use std::{
 
 use containerd_client::{
     services::v1::{
-        CreateImageRequest, DeleteImageRequest, Image, WriteAction, WriteContentRequest,
-        content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
-        version_client::VersionClient,
+        CreateImageRequest, DeleteImageRequest, Image, ListStatusesRequest, WriteAction,
+        WriteContentRequest, content_client::ContentClient, images_client::ImagesClient,
+        leases_client::LeasesClient, version_client::VersionClient,
     },
     tonic::{Request, metadata::AsciiMetadataValue, transport::Channel},
     types::Descriptor as ProtoDescriptor,
 };
 use spegel::{
-    oci::digest::Digest, store::Store, store::StoreError, store::conformance,
+    oci::digest::Digest, store::Ingests, store::Store, store::StoreError, store::conformance,
     store::conformance::Sample, store::containerd::ContainerdArgs,
     store::containerd::ContainerdStore,
 };
@@ -47,8 +47,9 @@ struct Containerd {
 }
 
 impl Containerd {
-    fn start() -> Self {
-        let base = std::env::temp_dir().join(format!("spg-cd-{}", std::process::id()));
+    /// A daemon of its own for the test `name`.
+    fn start(name: &str) -> Self {
+        let base = std::env::temp_dir().join(format!("spg-cd-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
         let b = base.display();
@@ -295,7 +296,7 @@ where
 )]
 async fn containerd_store_conforms_and_follows_changes() {
     init_tracing();
-    let mut containerd = Containerd::start();
+    let mut containerd = Containerd::start("conformance");
     let channel = containerd.channel().await;
     let sample = Sample::new(REGISTRY);
     load(&channel, &sample).await;
@@ -414,4 +415,127 @@ async fn containerd_store_conforms_and_follows_changes() {
     if let Err(failures) = conformance::check(&store, &fixture).await {
         panic!("after a restart:\n{failures}");
     }
+}
+
+/// A write to the ingest `ingest` of `blob` (expected digest and size set, as containerd's own
+/// fetch does): `action` with `data` at `offset`.
+fn ingest_message(
+    ingest: &str,
+    blob: &[u8],
+    action: WriteAction,
+    offset: usize,
+    data: &[u8],
+) -> WriteContentRequest {
+    WriteContentRequest {
+        action: action as i32,
+        r#ref: ingest.to_owned(),
+        total: blob.len() as i64,
+        expected: Digest::of(blob).to_string(),
+        offset: offset as i64,
+        data: data.to_vec(),
+        labels: HashMap::new(),
+    }
+}
+
+/// The refs and offsets of the namespace's partial ingests.
+async fn ingests(channel: &Channel) -> Vec<(String, i64)> {
+    let mut client = ContentClient::new(channel.clone());
+    let mut statuses: Vec<_> = client
+        .list_statuses(request(ListStatusesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .statuses
+        .into_iter()
+        .map(|status| (status.r#ref, status.offset))
+        .collect();
+    statuses.sort();
+    statuses
+}
+
+/// A peer blob that failed after part of it went to containerd: discarding its partial ingest,
+/// while containerd's writer is still open, leaves other ingests alone and makes the next write
+/// of that blob start at offset 0 and commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn a_discarded_partial_ingest_starts_over() {
+    init_tracing();
+    let containerd = Containerd::start("ingests");
+    let channel = containerd.channel().await;
+    create_lease(&channel).await;
+    let blob: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let other: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 5 % 241) as u8).collect();
+    let (digest, other_digest) = (Digest::of(&blob), Digest::of(&other));
+    let (ingest, other_ingest) = (format!("layer-{digest}"), format!("layer-{other_digest}"));
+
+    // An ingest of the other blob, left half-written; one of `blob` with its writer still open.
+    let mut client = ContentClient::new(channel.clone());
+    let half = ingest_message(
+        &other_ingest,
+        &other,
+        WriteAction::Write,
+        0,
+        &other[..1 << 19],
+    );
+    let mut left = client
+        .write(request(tokio_stream::iter([half])))
+        .await
+        .unwrap()
+        .into_inner();
+    while left.message().await.unwrap().is_some() {}
+    let (mut sender, receiver) = futures::channel::mpsc::channel(1);
+    let open = ingest_message(&ingest, &blob, WriteAction::Write, 0, &blob[..1 << 20]);
+    sender.try_send(open).unwrap();
+    let mut writing = client.write(request(receiver)).await.unwrap().into_inner();
+    let written = writing.message().await.unwrap().expect("a write response");
+    assert_eq!(written.offset, 1 << 20);
+    assert_eq!(
+        ingests(&channel).await,
+        vec![(ingest.clone(), 1 << 20), (other_ingest.clone(), 1 << 19)]
+    );
+
+    let store = ContainerdStore::connect(&args(&containerd, None, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(Ingests::discard(&store, &digest).await.unwrap(), 1);
+    assert_eq!(
+        ingests(&channel).await,
+        vec![(other_ingest.clone(), 1 << 19)]
+    );
+    // Nothing left to discard.
+    assert_eq!(Ingests::discard(&store, &digest).await.unwrap(), 0);
+    drop(sender);
+    while let Ok(Some(_)) = writing.message().await {}
+
+    // The next attempt starts at 0 and commits.
+    let stat = ingest_message(&ingest, &blob, WriteAction::Stat, 0, &[]);
+    let mut fresh = client
+        .write(request(tokio_stream::iter([stat])))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = fresh.message().await.unwrap().expect("a stat response");
+    assert_eq!(
+        status.offset, 0,
+        "the next attempt resumes after discarded bytes"
+    );
+    drop(fresh);
+    let whole = [
+        ingest_message(&ingest, &blob, WriteAction::Write, 0, &blob),
+        ingest_message(&ingest, &blob, WriteAction::Commit, blob.len(), &[]),
+    ];
+    let mut committing = client
+        .write(request(tokio_stream::iter(whole)))
+        .await
+        .unwrap()
+        .into_inner();
+    while committing.message().await.unwrap().is_some() {}
+    assert_eq!(
+        store.descriptor(&digest).await.unwrap().size,
+        blob.len() as u64
+    );
+    assert_eq!(ingests(&channel).await, vec![(other_ingest, 1 << 19)]);
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::{
     oci::digest::Digest,
     store::{
-        Descriptor, Keys, Reader, Store, StoreError,
+        Descriptor, Ingests, Keys, Reader, Store, StoreError,
         walk::{self, Blobs, ImageRecord, Index, MAX_DOCUMENT_SIZE, ParseCache},
     },
 };
@@ -30,6 +30,8 @@ struct State {
     blobs: HashMap<Digest, Bytes>,
     images: BTreeMap<String, ImageRecord>,
     index: Index,
+    /// Every [`Ingests::discard`], in order.
+    discarded: Vec<Digest>,
 }
 
 impl Default for MemoryStore {
@@ -83,6 +85,11 @@ impl MemoryStore {
         removed
     }
 
+    /// The digests [`Ingests::discard`] was asked for, in order.
+    pub fn discarded(&self) -> Vec<Digest> {
+        self.lock().discarded.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is only ever replaced whole, so a panic elsewhere cannot leave it torn.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -125,6 +132,15 @@ impl Blobs for Snapshot {
 
     async fn read(&self, digest: &Digest, _size: u64) -> Result<Bytes, StoreError> {
         self.0.get(digest).cloned().ok_or(StoreError::NotFound)
+    }
+}
+
+/// Holds no partial ingests; records what it was asked to discard.
+#[async_trait::async_trait]
+impl Ingests for MemoryStore {
+    async fn discard(&self, digest: &Digest) -> Result<usize, StoreError> {
+        self.lock().discarded.push(*digest);
+        Ok(0)
     }
 }
 

@@ -93,6 +93,18 @@ pub trait Store: Send + Sync + 'static {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
+/// What containerd has half-received: blobs it is fetching, or whose transfer was cut.
+///
+/// containerd resumes a cut blob after the bytes it already holds, in any pull that finds its
+/// partial ingest. When those bytes went to it unverified (a peer blob streamed as it arrived)
+/// and the blob then failed, they must go, so no later pull resumes after them.
+#[async_trait::async_trait]
+pub trait Ingests: Send + Sync + 'static {
+    /// Throws away every partial ingest of `digest`, in every namespace, so containerd's next
+    /// attempt starts from the first byte. Returns how many there were.
+    async fn discard(&self, digest: &Digest) -> Result<usize, StoreError>;
+}
+
 pub mod conformance;
 pub mod containerd;
 pub mod memory;

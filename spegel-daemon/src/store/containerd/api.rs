@@ -22,7 +22,7 @@ use crate::{
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const LIST_TIMEOUT: Duration = Duration::from_secs(60);
 const CONTENT_PLUGIN_FILTER: &str = r#"type=="io.containerd.content.v1",id=="content""#;
-const NAMESPACE_HEADER: &str = "containerd-namespace";
+pub(super) const NAMESPACE_HEADER: &str = "containerd-namespace";
 
 /// Why the containerd store could not start or refresh.
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@
 mod api;
 mod args;
 mod events;
+mod ingests;
 mod reads;
 
 use std::{
