@@ -25,7 +25,7 @@ use crate::{
         transparent::{RegistryHandler, UpstreamPassthrough},
     },
     source::{Source, local::LocalSource},
-    store::{Store, containerd::ContainerdStore},
+    store::{Ingests, Store, containerd::ContainerdStore},
     tls::{
         TlsTerminator,
         ca::PermittedNames,
@@ -111,6 +111,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         store = connect_store(&args) => store,
         () = &mut shutdown => return Ok(()),
     };
+    let ingests: Arc<dyn Ingests> = Arc::new(store.clone());
     let store: Arc<dyn Store> = Arc::new(store);
 
     let (router, event_loop) = P2pRouter::new(p2p_config).context("cannot start the router")?;
@@ -151,7 +152,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         &fetch_config,
         transparent,
         &peer_auth,
-        (&access, &backoff),
+        (&access, &backoff, &ingests),
     )?;
     // Test faults on what is served to peers apply to copies in flight too.
     #[cfg(feature = "fault-injection")]
@@ -184,11 +185,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let local = crate::fault::inject(local, &args.fault);
     // Other nodes asking for public content only get what this node knows to be public.
     let local: Arc<dyn Source> = Arc::new(PublicOnly::new(local, Arc::clone(&access)));
-    // Peer blobs are verified whole (in memory or the disk spool) before containerd sees a byte.
-    let peers: Arc<dyn Source> = Arc::new(
-        Buffered::new(Arc::new(peers), &args.buffer, &args.data_dir)
-            .context("cannot prepare the peer blob spool")?,
-    );
+    let peers = buffered(Arc::new(peers), &args, &ingests)?;
     // Private images stay private: peers' copies only once upstream confirms the client may
     // read them (or, when it cannot answer, only what is known to be public).
     let peers: Arc<dyn Source> = Arc::new(
@@ -330,6 +327,19 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     Ok(())
 }
 
+/// Peer blobs on their way to containerd: big whole ones streamed with containerd's partial copy
+/// discarded if they fail, the rest verified whole (in memory or the disk spool) before
+/// containerd sees a byte (`body::buffered`).
+fn buffered(
+    peers: Arc<dyn Source>,
+    args: &RunArgs,
+    ingests: &Arc<dyn Ingests>,
+) -> anyhow::Result<Arc<dyn Source>> {
+    let buffered = Buffered::new(peers, &args.buffer, &args.data_dir)
+        .context("cannot prepare the peer blob spool")?;
+    Ok(Arc::new(buffered.with_ingests(Arc::clone(ingests))))
+}
+
 /// The cold-burst claims this node coordinates, when it coordinates any (transparent mode).
 type CoordinatedClaims = Option<Arc<Claims>>;
 
@@ -343,7 +353,7 @@ fn shared_upstream(
     fetch_config: &crate::peers::FetchConfig,
     transparent: bool,
     peer_auth: &crate::membership::PeerAuth,
-    (access, backoff): (&Arc<Access>, &Arc<Backoff>),
+    (access, backoff, ingests): (&Arc<Access>, &Arc<Backoff>, &Arc<dyn Ingests>),
 ) -> anyhow::Result<(Arc<dyn Source>, CoordinatedClaims)> {
     use crate::{
         body::{shared::SharedFetch, spool::Spool},
@@ -370,11 +380,8 @@ fn shared_upstream(
         peer_auth.clone(),
     );
     let claimer: Arc<dyn Claimer> = Arc::new(client.clone());
-    // Bytes from a holder are peer bytes: verified whole before containerd sees one.
-    let verified: Arc<dyn Source> = Arc::new(
-        Buffered::new(Arc::new(client), &args.buffer, &args.data_dir)
-            .context("cannot prepare the peer blob spool")?,
-    );
+    // Bytes from a holder are peer bytes, and guarded as such.
+    let verified = buffered(Arc::new(client), args, ingests)?;
     // A holder's copy is a peer's copy: private content only once upstream confirmed this
     // client may read it, public content only when it cannot answer.
     let verified: Arc<dyn Source> = Arc::new(

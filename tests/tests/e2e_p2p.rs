@@ -17,9 +17,10 @@
 //! - `fresh_node_pulls_correct_content_despite_a_corrupt_peer`: a peer serving corrupted bytes:
 //!   no bad byte is committed by the fetching containerd, the peer is quarantined, and the pull
 //!   completes (the one-chunk config reveals the corruption before containerd gets a byte).
-//! - `corrupt_layer_streamed_to_containerd_still_pulls_in_one_go`: the corrupt peer's first
-//!   blob to a node is a multi-chunk layer, so bad bytes reach containerd before the mismatch
-//!   shows.
+//! - `a_corrupt_streamed_layer_costs_one_attempt_and_the_retry_starts_over`: the corrupt
+//!   peer's first blob to a node is a layer above `--peer-stream-min`, streamed to containerd as
+//!   it arrives, so bad bytes reach containerd before the mismatch shows: that attempt fails,
+//!   containerd's partial copy is discarded, and the retry starts from byte 0 and completes.
 //!
 //! Every test ends by checking that no daemon logged an error.
 //!
@@ -856,24 +857,24 @@ async fn fresh_node_pulls_despite_a_corrupt_peer(rig: &Rig, daemons: &[Spegel]) 
     assert_store_sound(d);
 }
 
-/// A node that already holds an image's config (but not its layer) pulls it while the only
-/// other holder corrupts what it serves: the first blob it wants from that peer is the
-/// multi-chunk layer. Its daemon streams the peer's bytes to containerd as they come, and only
-/// the final chunk (held back) reveals the mismatch. Nothing bad is committed, the peer is
-/// quarantined, and the pull must complete. (Realistic: with two holders, the config may come
-/// from a sound one and the layer from one whose copy rotted.)
+/// A node that kept only the config of an image pulls it again while the only
+/// other holder corrupts what it serves: the first blob it wants from that peer is a layer
+/// above `--peer-stream-min`, which its daemon streams to containerd as the bytes come; only the
+/// final chunk (held back) reveals the mismatch. The daemon quarantines the peer, throws away
+/// containerd's partial copy through its content API and only then cuts the transfer: that
+/// PullImage fails (containerd resumes the cut body within the attempt, and its commit refuses
+/// the bytes), nothing bad is committed, and kubelet's retry starts the layer from byte 0 (from
+/// the registry, once the daemon answers 404) and completes.
 ///
 /// Why it matters: containerd 1.6.20 keeps the bytes it already received and resumes the
-/// download at that offset (`Range`, from the registry once the daemon answers 404), so bad
-/// bytes sent before the mismatch shows would fail this PullImage ("unexpected commit digest").
-/// One pull completes because the daemon verifies peer blobs up to `--peer-buffer-max` whole
-/// before containerd gets their first byte (`body/buffered.rs`).
+/// download at that offset (`Range`) in every later attempt too: without the discard, the bad
+/// bytes sent before the mismatch showed would fail every retry ("unexpected commit digest").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(spegel_e2e),
     ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
 )]
-async fn corrupt_layer_streamed_to_containerd_still_pulls_in_one_go() {
+async fn a_corrupt_streamed_layer_costs_one_attempt_and_the_retry_starts_over() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
 
@@ -924,7 +925,6 @@ async fn corrupt_layer_streamed_to_containerd_still_pulls_in_one_go() {
     .await
     .unwrap_or_else(|error| panic!("{error:#}"));
 
-    let before = rig.registry_log().await.unwrap();
     let mark = fetcher.log_mark();
     let pull_started = Instant::now();
     let first = fetcher_node
@@ -956,22 +956,29 @@ async fn corrupt_layer_streamed_to_containerd_still_pulls_in_one_go() {
             > 0.0
     );
 
-    // Whatever happened to the pull, containerd committed no bad bytes.
-    assert_store_sound(fetcher_node);
-    if let Err(error) = &first {
-        let message = format!("{error:#}");
-        assert!(
-            message.contains("unexpected commit digest"),
-            "the first pull failed, but not because containerd refused the bytes: {message}"
-        );
-        assert!(!fetcher_node.has_blob(&layer.digest).await.unwrap());
-        // kubelet retries a failed pull; the peer is quarantined now and the daemon says 404.
-        let image_ref = fetcher_node
-            .cri_pull(&tainted.reference(Endpoint::Plain))
-            .await
-            .unwrap_or_else(|error| panic!("the retry after the corrupt layer: {error:#}"));
-        assert_eq!(image_ref, tainted.config().digest);
+    // That attempt failed (containerd resumes a cut body at once, within the attempt, and its
+    // commit then refuses the bytes), after the daemon discarded containerd's partial copy.
+    if let Ok(image_ref) = &first {
+        panic!("the first pull completed ({image_ref}) on a corrupt peer's layer");
     }
+    let discarded = event_for(
+        &fetcher,
+        mark,
+        "discarded containerd's partial copy of a peer blob that did not verify; its next attempt starts from the first byte",
+        &layer.digest,
+    )
+    .expect("the daemon discarded containerd's partial copy");
+    assert!(discarded.u64("count").unwrap_or(0) >= 1, "{discarded:?}");
+    assert_store_sound(fetcher_node);
+    assert!(!fetcher_node.has_blob(&layer.digest).await.unwrap());
+
+    // kubelet retries a failed pull; the peer is quarantined now and the daemon says 404.
+    let before_retry = rig.registry_log().await.unwrap();
+    let image_ref = fetcher_node
+        .cri_pull(&tainted.reference(Endpoint::Plain))
+        .await
+        .unwrap_or_else(|error| panic!("the retry after the corrupt layer: {error:#}"));
+    assert_eq!(image_ref, tainted.config().digest);
     assert_holds(fetcher_node, &[&tainted]).await;
     assert_store_sound(fetcher_node);
     for daemon in [&corrupt, &fetcher] {
@@ -987,26 +994,18 @@ async fn corrupt_layer_streamed_to_containerd_still_pulls_in_one_go() {
         );
     }
 
-    let log = rig.registry_log().await.unwrap().since(&before);
-    let layer_gets: Vec<String> = log
+    // The retry took the whole layer from byte 0: no resume after the discarded bytes.
+    let log = rig.registry_log().await.unwrap().since(&before_retry);
+    let layer_gets: Vec<(u16, u64)> = log
         .from_client(fetcher_node.ip())
         .iter()
-        .filter(|entry| entry.blob_digest() == Some(layer.digest.as_str()))
-        .map(|entry| {
-            format!(
-                "{} {} -> {} ({} bytes)",
-                entry.method, entry.path, entry.status, entry.bytes
-            )
-        })
+        .filter(|entry| entry.method == "GET" && entry.blob_digest() == Some(layer.digest.as_str()))
+        .map(|entry| (entry.status, entry.bytes))
         .collect();
-    eprintln!("the fetcher's registry requests for the layer: {layer_gets:#?}");
-    assert!(
-        first.is_ok(),
-        "acceptance: the pull must complete despite a corrupt peer, but the first PullImage \
-         failed (the retry succeeded). The daemon sent containerd the corrupt layer minus its \
-         last chunk, then aborted; containerd resumed at that offset instead of starting over \
-         (the registry's 206 above), so its commit saw the wrong digest. Fix in the daemon: \
-         verify whole blobs from peers before releasing any byte to containerd."
+    assert_eq!(
+        layer_gets,
+        vec![(200, layer.size)],
+        "the fetcher's registry GETs of the layer (status, bytes)"
     );
 
     eprintln!(

@@ -1,7 +1,8 @@
 //! End-to-end acceptance of disk-spooled verify-before-send: two containerd nodes in mirror
 //! mode, each with its own spegel daemon; the fetching daemon keeps only tiny blobs in memory
-//! (`--peer-buffer-max 1MiB`), so a 4 MiB layer from its peer is received into the disk spool
-//! and verified before containerd gets its first byte.
+//! (`--peer-buffer-max 1MiB`) and streams none (`--peer-stream-min 1TiB`), so a 4 MiB layer
+//! from its peer is received into the disk spool and verified before containerd gets its first
+//! byte.
 //!
 //! 1. The only other holder corrupts what it serves: the first CRI pull completes (the daemon
 //!    answers "not available" before sending a byte and containerd takes the layer from the
@@ -27,6 +28,9 @@ use spegel_tests::rig::{Blob, Endpoint, ImageSpec, MIB, Node, Rig, TestImage};
 const FIND_TIMEOUT: Duration = Duration::from_secs(30);
 /// The fetcher's `--peer-buffer-max`: far below the layer, so the layer is spooled.
 const BUFFER_MAX: &str = "1048576";
+/// The fetcher's `--peer-stream-min`: above any blob here, so every peer blob is verified
+/// before containerd gets a byte (the operator's choice this suite covers).
+const STREAM_MIN: &str = "1099511627776";
 /// The layer: four times the memory limit.
 const LAYER: u64 = 4 * MIB;
 
@@ -186,7 +190,8 @@ async fn set_up(seed: u64, holder: SpegelOptions) -> Setup {
             1,
             SpegelOptions::mirror()
                 .bootstrap_other_nodes()
-                .args(["--peer-buffer-max", BUFFER_MAX]),
+                .args(["--peer-buffer-max", BUFFER_MAX])
+                .args(["--peer-stream-min", STREAM_MIN]),
         )
         .await
         .expect("fetcher starts");

@@ -1,20 +1,28 @@
-//! Verify-before-send for blobs from peers: a whole peer blob is received and checked before
-//! containerd gets its first byte, in memory when it is small enough, else in a file of the disk
-//! spool.
+//! Peer blobs on their way to this node's containerd: streamed as they arrive when that is safe
+//! and worth it, else received and verified whole before containerd gets its first byte.
 //!
-//! A streamed peer blob has its last chunk held back until the digest checks, and a mismatch
-//! aborts the response. That keeps bad content out of containerd's store, but containerd 1.6
-//! *resumes* an aborted blob from the bytes it already has, so the bytes sent before the mismatch
-//! was known would still fail that pull attempt. So a blob GET is read whole first:
+//! Every peer body holds the chunk that completes the blob back until the digest checks, so
+//! containerd never gets a complete, wrong blob. The bytes before it are unverified, though, and
+//! containerd *resumes* a cut blob after the bytes it already holds (at once, within the pull:
+//! containerd 1.6 reconnects with a `Range`), so bytes from a corrupt peer fail that pull on the
+//! digest. So:
 //!
-//! - up to `--peer-buffer-max` bytes, into memory, out of `--peer-buffer-budget`;
-//! - larger ones, or when the memory budget is spent, into a file under `--peer-spool-dir`, out of
-//!   `--peer-spool-budget` (see [`super::spool`]);
-//! - only when neither budget can take it (or both are off) does it stream with the tail held
-//!   back, as before; that is logged.
+//! - a whole blob of at least `--peer-stream-min` bytes for this node's containerd streams as
+//!   it arrives, and if it ends unverified containerd's partial copy is thrown away through its
+//!   content API (see [`super::discard`]): a corrupt peer costs that pull attempt, the next one
+//!   starts over. That is what keeps a blob from a peer next door as fast as from a registry
+//!   next door (receiving it whole first adds its whole transfer time to every pull);
+//! - smaller blobs, blobs for other nodes, and everything when the daemon cannot reach
+//!   containerd's content API, are read whole first:
+//!   - up to `--peer-buffer-max` bytes, into memory, out of `--peer-buffer-budget`;
+//!   - larger ones, or when the memory budget is spent, into a file under `--peer-spool-dir`,
+//!     out of `--peer-spool-budget` (see [`super::spool`]);
+//!   - only when neither budget can take it (or both are off) does it stream unguarded with the
+//!     tail held back; that is logged.
 //!
-//! A failure while reading becomes `Unavailable` with nothing sent, and the next source (the
-//! upstream, or in mirror mode containerd's own fallback after our 404) serves the request.
+//!   A failure while reading becomes `Unavailable` with nothing sent, and the next source (the
+//!   upstream, or in mirror mode containerd's own fallback after our 404) serves the request: a
+//!   corrupt peer costs no pull attempt.
 //!
 //! **Ranges** are served from the verified whole: a part cannot be checked against the digest of
 //! the whole, and containerd asks for a range mostly to resume a blob whose first bytes it has
@@ -32,17 +40,26 @@ use futures::Stream;
 
 use super::{
     budget::{Budget, Share},
+    discard::discard_unverified,
     spool::{Spool, SpoolError},
     verify::{BodyCheck, ReadError, read_whole},
 };
 use crate::{
     oci::Kind,
     source::{Body, Object, ObjectRequest, Payload, Source, SourceError},
+    store::Ingests,
 };
 
 /// Flags of verify-before-send buffering and spooling.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BufferArgs {
+    /// Whole blobs from peers at least this big go to containerd as they arrive, the last
+    /// chunk held back until the digest checks; one that fails has containerd's partial copy
+    /// thrown away, so a corrupt peer costs that pull attempt. Smaller ones (and ranges) are
+    /// verified whole before the first byte is sent. Above any blob size (e.g. 1T): every
+    /// peer blob is verified first.
+    #[arg(long, env = "SPEGEL_PEER_STREAM_MIN", default_value_t = 1 << 20)]
+    pub peer_stream_min: u64,
     /// Whole blobs from peers up to this many bytes are received into memory and verified
     /// before the first byte is sent; larger ones go to the disk spool (0: none in memory).
     #[arg(long, env = "SPEGEL_PEER_BUFFER_MAX", default_value_t = 64 << 20)]
@@ -78,6 +95,9 @@ impl BufferArgs {
 /// Reads eligible peer blobs whole, into memory or the spool, before handing them on.
 pub struct Buffered {
     inner: Arc<dyn Source>,
+    /// Where containerd's partial copies are discarded; without it nothing streams.
+    ingests: Option<Arc<dyn Ingests>>,
+    stream_min: u64,
     max: u64,
     memory: Budget,
     spool: Option<Spool>,
@@ -107,10 +127,27 @@ impl Buffered {
         };
         Ok(Self {
             inner,
+            ingests: None,
+            stream_min: args.peer_stream_min,
             max: args.peer_buffer_max,
             memory: Budget::new(args.peer_buffer_budget),
             spool,
         })
+    }
+
+    /// Streams whole blobs of at least `--peer-stream-min` bytes to this node's containerd,
+    /// discarding its partial copy through `ingests` when one ends unverified.
+    pub fn with_ingests(mut self, ingests: Arc<dyn Ingests>) -> Self {
+        self.ingests = Some(ingests);
+        self
+    }
+
+    /// Where a whole blob for this request may stream to the client with its partial copy
+    /// discarded on failure: a whole blob for this node's containerd.
+    fn discards_for(&self, request: &ObjectRequest) -> Option<&Arc<dyn Ingests>> {
+        self.ingests
+            .as_ref()
+            .filter(|_| request.range.is_none() && !request.mirrored)
     }
 
     fn plan(&self, object: &Object) -> Plan {
@@ -142,9 +179,11 @@ impl Buffered {
 #[async_trait::async_trait]
 impl Source for Buffered {
     async fn fetch(&self, request: &ObjectRequest) -> Result<Object, SourceError> {
-        let eligible =
-            request.kind == Kind::Blob && !request.head && (self.max > 0 || self.spool.is_some());
-        if !eligible {
+        if request.kind != Kind::Blob || request.head {
+            return self.inner.fetch(request).await;
+        }
+        let discards = self.discards_for(request);
+        if discards.is_none() && self.max == 0 && self.spool.is_none() {
             return self.inner.fetch(request).await;
         }
         let mut whole = request.clone();
@@ -158,6 +197,16 @@ impl Source for Buffered {
             )));
         }
         let size = object.size;
+        if let Some(ingests) = discards
+            && size >= self.stream_min
+        {
+            if let Some(body) = object.body.take() {
+                tracing::debug!(digest = %object.digest, size, "streaming a peer blob to containerd as it arrives");
+                let body = discard_unverified(body, object.digest, size, Arc::clone(ingests));
+                object.body = Payload::Stream(body);
+            }
+            return Ok(object);
+        }
         let wanted = match request.range {
             None => 0..size,
             Some(range) => match range.resolve(size) {
@@ -200,6 +249,12 @@ impl Source for Buffered {
             }
             Plan::Stream => {
                 if request.range.is_none() {
+                    let body = match discards {
+                        Some(ingests) => {
+                            discard_unverified(body, digest, size, Arc::clone(ingests))
+                        }
+                        None => body,
+                    };
                     object.body = Payload::Stream(body);
                     return Ok(object);
                 }

@@ -1,11 +1,13 @@
 //! Response bodies on their way to containerd: the one boxed body type every HTTP path uses, the
-//! verified body (length and digest checked, tail held back), and verify-before-send of peer
-//! blobs (buffered in memory, or spooled to disk, within byte budgets).
+//! verified body (length and digest checked, tail held back), and peer blobs on their way to
+//! containerd (streamed, with containerd's partial copy discarded if they fail; or verified
+//! before sending, buffered in memory or spooled to disk within byte budgets).
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
 pub mod budget;
 pub mod buffered;
+pub mod discard;
 pub mod shared;
 pub mod spool;
 pub mod tee;

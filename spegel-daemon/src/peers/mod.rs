@@ -9,8 +9,9 @@
 //!   but the chunk that completes the object is only released once the digest checks; on a
 //!   mismatch the body ends with an error (the client never gets a complete, wrong object) and
 //!   the peer is quarantined, so containerd's retry goes elsewhere. In the daemon,
-//!   `body::buffered` reads these bodies whole (memory or disk spool) before the client gets a
-//!   byte; what is said here is what this source does on its own.
+//!   `body::buffered` streams big whole blobs for this node's containerd this way (discarding
+//!   containerd's partial copy when one fails) and reads the others whole (memory or disk
+//!   spool) before the client gets a byte; what is said here is what this source does alone.
 //! - Ranged blob requests that do not cover the whole object are passed through **unverified**
 //!   here: a part cannot be checked against the digest of the whole. `body::buffered` asks this
 //!   source for the whole blob instead and cuts the range from the verified copy; only when its

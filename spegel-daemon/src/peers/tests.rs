@@ -1076,6 +1076,7 @@ async fn a_received_blob_frees_its_slot_before_the_client_reads() {
     );
     let data_dir = tempfile::tempdir().unwrap();
     let args = BufferArgs {
+        peer_stream_min: 1 << 20,
         peer_buffer_max: 200_000,
         peer_buffer_budget: 1 << 20,
         peer_spool_dir: None,
@@ -1117,6 +1118,7 @@ async fn a_corrupt_spooled_blob_is_unavailable_and_its_peer_quarantined() {
     let peers = source(&router, config());
     let data_dir = tempfile::tempdir().unwrap();
     let args = BufferArgs {
+        peer_stream_min: 1 << 20,
         peer_buffer_max: 200_000,
         peer_buffer_budget: 1 << 20,
         peer_spool_dir: None,

@@ -10,6 +10,7 @@ use super::*;
 use crate::{
     oci::{ByteRange, Reference, digest::Digest},
     source::Payload,
+    store::memory::MemoryStore,
 };
 
 /// Serves `data` in 1 KiB chunks, failing before the last chunk when `fail` (as a peer body does
@@ -73,6 +74,7 @@ fn request(range: Option<ByteRange>) -> ObjectRequest {
 /// Memory up to `max` within `budget`; a spool of `spool` bytes (0: off).
 fn args(max: u64, budget: u64, spool: u64) -> BufferArgs {
     BufferArgs {
+        peer_stream_min: 1 << 20,
         peer_buffer_max: max,
         peer_buffer_budget: budget,
         peer_spool_dir: None,
@@ -358,4 +360,107 @@ async fn heads_and_manifests_pass_through() {
     manifest.kind = Kind::Manifest;
     let object = source.fetch(&manifest).await.unwrap();
     assert!(collect(object).await.is_err());
+}
+
+/// `buffered` streaming whole blobs of at least `stream_min` bytes, discarding through `store`.
+fn streaming(
+    source: Arc<dyn Source>,
+    stream_min: u64,
+    store: &Arc<MemoryStore>,
+) -> (Buffered, tempfile::TempDir) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let args = BufferArgs {
+        peer_stream_min: stream_min,
+        ..args(MIB, MIB, MIB)
+    };
+    let buffered = Buffered::new(source, &args, data_dir.path())
+        .unwrap()
+        .with_ingests(Arc::clone(store) as _);
+    (buffered, data_dir)
+}
+
+/// Sends the first KiB of `data`, then nothing, ever (a peer still sending the rest).
+struct Stalling {
+    data: Bytes,
+}
+
+#[async_trait::async_trait]
+impl Source for Stalling {
+    async fn fetch(&self, _request: &ObjectRequest) -> Result<Object, SourceError> {
+        let first = futures::stream::iter([Ok(self.data.slice(..1024))]);
+        Ok(Object {
+            digest: Digest::of(&self.data),
+            media_type: "application/octet-stream".into(),
+            size: self.data.len() as u64,
+            range: None,
+            body: Payload::Stream(Box::pin(first.chain(futures::stream::pending()))),
+            source: "peer",
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_big_whole_blob_for_containerd_streams_as_it_arrives() {
+    let store = Arc::new(MemoryStore::new());
+    let data = data(MIB as usize);
+    let (source, _dir) = streaming(Arc::new(Stalling { data: data.clone() }), MIB, &store);
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let object = source.fetch(&request(None)).await.unwrap();
+        object.body.into_body().unwrap().next().await
+    })
+    .await
+    .expect("the first bytes come before the peer sent the rest");
+    assert_eq!(first.unwrap().unwrap(), data.slice(..1024));
+}
+
+#[tokio::test]
+async fn a_corrupt_streamed_blob_has_containerds_partial_copy_discarded() {
+    let store = Arc::new(MemoryStore::new());
+    let data = data(MIB as usize);
+    let (source, _dir) = streaming(chunked_source(&data, true), MIB, &store);
+    let object = source.fetch(&request(None)).await.unwrap();
+    assert!(
+        collect(object).await.is_err(),
+        "the failure reaches the body"
+    );
+    assert_eq!(store.discarded(), vec![Digest::of(&data)]);
+}
+
+#[tokio::test]
+async fn a_blob_below_the_stream_minimum_is_verified_whole_first() {
+    let store = Arc::new(MemoryStore::new());
+    let (source, _dir) = streaming(chunked_source(&data(10_000), true), MIB, &store);
+    assert!(matches!(
+        source.fetch(&request(None)).await,
+        Err(SourceError::Unavailable(_))
+    ));
+    assert!(store.discarded().is_empty());
+}
+
+#[tokio::test]
+async fn a_blob_for_another_node_is_verified_whole_first() {
+    let store = Arc::new(MemoryStore::new());
+    let (source, _dir) = streaming(chunked_source(&data(MIB as usize), true), 1, &store);
+    let mut mirrored = request(None);
+    mirrored.mirrored = true;
+    assert!(matches!(
+        source.fetch(&mirrored).await,
+        Err(SourceError::Unavailable(_))
+    ));
+    assert!(store.discarded().is_empty());
+}
+
+#[tokio::test]
+async fn a_range_of_a_streamable_blob_is_verified_whole_first() {
+    let store = Arc::new(MemoryStore::new());
+    let (source, _dir) = streaming(chunked_source(&data(MIB as usize), true), 1, &store);
+    let range = Some(ByteRange::From {
+        start: 5,
+        end: None,
+    });
+    assert!(matches!(
+        source.fetch(&request(range)).await,
+        Err(SourceError::Unavailable(_))
+    ));
+    assert!(store.discarded().is_empty());
 }
