@@ -54,15 +54,13 @@ pub(crate) struct DhtResult {
 
 impl DhtResult {
     pub(crate) fn summary(&self) -> String {
+        let provides = sorted(self.provide_ms.clone());
         format!(
             "{} routers up in {:.1} s; provides p50 {:.0} ms, max {:.0} ms; {} of {} lookups found a provider: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             self.routers,
             self.start_secs,
-            percentile(&sorted(self.provide_ms.clone()), 0.5),
-            sorted(self.provide_ms.clone())
-                .last()
-                .copied()
-                .unwrap_or(f64::NAN),
+            percentile(&provides, 0.5),
+            provides.last().copied().unwrap_or(f64::NAN),
             self.found,
             self.lookups,
             self.p50_ms,
@@ -90,6 +88,16 @@ struct Running {
     router: P2pRouter,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Bootstrap queries this router has run to their end.
+    fn bootstraps(&self) -> u64 {
+        self.router
+            .stats()
+            .bootstraps
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 fn start(n: usize, seeds: Vec<String>) -> Result<Running> {
@@ -142,13 +150,7 @@ async fn settle(routers: &[Running]) -> Result<()> {
         if now != last {
             (last, since) = (now, Instant::now());
         }
-        let all_refreshed = routers.iter().all(|r| {
-            r.router
-                .stats()
-                .bootstraps
-                .load(std::sync::atomic::Ordering::Relaxed)
-                > 0
-        });
+        let all_refreshed = routers.iter().all(|r| r.bootstraps() > 0);
         if all_refreshed && since.elapsed() >= QUIET {
             return Ok(());
         }
@@ -160,15 +162,7 @@ async fn settle(routers: &[Running]) -> Result<()> {
 
 /// Bootstrap queries ended, over every router.
 fn bootstraps(routers: &[Running]) -> u64 {
-    routers
-        .iter()
-        .map(|r| {
-            r.router
-                .stats()
-                .bootstraps
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum()
+    routers.iter().map(Running::bootstraps).sum()
 }
 
 async fn seed_addr(router: &P2pRouter) -> Result<String> {
