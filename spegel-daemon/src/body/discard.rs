@@ -99,20 +99,19 @@ impl Stream for DiscardUnverified {
                 State::Streaming => match ready!(this.body.as_mut().poll_next(cx)) {
                     Some(Ok(chunk)) => {
                         this.sent += chunk.len() as u64;
-                        if this.sent >= this.size {
-                            // The last byte is only released once the digest checked.
-                            this.state = State::Done;
-                        }
                         return Poll::Ready(Some(Ok(chunk)));
                     }
-                    Some(Err(error)) if this.sent == 0 => {
+                    // Nothing went out, or everything did (the last byte only once the digest
+                    // checked): nothing unverified to discard.
+                    Some(Err(error)) if this.sent == 0 || this.sent >= this.size => {
                         this.state = State::Done;
                         return Poll::Ready(Some(Err(error)));
                     }
                     Some(Err(error)) => {
                         this.state = State::Discarding(this.discard("failed"), Some(error));
                     }
-                    None if this.sent == 0 && this.size == 0 => {
+                    // The inner body is read to its end, so what observes it (timings) sees it.
+                    None if this.sent >= this.size => {
                         this.state = State::Done;
                         return Poll::Ready(None);
                     }
@@ -138,7 +137,9 @@ impl Stream for DiscardUnverified {
 impl Drop for DiscardUnverified {
     fn drop(&mut self) {
         let discard = match std::mem::replace(&mut self.state, State::Done) {
-            State::Streaming if self.sent > 0 => self.discard("client gone"),
+            State::Streaming if self.sent > 0 && self.sent < self.size => {
+                self.discard("client gone")
+            }
             State::Discarding(discard, _) => discard,
             State::Streaming | State::Done => return,
         };

@@ -124,29 +124,48 @@ impl FetchTimings {
 }
 
 /// Records `object`'s first byte now (`started` is when the request reached the peer source)
-/// and, once its body has ended without an error, its completion.
+/// and, once its body has handed out its last byte (or ended) without an error, its completion.
 pub(super) fn time(metrics: &Arc<FetchMetrics>, kind: Kind, started: Instant, object: &mut Object) {
     metrics.timings.first_byte(kind, started.elapsed());
+    let len = object
+        .range
+        .as_ref()
+        .map_or(object.size, |range| range.end() - range.start() + 1);
     if let Some(body) = object.body.take() {
         object.body = Payload::Stream(Box::pin(TimedBody {
             inner: body,
             metrics: Arc::clone(metrics),
             kind,
             started,
+            remaining: len,
             failed: false,
         }));
     }
 }
 
 /// A peer body that records its completion when its last byte is through (verified: the
-/// verifier holds the last chunk back until the digest checks).
+/// verifier holds the last chunk back until the digest checks). At the last byte, not at the
+/// end of the stream: a server that knows the length stops reading there.
 struct TimedBody {
     inner: Body,
     metrics: Arc<FetchMetrics>,
     kind: Kind,
     started: Instant,
+    /// Bytes still to come.
+    remaining: u64,
     /// An error ended the body, or its end was recorded: nothing more to record.
     failed: bool,
+}
+
+impl TimedBody {
+    fn record(&mut self) {
+        if !self.failed {
+            self.failed = true;
+            self.metrics
+                .timings
+                .complete(self.kind, self.started.elapsed());
+        }
+    }
 }
 
 impl Stream for TimedBody {
@@ -155,15 +174,14 @@ impl Stream for TimedBody {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let item = ready!(self.inner.as_mut().poll_next(cx));
         match &item {
-            Some(Ok(_)) => {}
-            Some(Err(_)) => self.failed = true,
-            None if !self.failed => {
-                self.failed = true;
-                self.metrics
-                    .timings
-                    .complete(self.kind, self.started.elapsed());
+            Some(Ok(chunk)) => {
+                self.remaining = self.remaining.saturating_sub(chunk.len() as u64);
+                if self.remaining == 0 {
+                    self.record();
+                }
             }
-            None => {}
+            Some(Err(_)) => self.failed = true,
+            None => self.record(),
         }
         Poll::Ready(item)
     }

@@ -463,6 +463,26 @@ async fn hit_from_first_peer() {
     assert!(timings.complete[blob].sum() >= timings.first_byte[blob].sum());
 }
 
+/// A server that knows the length stops reading a body at its last byte; the completion is
+/// recorded there, not only at the end of the stream.
+#[tokio::test]
+async fn a_blob_read_to_its_last_byte_is_timed_complete() {
+    let bytes = blob_bytes(100_000);
+    let a = FakePeer::start("a", Behaviour::Good).await;
+    let digest = a.blob(&bytes);
+    let router = Arc::new(FakeRouter::default());
+    router.provide(digest, &[&a]);
+    let source = source(&router, config());
+    let object = fetch_ok(&source, &blob_request(digest)).await;
+    let mut body = object.body.into_body().unwrap();
+    let mut got = 0;
+    while got < bytes.len() {
+        got += body.next().await.unwrap().unwrap().len();
+    }
+    let blob = super::FetchTimings::index(Kind::Blob);
+    assert_eq!(source.metrics().timings.complete[blob].count(), 1);
+}
+
 #[tokio::test]
 async fn miss_when_no_peer_turns_up_in_time() {
     let router = Arc::new(FakeRouter::default());

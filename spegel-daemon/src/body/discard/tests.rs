@@ -102,3 +102,21 @@ async fn a_client_gone_before_any_byte_discards_nothing() {
     settle().await;
     assert!(store.discarded().is_empty());
 }
+
+#[tokio::test]
+async fn the_inner_body_is_read_to_its_end() {
+    let store = Arc::new(MemoryStore::new());
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&ended);
+    let end = futures::stream::poll_fn(move |_| {
+        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::task::Poll::Ready(None)
+    });
+    let inner: Body = Box::pin(body(&[b"01234", b"56789"], None).chain(end));
+    let (bytes, error) = drain(wrapped(inner, &store), &store).await;
+    assert_eq!((bytes.as_slice(), error), (BLOB, None));
+    assert!(
+        ended.load(std::sync::atomic::Ordering::SeqCst),
+        "an observer of the inner body's end (peer timings) never saw it"
+    );
+}
