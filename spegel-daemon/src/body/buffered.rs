@@ -50,14 +50,14 @@ use crate::{
     store::Ingests,
 };
 
-/// Flags of verify-before-send buffering and spooling.
+/// Flags of peer blob streaming, and of verify-before-send buffering and spooling.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BufferArgs {
     /// Whole blobs from peers at least this big go to containerd as they arrive, the last
     /// chunk held back until the digest checks; one that fails has containerd's partial copy
     /// thrown away, so a corrupt peer costs that pull attempt. Smaller ones (and ranges) are
-    /// verified whole before the first byte is sent. Above any blob size (e.g. 1T): every
-    /// peer blob is verified first.
+    /// verified whole before the first byte is sent. Above any blob size (e.g.
+    /// 1099511627776): every peer blob is verified first.
     #[arg(long, env = "SPEGEL_PEER_STREAM_MIN", default_value_t = 1 << 20)]
     pub peer_stream_min: u64,
     /// Whole blobs from peers up to this many bytes are received into memory and verified
@@ -92,7 +92,8 @@ impl BufferArgs {
     }
 }
 
-/// Reads eligible peer blobs whole, into memory or the spool, before handing them on.
+/// Streams big whole peer blobs to this node's containerd (with [`Buffered::with_ingests`]);
+/// reads the others whole, into memory or the spool, before handing them on.
 pub struct Buffered {
     inner: Arc<dyn Source>,
     /// Where containerd's partial copies are discarded; without it nothing streams.

@@ -464,3 +464,24 @@ async fn a_range_of_a_streamable_blob_is_verified_whole_first() {
     ));
     assert!(store.discarded().is_empty());
 }
+
+#[tokio::test]
+async fn a_small_blob_nothing_can_take_whole_streams_guarded() {
+    let store = Arc::new(MemoryStore::new());
+    let data = data(10_000);
+    // Below the stream minimum, but no memory and no spool to verify it in first.
+    let args = BufferArgs {
+        peer_stream_min: MIB,
+        ..args(0, MIB, 0)
+    };
+    let data_dir = tempfile::tempdir().unwrap();
+    let source = Buffered::new(chunked_source(&data, true), &args, data_dir.path())
+        .unwrap()
+        .with_ingests(Arc::clone(&store) as _);
+    let object = source.fetch(&request(None)).await.unwrap();
+    assert!(
+        collect(object).await.is_err(),
+        "the failure reaches the body"
+    );
+    assert_eq!(store.discarded(), vec![Digest::of(&data)]);
+}
