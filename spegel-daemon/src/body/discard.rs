@@ -123,10 +123,11 @@ impl Stream for DiscardUnverified {
                                 this.digest, this.sent, this.size
                             ),
                         );
-                        this.state = match this.sent {
-                            0 => return Poll::Ready(Some(Err(short))),
-                            _ => State::Discarding(this.discard("ended short"), Some(short)),
-                        };
+                        if this.sent == 0 {
+                            this.state = State::Done;
+                            return Poll::Ready(Some(Err(short)));
+                        }
+                        this.state = State::Discarding(this.discard("ended short"), Some(short));
                     }
                 },
             }

@@ -120,3 +120,16 @@ async fn the_inner_body_is_read_to_its_end() {
         "an observer of the inner body's end (peer timings) never saw it"
     );
 }
+
+#[tokio::test]
+async fn an_empty_body_for_a_blob_fails_once_then_ends() {
+    let store = Arc::new(MemoryStore::new());
+    let mut streamed = wrapped(body(&[], None), &store);
+    let first = streamed.next().await.unwrap();
+    assert_eq!(first.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    assert!(
+        streamed.next().await.is_none(),
+        "polled again after failing"
+    );
+    assert!(store.discarded().is_empty());
+}
