@@ -340,7 +340,7 @@ fn buffered(
     Ok(Arc::new(buffered.with_ingests(Arc::clone(ingests))))
 }
 
-/// The cold-burst claims this node coordinates, when it coordinates any (transparent mode).
+/// The cold-burst claims this node coordinates, when it coordinates any (`--burst-wait` > 0).
 type CoordinatedClaims = Option<Arc<Claims>>;
 
 /// The upstream as the serve policy asks it: one shared fetch per blob on this node, served to
@@ -369,14 +369,15 @@ fn shared_upstream(
     let shared = SharedFetch::new(Arc::clone(&upstream), spool).with_announce(Arc::clone(router));
     let in_flight = shared.in_flight();
     let shared: Arc<dyn Source> = Arc::new(shared);
-    if !transparent || args.burst.burst_wait.is_zero() {
+    if args.burst.burst_wait.is_zero() {
         return Ok((shared, None));
     }
     let holders = Arc::new(HolderRouter::new(Arc::clone(router)));
+    // A holder that stops mid-blob: the rest from upstream (transparent mode only).
     let client = PeerSource::new(
         Arc::clone(&holders) as Arc<dyn Router>,
         fetch_config.clone(),
-        Some(Arc::clone(&shared)),
+        transparent.then(|| Arc::clone(&shared)),
         peer_auth.clone(),
     );
     let claimer: Arc<dyn Claimer> = Arc::new(client.clone());
@@ -385,8 +386,12 @@ fn shared_upstream(
     // A holder's copy is a peer's copy: private content only once upstream confirmed this
     // client may read it, public content only when it cannot answer.
     let verified: Arc<dyn Source> = Arc::new(
-        ConfirmedPeers::new(verified, Some(upstream), Arc::clone(access))
-            .with_backoff(Arc::clone(backoff)),
+        ConfirmedPeers::new(
+            verified,
+            transparent.then_some(upstream),
+            Arc::clone(access),
+        )
+        .with_backoff(Arc::clone(backoff)),
     );
     let claims = Arc::new(Claims::new(me, in_flight.clone()));
     let gate = BurstGate::new(
@@ -396,6 +401,10 @@ fn shared_upstream(
         (Arc::clone(&claims), claimer),
         args.burst.burst_wait,
     );
+    let gate = match transparent {
+        true => gate,
+        false => gate.for_mirror(Arc::clone(ingests)),
+    };
     Ok((Arc::new(gate), Some(claims)))
 }
 

@@ -9,6 +9,11 @@
 //!   mid-blob); the others still finish, resuming from the registry, and the killed node's own
 //!   pull succeeds on its retry (fail-open: straight to the registry).
 //!
+//! - `a_cold_burst_in_mirror_mode_fetches_each_blob_once`: the same in mirror mode (`hosts.toml`
+//!   naming each node's daemon, no interception): the holder's daemon answers its containerd
+//!   404, containerd downloads the blob from the registry itself, and the others stream that
+//!   download from the holder's partial ingest as it arrives.
+//!
 //! The daemons run with `--burst-wait 2s` (the default is 300 ms): how long a node waits for the
 //! holder's fetch to register depends on the machine's load, and the assertion is about
 //! correctness (one upstream fetch), not about a tuned wait.
@@ -23,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use spegel_tests::cluster;
-use spegel_tests::rig::spegel::{Spegel, SpegelOptions};
+use spegel_tests::rig::spegel::{Spegel, SpegelOptions, configure_mirror, registry_urls};
 use spegel_tests::rig::{Endpoint, ImageSpec, MIB, Node, Rig, TestImage, spegel_bin};
 
 const NODES: usize = 4;
@@ -48,6 +53,32 @@ struct Suite {
 impl Suite {
     async fn start(name: &str, image: ImageSpec, options: SpegelOptions) -> Self {
         let started = Instant::now();
+        let rig = Self::rig(name, image).await;
+        let daemons = match cluster::transparent(&rig, options.arg(BURST_WAIT)).await {
+            Ok(daemons) => daemons,
+            Err(error) => panic!("transparent set-up: {error:#}"),
+        };
+        Self::meshed(name, rig, daemons, started).await
+    }
+
+    /// Mirror mode: each node's `hosts.toml` names its own daemon before the registry.
+    async fn start_mirror(name: &str, image: ImageSpec) -> Self {
+        let started = Instant::now();
+        let rig = Self::rig(name, image).await;
+        let daemons = rig
+            .start_spegel_everywhere(SpegelOptions::mirror().arg(BURST_WAIT))
+            .await
+            .expect("mirror-mode daemons start");
+        for (node, daemon) in rig.nodes().iter().zip(&daemons) {
+            configure_mirror(node, &[daemon.url()], &registry_urls(&rig, Endpoint::Tls))
+                .await
+                .expect("configure-mirror");
+        }
+        Self::meshed(name, rig, daemons, started).await
+    }
+
+    async fn rig(name: &str, image: ImageSpec) -> Rig {
+        let started = Instant::now();
         let rig = Rig::builder()
             .nodes(NODES)
             .image(image)
@@ -55,10 +86,10 @@ impl Suite {
             .await
             .expect("rig starts");
         eprintln!("{name}: rig {} up in {:?}", rig.prefix(), started.elapsed());
-        let daemons = match cluster::transparent(&rig, options.arg(BURST_WAIT)).await {
-            Ok(daemons) => daemons,
-            Err(error) => panic!("transparent set-up: {error:#}"),
-        };
+        rig
+    }
+
+    async fn meshed(name: &str, rig: Rig, daemons: Vec<Spegel>, started: Instant) -> Self {
         let suite = Self { rig, daemons };
         suite.wait_full_mesh().await;
         eprintln!("{name}: full mesh after {:?}", started.elapsed());
@@ -206,6 +237,53 @@ async fn a_cold_burst_fetches_each_blob_once() {
             "blob GETs at the registry, per digest: {:#?}",
             log.blob_gets_per_client()
         );
+    }))
+    .await;
+    suite.finish(outcome).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn a_cold_burst_in_mirror_mode_fetches_each_blob_once() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let spec = ImageSpec::new("burst")
+        .layers([MIB, 2 * MIB, 3 * MIB])
+        .seed(7303);
+    let suite = Suite::start_mirror("cold_burst_mirror", spec).await;
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        let rig = &suite.rig;
+        let image = rig.image("burst").expect("image pushed");
+        let before = rig.registry_log().await.unwrap();
+        let results = burst(rig, &image.reference(Endpoint::Tls)).await;
+        for (node, result) in rig.nodes().iter().zip(&results) {
+            let pulled = result
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{} pull failed: {e:#}", node.name()));
+            assert_eq!(pulled, &image.config().digest);
+            holds_verified(node, &image).await;
+        }
+        let log = rig.registry_log().await.unwrap().since(&before);
+        assert_eq!(
+            log.blob_get_counts(),
+            once_each(&image),
+            "blob GETs at the registry, per digest: {:#?}",
+            log.blob_gets_per_client()
+        );
+        // Served to peers from a download in flight, not only after it was committed.
+        let from_ingest: usize = suite
+            .daemons
+            .iter()
+            .map(|d| {
+                d.log()
+                    .matches("serving a peer this node's download in flight")
+                    .count()
+            })
+            .sum();
+        assert!(from_ingest > 0, "no holder served its download in flight");
     }))
     .await;
     suite.finish(outcome).await;

@@ -27,6 +27,13 @@
 //! - **Never a forward.** The holder serves only its *own* fetch in flight (or its store); a
 //!   peer's request never makes a node go upstream. A claim only names who fetches; the holder
 //!   fetches because its own containerd asked.
+//! - **Mirror mode** (containerd asks upstream itself after its mirror's 404; the daemon never
+//!   does): the holder answers its own containerd 404 at once, so containerd downloads the
+//!   blob with its own credentials, and serves that download to peers as it arrives, read from
+//!   containerd's partial ingest (`store::Ingests::growing`) once its first byte is written.
+//!   The others ask the holder as above; where they would go upstream they answer 404, and
+//!   their containerd goes itself. The holder serves only a download its 404 started, never an
+//!   ingest fed by a peer, so two nodes can never wait on each other.
 //!
 //! The price: one round trip to the coordinator per blob a node misses (none when it is the
 //! coordinator). An unreachable coordinator costs at most `--burst-wait`, then the node fetches
@@ -44,9 +51,10 @@ use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
     body::shared::InFlight,
-    oci::{Kind, Reference, digest::Digest},
+    oci::{Kind, OCTET_STREAM, Reference, digest::Digest},
     routing::{Peer, Router, RouterError},
-    source::{Object, ObjectRequest, Source, SourceError},
+    source::{Object, ObjectRequest, Payload, Source, SourceError},
+    store::Ingests,
 };
 
 /// How often a node asks a blob's holder again while its fetch has not started.
@@ -243,6 +251,10 @@ pub struct BurstGate {
     claims: Arc<Claims>,
     claimer: Arc<dyn Claimer>,
     wait: Duration,
+    /// Mirror mode: this node's containerd, whose own download a holder serves as it arrives.
+    mirror: Option<Arc<dyn Ingests>>,
+    /// Blobs this node was the first to claim, as their coordinators said.
+    held: Mutex<Expiring<()>>,
 }
 
 impl BurstGate {
@@ -264,7 +276,48 @@ impl BurstGate {
             claims,
             claimer,
             wait,
+            mirror: None,
+            held: Mutex::default(),
         }
+    }
+
+    /// Mirror mode, where containerd asks upstream itself: a holder answers its containerd
+    /// 404 at once (so it downloads the blob from upstream) and serves peers that download,
+    /// read from containerd's partial ingest in `ingests` as it grows; a node that is not the
+    /// holder asks it as in transparent mode, and where it would go upstream it answers 404
+    /// (its containerd then goes itself).
+    pub fn for_mirror(mut self, ingests: Arc<dyn Ingests>) -> Self {
+        self.mirror = Some(ingests);
+        self
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Expiring<()>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// A peer's request for a blob this node holds in mirror mode: its containerd's download
+    /// in flight, from the first byte written on (`None` before that, or once it is gone).
+    async fn download_in_flight(&self, request: &ObjectRequest, digest: Digest) -> Option<Object> {
+        let ingests = self.mirror.as_ref()?;
+        self.lock_held().get(&digest, Instant::now())?;
+        let growing = ingests.growing(&digest).await?;
+        let size = growing.size();
+        let range = request.resolve_range(size).ok()?;
+        let bytes = range.as_ref().map_or(0..size, |r| *r.start()..*r.end() + 1);
+        tracing::debug!(%digest, ?range, "serving a peer this node's download in flight");
+        Some(Object {
+            digest,
+            media_type: OCTET_STREAM.into(),
+            size,
+            range,
+            body: match request.head {
+                true => Payload::Empty,
+                false => Payload::Stream(growing.body(bytes)),
+            },
+            source: "local",
+        })
     }
 
     /// The holder of `digest` when it is another member; `None`: this node fetches.
@@ -288,6 +341,7 @@ impl BurstGate {
             }
         };
         if holder == me {
+            self.lock_held().insert(digest, (), Instant::now());
             return None;
         }
         let found = members.into_iter().find(|peer| peer.id == holder);
@@ -305,10 +359,23 @@ impl Source for BurstGate {
             (Kind::Blob, Reference::Digest(digest)) => *digest,
             _ => return self.upstream.fetch(request).await,
         };
+        if request.mirrored {
+            // A peer asking: never a claim, never a forward; in mirror mode, what this node's
+            // containerd is downloading as the blob's holder.
+            if let Some(object) = self.download_in_flight(request, digest).await {
+                return Ok(object);
+            }
+            return self.upstream.fetch(request).await;
+        }
+        // Where this node's containerd would otherwise download it: through this daemon
+        // (intercepted), or itself after a mirror-mode 404 (`?ns=` names the registry).
+        let downloads = match self.mirror {
+            None => request.origin.is_some(),
+            Some(_) => request.origin.is_none() && request.registry.is_some(),
+        };
         let gated = !request.head
-            && !request.mirrored
             && request.range.is_none()
-            && request.origin.is_some()
+            && downloads
             && !self.wait.is_zero()
             && !self.in_flight.has(&digest);
         if !gated {

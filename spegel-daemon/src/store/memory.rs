@@ -12,6 +12,7 @@ use crate::{
     oci::digest::Digest,
     store::{
         Descriptor, Ingests, Keys, Reader, Store, StoreError,
+        growing::Growing,
         walk::{self, Blobs, ImageRecord, Index, MAX_DOCUMENT_SIZE, ParseCache},
     },
 };
@@ -32,6 +33,8 @@ struct State {
     index: Index,
     /// Every [`Ingests::discard`], in order.
     discarded: Vec<Digest>,
+    /// Files standing in for partial ingests: path and final size.
+    growing: HashMap<Digest, (std::path::PathBuf, u64)>,
 }
 
 impl Default for MemoryStore {
@@ -90,6 +93,11 @@ impl MemoryStore {
         self.lock().discarded.clone()
     }
 
+    /// Makes the file at `path` (to be `size` bytes) the partial ingest of `digest`.
+    pub fn set_growing(&self, digest: Digest, path: std::path::PathBuf, size: u64) {
+        self.lock().growing.insert(digest, (path, size));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is only ever replaced whole, so a panic elsewhere cannot leave it torn.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -135,12 +143,20 @@ impl Blobs for Snapshot {
     }
 }
 
-/// Holds no partial ingests; records what it was asked to discard.
+/// Partial ingests are the files [`MemoryStore::set_growing`] names; discarding records what
+/// it was asked for (and forgets the digest's file).
 #[async_trait::async_trait]
 impl Ingests for MemoryStore {
     async fn discard(&self, digest: &Digest) -> Result<usize, StoreError> {
-        self.lock().discarded.push(*digest);
-        Ok(0)
+        let mut state = self.lock();
+        state.discarded.push(*digest);
+        Ok(usize::from(state.growing.remove(digest).is_some()))
+    }
+
+    async fn growing(&self, digest: &Digest) -> Option<Growing> {
+        let (path, size) = self.lock().growing.get(digest).cloned()?;
+        let growing = Growing::open(path, size).await.ok()?;
+        (growing.written().await.ok()? > 0).then_some(growing)
     }
 }
 

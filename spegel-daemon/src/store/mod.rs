@@ -103,9 +103,15 @@ pub trait Ingests: Send + Sync + 'static {
     /// Throws away every partial ingest of `digest`, in every namespace, so containerd's next
     /// attempt starts from the first byte. Returns how many there were.
     async fn discard(&self, digest: &Digest) -> Result<usize, StoreError>;
+
+    /// The partial ingest of `digest` containerd is writing now, to read as it grows: the one
+    /// furthest along when there are several, `None` when there is none with a known size and
+    /// a first byte written (or it cannot be read here).
+    async fn growing(&self, digest: &Digest) -> Option<growing::Growing>;
 }
 
 pub mod conformance;
 pub mod containerd;
+pub mod growing;
 pub mod memory;
 pub(crate) mod walk;

@@ -380,3 +380,157 @@ async fn ranges_heads_peers_and_a_zero_wait_are_not_gated() {
     assert_eq!(g.holder.calls(), 0);
     assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 0);
 }
+
+/// A mirror-mode request from this node's containerd (`?ns=r.test`).
+fn mirror_blob(digest: Digest) -> ObjectRequest {
+    ObjectRequest {
+        origin: None,
+        ..blob(digest)
+    }
+}
+
+/// A peer asking this node (`X-Spegel-Mirrored`).
+fn from_peer(digest: Digest) -> ObjectRequest {
+    ObjectRequest {
+        mirrored: true,
+        ..mirror_blob(digest)
+    }
+}
+
+/// Node "a" in mirror mode (its upstream never answers: containerd asks upstream itself),
+/// with `store` as its containerd's ingests.
+fn mirror_gate(
+    holder_misses: usize,
+    remote: Result<&str, &str>,
+    wait: Duration,
+    store: Arc<crate::store::memory::MemoryStore>,
+) -> Gate {
+    let mut g = gate(holder_misses, remote, wait);
+    let upstream = Counted::new("upstream", usize::MAX);
+    g.gate.upstream = upstream.clone();
+    g.upstream = upstream;
+    g.gate = g.gate.for_mirror(store);
+    g
+}
+
+async fn read_all(object: Object) -> Vec<u8> {
+    use futures::StreamExt as _;
+    let mut body = object.body.into_body().expect("a body");
+    let mut got = Vec::new();
+    while let Some(chunk) = body.next().await {
+        got.extend_from_slice(&chunk.expect("no error"));
+    }
+    got
+}
+
+#[tokio::test]
+async fn in_mirror_mode_the_holder_leaves_upstream_to_containerd_and_serves_its_download() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut writer = std::fs::File::create(&data).unwrap();
+    writer.write_all(b"first half, ").unwrap();
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    let digest = digest_coordinated_by_me("a", &IDS, true);
+    store.set_growing(digest, data, 24);
+    let g = mirror_gate(0, Err("unused"), Duration::from_secs(5), Arc::clone(&store));
+
+    let mine = g.gate.fetch(&mirror_blob(digest)).await;
+    assert!(matches!(mine, Err(SourceError::NotFound)), "{mine:?}");
+    assert_eq!(g.holder.calls(), 0, "the holder asks nobody");
+    assert_eq!(g.claims.claim(digest, "b"), "a", "a holds it now");
+
+    let object = g.gate.fetch(&from_peer(digest)).await.unwrap();
+    assert_eq!((object.size, object.range.clone()), (24, None));
+    let reader = tokio::spawn(read_all(object));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    writer.write_all(b"second half!").unwrap();
+    assert_eq!(reader.await.unwrap(), b"first half, second half!");
+
+    let ranged = ObjectRequest {
+        range: Some(crate::oci::ByteRange::From {
+            start: 12,
+            end: None,
+        }),
+        ..from_peer(digest)
+    };
+    let object = g.gate.fetch(&ranged).await.unwrap();
+    assert_eq!(object.range, Some(12..=23));
+    assert_eq!(read_all(object).await, b"second half!");
+}
+
+#[tokio::test]
+async fn in_mirror_mode_a_download_this_node_does_not_hold_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"partial").unwrap();
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    let digest = digest_coordinated_by_me("a", &IDS, true);
+    store.set_growing(digest, data, 100);
+    let g = mirror_gate(0, Err("unused"), Duration::from_secs(5), store);
+    // Its containerd may be downloading it from a peer through this daemon: never served on.
+    let got = g.gate.fetch(&from_peer(digest)).await;
+    assert!(matches!(got, Err(SourceError::NotFound)), "{got:?}");
+}
+
+#[tokio::test]
+async fn in_mirror_mode_a_holder_with_nothing_written_yet_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"").unwrap();
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    let digest = digest_coordinated_by_me("a", &IDS, true);
+    store.set_growing(digest, data, 100);
+    let g = mirror_gate(0, Err("unused"), Duration::from_secs(5), store);
+    assert!(g.gate.fetch(&mirror_blob(digest)).await.is_err());
+    // The asking node polls until the first byte is there.
+    let got = g.gate.fetch(&from_peer(digest)).await;
+    assert!(matches!(got, Err(SourceError::NotFound)), "{got:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_mirror_mode_a_later_claimant_gets_the_blob_from_its_holder() {
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    let g = mirror_gate(2, Ok("c"), Duration::from_secs(5), store);
+    let got = g
+        .gate
+        .fetch(&mirror_blob(digest_coordinated_by_me("a", &IDS, false)))
+        .await
+        .unwrap();
+    assert_eq!(got.source, "peer");
+    assert_eq!(g.holder.calls(), 3);
+    assert_eq!(g.upstream.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_mirror_mode_a_holder_that_never_serves_leaves_the_blob_to_containerd() {
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    let wait = Duration::from_millis(300);
+    let g = mirror_gate(usize::MAX, Ok("c"), wait, store);
+    let started = Instant::now();
+    let got = g
+        .gate
+        .fetch(&mirror_blob(digest_coordinated_by_me("a", &IDS, false)))
+        .await;
+    assert!(matches!(got, Err(SourceError::NotFound)), "{got:?}");
+    assert!(started.elapsed() <= wait);
+    assert!(g.holder.calls() >= 2);
+}
+
+#[tokio::test]
+async fn in_mirror_mode_intercepted_and_nameless_requests_are_not_gated() {
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    let g = mirror_gate(0, Ok("c"), Duration::from_secs(5), store);
+    let digest = digest_coordinated_by_me("a", &IDS, false);
+    for request in [
+        blob(digest),
+        ObjectRequest {
+            registry: None,
+            ..mirror_blob(digest)
+        },
+    ] {
+        assert!(g.gate.fetch(&request).await.is_err());
+    }
+    assert_eq!(g.holder.calls(), 0);
+    assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 0);
+}
