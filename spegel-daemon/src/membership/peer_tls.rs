@@ -121,7 +121,7 @@ impl PeerTls {
         let chain = vec![leaf.der().clone()];
         let key_der = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let roots = Arc::new(roots);
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
@@ -164,6 +164,17 @@ impl PeerTls {
     pub fn server_name(&self) -> ServerName<'static> {
         self.name.clone()
     }
+}
+
+/// ring's TLS 1.3 suites with AES-128-GCM first: both ends are ours, and on the peer path,
+/// where every blob byte is sealed and opened once, its 10 rounds cost less CPU than
+/// AES-256-GCM's 14 at the same 128-bit security the key exchange gives.
+fn provider() -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    provider
 }
 
 #[cfg(test)]
@@ -214,6 +225,28 @@ mod tests {
     #[tokio::test]
     async fn members_talk() {
         assert!(talk(&tls(&[OLD]), &tls(&[OLD])).await);
+    }
+
+    #[tokio::test]
+    async fn members_seal_blobs_with_aes_128_gcm() {
+        let (client, server) = (tls(&[OLD]), tls(&[OLD]));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = TlsAcceptor::from(server.server_config());
+        let connector = TlsConnector::from(client.client_config());
+        let (served, asked) = tokio::join!(
+            acceptor.accept(b),
+            connector.connect(client.server_name(), a)
+        );
+        let (served, asked) = (served.unwrap(), asked.unwrap());
+        for suite in [
+            served.get_ref().1.negotiated_cipher_suite(),
+            asked.get_ref().1.negotiated_cipher_suite(),
+        ] {
+            assert_eq!(
+                suite.map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
     }
 
     #[tokio::test]
