@@ -14,6 +14,11 @@
 //!   404, containerd downloads the blob from the registry itself, and the others stream that
 //!   download from the holder's partial ingest as it arrives.
 //!
+//! - `the_holder_killed_mid_burst_in_mirror_mode_leaves_the_others_to_the_registry`: in mirror
+//!   mode the holder's daemon is `kill -9`ed while it streams its containerd's download to the
+//!   others; that download goes on (containerd's own), and every other node ends with the image,
+//!   verified, after at most one failed attempt (kubelet's retry, repeated here).
+//!
 //! The daemons run with `--burst-wait 2s` (the default is 300 ms): how long a node waits for the
 //! holder's fetch to register depends on the machine's load, and the assertion is about
 //! correctness (one upstream fetch), not about a tuned wait.
@@ -61,12 +66,13 @@ impl Suite {
         Self::meshed(name, rig, daemons, started).await
     }
 
-    /// Mirror mode: each node's `hosts.toml` names its own daemon before the registry.
-    async fn start_mirror(name: &str, image: ImageSpec) -> Self {
+    /// Mirror mode (`options` from [`SpegelOptions::mirror`]): each node's `hosts.toml` names
+    /// its own daemon before the registry.
+    async fn start_mirror(name: &str, image: ImageSpec, options: SpegelOptions) -> Self {
         let started = Instant::now();
         let rig = Self::rig(name, image).await;
         let daemons = rig
-            .start_spegel_everywhere(SpegelOptions::mirror().arg(BURST_WAIT))
+            .start_spegel_everywhere(options.arg(BURST_WAIT))
             .await
             .expect("mirror-mode daemons start");
         for (node, daemon) in rig.nodes().iter().zip(&daemons) {
@@ -253,7 +259,7 @@ async fn a_cold_burst_in_mirror_mode_fetches_each_blob_once() {
     let spec = ImageSpec::new("burst")
         .layers([MIB, 2 * MIB, 3 * MIB])
         .seed(7303);
-    let suite = Suite::start_mirror("cold_burst_mirror", spec).await;
+    let suite = Suite::start_mirror("cold_burst_mirror", spec, SpegelOptions::mirror()).await;
     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
         let rig = &suite.rig;
         let image = rig.image("burst").expect("image pushed");
@@ -306,30 +312,11 @@ async fn the_holder_killed_mid_burst_leaves_the_others_to_upstream() {
         let image = rig.image("bulky").expect("image pushed");
         let layer = image.layers()[0].digest.clone();
         let before = rig.registry_log().await.unwrap();
-        let marks: Vec<_> = suite.daemons.iter().map(Spegel::log_mark).collect();
         let reference = image.reference(Endpoint::Tls);
-        // The holder is whoever claimed first: the node that starts streaming the layer to a peer.
-        let kill = async {
-            let serving = suite.daemons.iter().zip(marks).map(|(daemon, mark)| {
-                Box::pin(
-                    daemon.wait_for_event(mark, Duration::from_secs(60), |event| {
-                        event.message.contains("throttling a blob served to a peer")
-                            && event.str("digest") == Some(layer.as_str())
-                    }),
-                )
-            });
-            let (first, holder, _) = futures::future::select_all(serving).await;
-            first.expect("the holder serves the layer to a peer");
-            let daemon = &suite.daemons[holder];
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            daemon.kill().await.expect("kill -9");
-            eprintln!(
-                "killed the holder of {layer}, {}, mid-blob",
-                daemon.node_name()
-            );
-            holder
-        };
-        let (results, holder) = tokio::join!(burst(rig, &reference), kill);
+        let (results, holder) = tokio::join!(
+            burst(rig, &reference),
+            kill_the_holder(&suite.daemons, &layer)
+        );
         for (index, (node, result)) in rig.nodes().iter().zip(results).enumerate() {
             match result {
                 Ok(pulled) => assert_eq!(pulled, image.config().digest),
@@ -363,6 +350,75 @@ async fn the_holder_killed_mid_burst_leaves_the_others_to_upstream() {
             "the others finished the layer without the registry? {:#?}",
             log.blob_gets_per_client()
         );
+    }))
+    .await;
+    suite.finish(outcome).await;
+}
+
+/// Waits until a daemon streams `layer` to a peer (the holder: whoever claimed it first), lets
+/// it stream for a second, `kill -9`s it and returns its index.
+async fn kill_the_holder(daemons: &[Spegel], layer: &str) -> usize {
+    let marks: Vec<_> = daemons.iter().map(Spegel::log_mark).collect();
+    let serving = daemons.iter().zip(marks).map(|(daemon, mark)| {
+        Box::pin(
+            daemon.wait_for_event(mark, Duration::from_secs(60), |event| {
+                event.message.contains("throttling a blob served to a peer")
+                    && event.str("digest") == Some(layer)
+            }),
+        )
+    });
+    let (first, holder, _) = futures::future::select_all(serving).await;
+    first.expect("the holder serves the layer to a peer");
+    let daemon = &daemons[holder];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    daemon.kill().await.expect("kill -9");
+    eprintln!(
+        "killed the holder of {layer}, {}, mid-blob",
+        daemon.node_name()
+    );
+    holder
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn the_holder_killed_mid_burst_in_mirror_mode_leaves_the_others_to_the_registry() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    let spec = ImageSpec::new("bulky").layers([8 * MIB]).seed(7304);
+    // 1 MiB/s to peers: above the peer client's minimum rate, slow enough to be killed mid-blob.
+    let options = SpegelOptions::mirror().throttle_peer_bytes(MIB);
+    let suite = Suite::start_mirror("holder_killed_mirror", spec, options).await;
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        let rig = &suite.rig;
+        let image = rig.image("bulky").expect("image pushed");
+        let layer = image.layers()[0].digest.clone();
+        let reference = image.reference(Endpoint::Tls);
+        let (results, holder) = tokio::join!(
+            burst(rig, &reference),
+            kill_the_holder(&suite.daemons, &layer)
+        );
+        for (index, (node, result)) in rig.nodes().iter().zip(results).enumerate() {
+            match result {
+                Ok(pulled) => assert_eq!(pulled, image.config().digest),
+                // The download was its containerd's own, from the registry: the daemon's
+                // death cannot break it.
+                Err(error) if index == holder => {
+                    panic!("the holder's own pull failed: {error:#}")
+                }
+                // Reading from the holder when it died: kubelet's retry, with containerd's
+                // partial copy thrown away, goes to the registry.
+                Err(error) => {
+                    eprintln!("{} failed once ({error:#}); retrying", node.name());
+                    node.cri_pull(&reference)
+                        .await
+                        .unwrap_or_else(|e| panic!("{} retry failed: {e:#}", node.name()));
+                }
+            }
+            holds_verified(node, &image).await;
+        }
     }))
     .await;
     suite.finish(outcome).await;

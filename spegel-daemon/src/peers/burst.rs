@@ -30,7 +30,9 @@
 //! - **Mirror mode** (containerd asks upstream itself after its mirror's 404; the daemon never
 //!   does): the holder answers its own containerd 404 at once, so containerd downloads the
 //!   blob with its own credentials, and serves that download to peers as it arrives, read from
-//!   containerd's partial ingest (`store::Ingests::growing`) once its first byte is written.
+//!   containerd's partial ingest (`store::Ingests::growing`); from the claim on, since the
+//!   first MiB lands a while after the download starts (containerd writes in 1 MiB steps), and
+//!   an asking node waits for it within its stall bound ([`STARTING`]) rather than give up.
 //!   The others ask the holder as above; where they would go upstream they answer 404, and
 //!   their containerd goes itself. The holder serves only a download its 404 started, never an
 //!   ingest fed by a peer, so two nodes can never wait on each other.
@@ -63,6 +65,12 @@ pub const POLL: Duration = Duration::from_millis(50);
 /// How long a coordinator names a blob's first claimant as its holder. Past that, the holder
 /// has the blob in its store (and advertises it) or failed; either way a new claim starts over.
 pub const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// How long after its claim a holder serves its containerd's download before a byte of it is
+/// written (containerd writes an ingest in 1 MiB steps, so the first lands a while after the
+/// download starts); past it, only a download with bytes. The default `--peer-stall-timeout`:
+/// an asking node waits no longer than that for a byte either way.
+pub const STARTING: Duration = Duration::from_secs(5);
 
 /// Most claims a coordinator keeps; past it, expired ones are dropped, and if none are, new
 /// claims are granted without being recorded (each claimant fetches: fail open, bounded memory).
@@ -119,6 +127,12 @@ impl<V> Expiring<V> {
     fn get(&self, digest: &Digest, now: Instant) -> Option<&V> {
         let (value, at) = self.entries.get(digest)?;
         (now.duration_since(*at) < CLAIM_TTL).then_some(value)
+    }
+
+    /// How long ago `digest`'s entry was set, unless it expired by `now`.
+    fn age(&self, digest: &Digest, now: Instant) -> Option<Duration> {
+        let (_, at) = self.entries.get(digest)?;
+        Some(now.duration_since(*at)).filter(|age| *age < CLAIM_TTL)
     }
 
     /// Sets `digest`'s entry as of `now`, unless the map is full of live entries.
@@ -298,11 +312,16 @@ impl BurstGate {
     }
 
     /// A peer's request for a blob this node holds in mirror mode: its containerd's download
-    /// in flight, from the first byte written on (`None` before that, or once it is gone).
+    /// in flight (`None` once it is gone, or when nothing of it is written [`STARTING`] after
+    /// the claim: a download that never started).
     async fn download_in_flight(&self, request: &ObjectRequest, digest: Digest) -> Option<Object> {
         let ingests = self.mirror.as_ref()?;
-        self.lock_held().get(&digest, Instant::now())?;
+        let age = self.lock_held().age(&digest, Instant::now())?;
         let growing = ingests.growing(&digest).await?;
+        if age >= STARTING && growing.written().await.ok()? == 0 {
+            tracing::debug!(%digest, ?age, "this node's download of a blob it holds has not started");
+            return None;
+        }
         let size = growing.size();
         let range = request.resolve_range(size).ok()?;
         let bytes = range.as_ref().map_or(0..size, |r| *r.start()..*r.end() + 1);

@@ -105,8 +105,8 @@ pub trait Ingests: Send + Sync + 'static {
     async fn discard(&self, digest: &Digest) -> Result<usize, StoreError>;
 
     /// The partial ingest of `digest` containerd is writing now, to read as it grows: the one
-    /// furthest along when there are several, `None` when there is none with a known size and
-    /// a first byte written (or it cannot be read here).
+    /// furthest along when there are several (possibly nothing written yet), `None` when there
+    /// is none with a known size (or it cannot be read here).
     async fn growing(&self, digest: &Digest) -> Option<growing::Growing>;
 }
 

@@ -473,17 +473,24 @@ async fn in_mirror_mode_a_download_this_node_does_not_hold_is_not_served() {
     assert!(matches!(got, Err(SourceError::NotFound)), "{got:?}");
 }
 
-#[tokio::test]
-async fn in_mirror_mode_a_holder_with_nothing_written_yet_is_not_found() {
+#[tokio::test(start_paused = true)]
+async fn in_mirror_mode_a_download_with_nothing_written_is_served_only_while_it_starts() {
+    use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    std::fs::write(&data, b"").unwrap();
+    let mut writer = std::fs::File::create(&data).unwrap();
     let store = Arc::new(crate::store::memory::MemoryStore::new());
     let digest = digest_coordinated_by_me("a", &IDS, true);
-    store.set_growing(digest, data, 100);
+    store.set_growing(digest, data, 4);
     let g = mirror_gate(0, Err("unused"), Duration::from_secs(5), store);
     assert!(g.gate.fetch(&mirror_blob(digest)).await.is_err());
-    // The asking node polls until the first byte is there.
+    // Just claimed: containerd's first bytes are on their way.
+    let object = g.gate.fetch(&from_peer(digest)).await.unwrap();
+    writer.write_all(b"blob").unwrap();
+    assert_eq!(read_all(object).await, b"blob");
+    // A download that wrote nothing since its claim long ago never started.
+    std::fs::File::create(dir.path().join("data")).unwrap();
+    tokio::time::advance(STARTING).await;
     let got = g.gate.fetch(&from_peer(digest)).await;
     assert!(matches!(got, Err(SourceError::NotFound)), "{got:?}");
 }

@@ -102,8 +102,7 @@ impl Ingests for ContainerdStore {
             .trim()
             .parse()
             .ok()?;
-        let growing = Growing::open(data, size).await.ok()?;
-        (growing.written().await.ok()? > 0).then_some(growing)
+        Growing::open(data, size).await.ok()
     }
 }
 
