@@ -203,8 +203,7 @@ impl Source for Buffered {
         {
             if let Some(body) = object.body.take() {
                 tracing::debug!(digest = %object.digest, size, "streaming a peer blob to containerd as it arrives");
-                let body = discard_unverified(body, object.digest, size, Arc::clone(ingests));
-                object.body = Payload::Stream(body);
+                object.body = Payload::Stream(streamed(body, object.digest, size, Some(ingests)));
             }
             return Ok(object);
         }
@@ -250,13 +249,7 @@ impl Source for Buffered {
             }
             Plan::Stream => {
                 if request.range.is_none() {
-                    let body = match discards {
-                        Some(ingests) => {
-                            discard_unverified(body, digest, size, Arc::clone(ingests))
-                        }
-                        None => body,
-                    };
-                    object.body = Payload::Stream(body);
+                    object.body = Payload::Stream(streamed(body, digest, size, discards));
                     return Ok(object);
                 }
                 // Not the whole blob: ask for just the range (passed through unverified).
@@ -269,6 +262,20 @@ impl Source for Buffered {
             .map(|_| wanted.start..=wanted.end.saturating_sub(1));
         object.body = Payload::Stream(body);
         Ok(object)
+    }
+}
+
+/// A whole peer blob passed on as it arrives: for this node's containerd (`discards`), through
+/// [`discard_unverified`], so an unverified end throws away containerd's partial copy.
+fn streamed(
+    body: Body,
+    digest: crate::oci::digest::Digest,
+    size: u64,
+    discards: Option<&Arc<dyn Ingests>>,
+) -> Body {
+    match discards {
+        Some(ingests) => discard_unverified(body, digest, size, Arc::clone(ingests)),
+        None => body,
     }
 }
 

@@ -365,6 +365,14 @@ fn source(router: &Arc<FakeRouter>, config: FetchConfig) -> PeerSource {
     )
 }
 
+/// A router on which `peers` provide `key`, and a peer source with the default config on it.
+fn providing(key: impl ToString, peers: &[&FakePeer]) -> (Arc<FakeRouter>, PeerSource) {
+    let router = Arc::new(FakeRouter::default());
+    router.provide(key, peers);
+    let source = source(&router, config());
+    (router, source)
+}
+
 fn request(kind: Kind, reference: Reference) -> ObjectRequest {
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -421,9 +429,7 @@ async fn hit_from_first_peer() {
     let bytes = blob_bytes(100_000);
     let a = FakePeer::start("a", Behaviour::Good).await;
     let digest = a.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&a]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&a]);
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
     assert_eq!(
@@ -470,9 +476,7 @@ async fn a_blob_read_to_its_last_byte_is_timed_complete() {
     let bytes = blob_bytes(100_000);
     let a = FakePeer::start("a", Behaviour::Good).await;
     let digest = a.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&a]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&a]);
     let object = fetch_ok(&source, &blob_request(digest)).await;
     let mut body = object.body.into_body().unwrap();
     let mut got = 0;
@@ -512,9 +516,7 @@ async fn miss_when_every_peer_lacks_it() {
     let a = FakePeer::start("a", Behaviour::Good).await;
     let b = FakePeer::start("b", Behaviour::Good).await;
     let digest = Digest::of(b"gone");
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&a, &b]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&a, &b]);
     let (result, why) = bounded(miss::scope(async {
         (source.fetch(&blob_request(digest)).await, miss::noted())
     }))
@@ -585,9 +587,7 @@ async fn mid_stream_death_resumes_from_another_peer() {
     let good = FakePeer::start("good", Behaviour::Good).await;
     let digest = dying.blob(&bytes);
     good.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&dying, &good]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&dying, &good]);
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
     assert_eq!(object.size, 200_000);
@@ -613,9 +613,7 @@ async fn stalled_transfer_resumes_from_another_peer() {
     let good = FakePeer::start("good", Behaviour::Good).await;
     let digest = stalling.blob(&bytes);
     good.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&stalling, &good]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&stalling, &good]);
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
     let (got, err) = drain(object.body.into_body().unwrap()).await;
@@ -631,9 +629,7 @@ async fn trickling_peer_is_replaced_by_a_faster_one() {
     let good = FakePeer::start("good", Behaviour::Good).await;
     let digest = slow.blob(&bytes);
     good.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&slow, &good]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&slow, &good]);
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
     let (got, err) = drain(object.body.into_body().unwrap()).await;
@@ -659,9 +655,7 @@ async fn trickling_peer_is_kept_when_nothing_else_can_serve() {
     let bytes = blob_bytes(32 * 1024);
     let slow = FakePeer::start("slow", Behaviour::Trickle).await;
     let digest = slow.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&slow]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&slow]);
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
     let (got, err) = drain(object.body.into_body().unwrap()).await;
@@ -678,9 +672,7 @@ async fn corrupted_peer_fails_before_last_byte_and_is_quarantined() {
     let good = FakePeer::start("good", Behaviour::Good).await;
     let digest = bad.blob(&bytes);
     good.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&bad]);
-    let source = source(&router, config());
+    let (router, source) = providing(digest, &[&bad]);
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
     let (got, err) = drain(object.body.into_body().unwrap()).await;
@@ -710,9 +702,7 @@ async fn corruption_after_resume_is_still_caught() {
     let bad = FakePeer::start("bad", Behaviour::Corrupt).await;
     let digest = dying.blob(&bytes);
     bad.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&dying, &bad]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&dying, &bad]);
 
     let object = fetch_ok(&source, &blob_request(digest)).await;
     let (got, err) = drain(object.body.into_body().unwrap()).await;
@@ -729,9 +719,7 @@ async fn manifest_is_verified_before_the_first_byte() {
     let good = FakePeer::start("good", Behaviour::Good).await;
     bad.manifest(&digest.to_string(), &manifest, digest);
     good.manifest(&digest.to_string(), &manifest, digest);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&bad]);
-    let source = source(&router, config());
+    let (router, source) = providing(digest, &[&bad]);
     let req = request(Kind::Manifest, Reference::Digest(digest));
 
     // Only a corrupt peer: nothing at all is returned, not even headers.
@@ -760,9 +748,7 @@ async fn corrupt_manifest_moves_on_to_the_next_peer() {
     let good = FakePeer::start("good", Behaviour::Good).await;
     bad.manifest(&digest.to_string(), &manifest, digest);
     good.manifest(&digest.to_string(), &manifest, digest);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&bad, &good]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&bad, &good]);
 
     let object = fetch_ok(&source, &request(Kind::Manifest, Reference::Digest(digest))).await;
     let (got, _) = drain(object.body.into_body().unwrap()).await;
@@ -776,9 +762,7 @@ async fn mirrored_request_is_never_forwarded() {
     let bytes = blob_bytes(10);
     let a = FakePeer::start("a", Behaviour::Good).await;
     let digest = a.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&a]);
-    let source = source(&router, config());
+    let (router, source) = providing(digest, &[&a]);
     let mut req = blob_request(digest);
     req.mirrored = true;
     let result = bounded(source.fetch(&req)).await;
@@ -827,9 +811,7 @@ async fn tag_answer_must_match_the_digest_it_claims() {
     let manifest = Bytes::from_static(br#"{"schemaVersion":2}"#);
     let a = FakePeer::start("a", Behaviour::Good).await;
     a.manifest("1.0", &manifest, Digest::of(b"something else"));
-    let router = Arc::new(FakeRouter::default());
-    router.provide(format!("{REGISTRY}/{REPO}:1.0"), &[&a]);
-    let source = source(&router, config());
+    let (_, source) = providing(format!("{REGISTRY}/{REPO}:1.0"), &[&a]);
     let result =
         bounded(source.fetch(&request(Kind::Manifest, Reference::Tag("1.0".into())))).await;
     assert!(matches!(result, Err(SourceError::NotFound)), "{result:?}");
@@ -900,9 +882,7 @@ async fn body_fails_when_nothing_can_resume() {
     let bytes = blob_bytes(100_000);
     let dying = FakePeer::start("dying", Behaviour::DieAfter(32_768)).await;
     let digest = dying.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&dying]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&dying]);
     let object = fetch_ok(&source, &blob_request(digest)).await;
     let (got, err) = drain(object.body.into_body().unwrap()).await;
     assert!(err.is_some());
@@ -915,9 +895,7 @@ async fn ranges_pass_through_and_full_ranges_are_verified() {
     let bytes = blob_bytes(100_000);
     let a = FakePeer::start("a", Behaviour::Good).await;
     let digest = a.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&a]);
-    let source = source(&router, config());
+    let (_, source) = providing(digest, &[&a]);
 
     let mut req = blob_request(digest);
     req.range = Some(ByteRange::From {
@@ -950,9 +928,7 @@ async fn blob_head_and_digest_header_checks() {
     let bytes = blob_bytes(1234);
     let a = FakePeer::start("a", Behaviour::Good).await;
     let digest = a.blob(&bytes);
-    let router = Arc::new(FakeRouter::default());
-    router.provide(digest, &[&a]);
-    let source = source(&router, config());
+    let (router, source) = providing(digest, &[&a]);
 
     let mut head = blob_request(digest);
     head.head = true;

@@ -362,16 +362,28 @@ async fn heads_and_manifests_pass_through() {
     assert!(collect(object).await.is_err());
 }
 
-/// `buffered` streaming whole blobs of at least `stream_min` bytes, discarding through `store`.
+/// `buffered` streaming whole blobs of at least `stream_min` bytes (with a MiB of memory and of
+/// spool to verify smaller ones in), discarding through `store`.
 fn streaming(
     source: Arc<dyn Source>,
+    stream_min: u64,
+    store: &Arc<MemoryStore>,
+) -> (Buffered, tempfile::TempDir) {
+    guarded(source, args(MIB, MIB, MIB), stream_min, store)
+}
+
+/// `buffered` with `args`, streaming whole blobs of at least `stream_min` bytes, discarding
+/// through `store`.
+fn guarded(
+    source: Arc<dyn Source>,
+    args: BufferArgs,
     stream_min: u64,
     store: &Arc<MemoryStore>,
 ) -> (Buffered, tempfile::TempDir) {
     let data_dir = tempfile::tempdir().unwrap();
     let args = BufferArgs {
         peer_stream_min: stream_min,
-        ..args(MIB, MIB, MIB)
+        ..args
     };
     let buffered = Buffered::new(source, &args, data_dir.path())
         .unwrap()
@@ -470,14 +482,7 @@ async fn a_small_blob_nothing_can_take_whole_streams_guarded() {
     let store = Arc::new(MemoryStore::new());
     let data = data(10_000);
     // Below the stream minimum, but no memory and no spool to verify it in first.
-    let args = BufferArgs {
-        peer_stream_min: MIB,
-        ..args(0, MIB, 0)
-    };
-    let data_dir = tempfile::tempdir().unwrap();
-    let source = Buffered::new(chunked_source(&data, true), &args, data_dir.path())
-        .unwrap()
-        .with_ingests(Arc::clone(&store) as _);
+    let (source, _dir) = guarded(chunked_source(&data, true), args(0, MIB, 0), MIB, &store);
     let object = source.fetch(&request(None)).await.unwrap();
     assert!(
         collect(object).await.is_err(),
