@@ -212,6 +212,28 @@ async fn holds_verified(node: &Node, image: &TestImage) {
     }
 }
 
+/// Every node pulls the rig's "burst" image at once: every pull succeeds, every node holds
+/// every blob verified, and the registry served each blob's GET exactly once in all.
+async fn every_node_pulls_each_blob_fetched_once(rig: &Rig) {
+    let image = rig.image("burst").expect("image pushed");
+    let before = rig.registry_log().await.unwrap();
+    let results = burst(rig, &image.reference(Endpoint::Tls)).await;
+    for (node, result) in rig.nodes().iter().zip(&results) {
+        let pulled = result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{} pull failed: {e:#}", node.name()));
+        assert_eq!(pulled, &image.config().digest);
+        holds_verified(node, &image).await;
+    }
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert_eq!(
+        log.blob_get_counts(),
+        once_each(&image),
+        "blob GETs at the registry, per digest: {:#?}",
+        log.blob_gets_per_client()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(spegel_e2e),
@@ -225,24 +247,7 @@ async fn a_cold_burst_fetches_each_blob_once() {
         .seed(7301);
     let suite = Suite::start("cold_burst", spec, SpegelOptions::transparent()).await;
     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
-        let rig = &suite.rig;
-        let image = rig.image("burst").expect("image pushed");
-        let before = rig.registry_log().await.unwrap();
-        let results = burst(rig, &image.reference(Endpoint::Tls)).await;
-        for (node, result) in rig.nodes().iter().zip(&results) {
-            let pulled = result
-                .as_ref()
-                .unwrap_or_else(|e| panic!("{} pull failed: {e:#}", node.name()));
-            assert_eq!(pulled, &image.config().digest);
-            holds_verified(node, &image).await;
-        }
-        let log = rig.registry_log().await.unwrap().since(&before);
-        assert_eq!(
-            log.blob_get_counts(),
-            once_each(&image),
-            "blob GETs at the registry, per digest: {:#?}",
-            log.blob_gets_per_client()
-        );
+        every_node_pulls_each_blob_fetched_once(&suite.rig).await;
     }))
     .await;
     suite.finish(outcome).await;
@@ -261,24 +266,7 @@ async fn a_cold_burst_in_mirror_mode_fetches_each_blob_once() {
         .seed(7303);
     let suite = Suite::start_mirror("cold_burst_mirror", spec, SpegelOptions::mirror()).await;
     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
-        let rig = &suite.rig;
-        let image = rig.image("burst").expect("image pushed");
-        let before = rig.registry_log().await.unwrap();
-        let results = burst(rig, &image.reference(Endpoint::Tls)).await;
-        for (node, result) in rig.nodes().iter().zip(&results) {
-            let pulled = result
-                .as_ref()
-                .unwrap_or_else(|e| panic!("{} pull failed: {e:#}", node.name()));
-            assert_eq!(pulled, &image.config().digest);
-            holds_verified(node, &image).await;
-        }
-        let log = rig.registry_log().await.unwrap().since(&before);
-        assert_eq!(
-            log.blob_get_counts(),
-            once_each(&image),
-            "blob GETs at the registry, per digest: {:#?}",
-            log.blob_gets_per_client()
-        );
+        every_node_pulls_each_blob_fetched_once(&suite.rig).await;
         // Served to peers from a download in flight, not only after it was committed.
         let from_ingest: usize = suite
             .daemons
