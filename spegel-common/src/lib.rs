@@ -35,6 +35,9 @@ pub const REDIRECT_IPS_ENTRIES: u32 = 1024;
 /// Capacity of the maps that hand a connection's original destination to the daemon.
 pub const ORIG_MAP_ENTRIES: u32 = 16384;
 
+/// Capacity of the `PASS` map (least recently used entries go first).
+pub const PASS_MAP_ENTRIES: u32 = 4096;
+
 /// The original destination of a redirected connection.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -60,10 +63,28 @@ pub struct ConnKey {
     pub port: u32,
 }
 
-// SAFETY: both types are `#[repr(C)]`, `Copy`, made only of `u32`s (no padding, no pointers), and
+/// A destination the daemon learned carries no mirrored registry: the key of the `PASS` map,
+/// whose value is the `CLOCK_MONOTONIC` time in nanoseconds (`bpf_ktime_get_ns`) until which
+/// connects to it are left alone. A v4-mapped IPv6 destination is keyed as IPv4, the way the
+/// daemon sees it.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct PassKey {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Destination port, host order.
+    pub port: u32,
+    /// Destination address: network-order bytes, IPv4 in `addr[0]` (the rest zero).
+    pub addr: [u32; 4],
+}
+
+// SAFETY: the three types are `#[repr(C)]`, `Copy`, made only of `u32`s (no padding, no pointers), and
 // every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for OrigDst {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ConnKey {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PassKey {}

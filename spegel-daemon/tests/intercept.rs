@@ -21,10 +21,19 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use spegel::{
-    intercept::CgroupWatcher, intercept::InterceptConfig, intercept::Interceptor,
-    intercept::Listener, intercept::MirroredHandler, intercept::cgroup::CgroupFinder,
-    intercept::cgroup::Locator, intercept::ebpf::RedirectConfig, intercept::ebpf::Redirector,
-    intercept::guard::OwnCgroup, intercept::registries::MirroredRegistries, source::Origin,
+    intercept::CgroupWatcher,
+    intercept::InterceptConfig,
+    intercept::Interceptor,
+    intercept::Listener,
+    intercept::MirroredHandler,
+    intercept::bypass::{Bypass, PassTable as _, Resolve},
+    intercept::cgroup::CgroupFinder,
+    intercept::cgroup::Locator,
+    intercept::ebpf::RedirectConfig,
+    intercept::ebpf::Redirector,
+    intercept::guard::OwnCgroup,
+    intercept::registries::MirroredRegistries,
+    source::Origin,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -413,6 +422,8 @@ async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
         peek_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(5),
         splice_idle_timeout: Duration::from_secs(600),
+        // Every connect stays redirected here; learning has its own test below.
+        bypass_ttl: Duration::ZERO,
         max_connections: 64,
         write_timeout: Duration::from_secs(30),
         health: spegel::intercept::health::HealthPolicy {
@@ -670,6 +681,203 @@ async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
         "plain-ok",
         "still redirected after run returned"
     );
+    Ok(())
+}
+
+/// The names the bypass test's mirrored registry resolves to, as a resolver would say.
+struct FixedNames(Vec<(String, IpAddr)>);
+
+#[async_trait::async_trait]
+impl Resolve for FixedNames {
+    async fn resolve(&self, name: &str) -> Vec<IpAddr> {
+        self.0
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, ip)| *ip)
+            .collect()
+    }
+}
+
+/// A destination whose connection was passed through goes direct afterwards (the real programs
+/// read the `PASS` map), per address and port, never where a mirrored registry's name resolves,
+/// and only until its entry expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
+async fn passed_through_destinations_go_direct_once_learned() -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,spegel=debug".into()))
+        .with_test_writer()
+        .try_init();
+
+    // Apart from the other test's namespace, address and cgroup (the two may run at once).
+    let pid_tag = std::process::id() % 100_000;
+    let tag = pid_tag + 100_000;
+    let net = u8::try_from((pid_tag + 100) % 200 + 20)?;
+    let origin_ip = IpAddr::V4(Ipv4Addr::new(10, 231, net, 2));
+    // A second address in the namespace, where the mirrored registry's name resolves.
+    let registry_ip = IpAddr::V4(Ipv4Addr::new(10, 231, net, 3));
+    let scratch = Scratch(std::env::temp_dir().join(format!("spegel-it-{tag}")));
+    std::fs::create_dir_all(&scratch.0)?;
+    let finder_probe = CgroupFinder::new(Locator::Pid(std::process::id()), None)?;
+    let cgroup = Cgroup::create(finder_probe.mount().join(format!("spegel-it-{tag}")))?;
+    let cg = Some(cgroup.path.as_path());
+    let ns = Netns::create(tag, net)?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{registry_ip}/24"),
+            "dev",
+            &format!("spit{tag}n"),
+        ],
+    )?;
+
+    let (origin_ca, origin_cert, origin_key) =
+        ca_and_leaf("origin CA", &["origin.test", &origin_ip.to_string()])?;
+    let origin_ca_file = scratch.0.join("origin-ca.pem");
+    std::fs::write(&origin_ca_file, &origin_ca)?;
+    let (_, mirror_cert, mirror_key) = ca_and_leaf("mirror CA", &["mirror.test"])?;
+    let mut listeners = ns.bind(vec![
+        SocketAddr::new(origin_ip, 80),
+        SocketAddr::new(origin_ip, 443),
+        SocketAddr::new(registry_ip, 80),
+    ])?;
+    let registry_http = listeners.pop().context("registry listener")?;
+    let https = listeners.pop().context("https listener")?;
+    let http = listeners.pop().context("http listener")?;
+    let hits = Arc::new(AtomicU64::new(0));
+    let _http = serve(http, None, "plain-ok", hits.clone());
+    let _https = serve(
+        https,
+        Some(tls_acceptor(origin_cert, origin_key)?),
+        "tls-ok",
+        hits.clone(),
+    );
+    let _registry = serve(registry_http, None, "registry-ok", hits.clone());
+    let handler = Arc::new(TestHandler {
+        tls: tls_acceptor(mirror_cert, mirror_key)?,
+        seen: Mutex::new(Vec::new()),
+    });
+
+    let listener = Listener::bind(0).await?;
+    let mirrored = MirroredRegistries::parse(&["mirror.test"]).map_err(|e| anyhow!(e))?;
+    let config = InterceptConfig {
+        listener_port: listener.port(),
+        redirect_ports: vec![80, 443],
+        redirect_ips: Vec::new(),
+        mirrored: mirrored.clone(),
+        locator: Locator::Cgroup(cgroup.path.clone()),
+        cgroup2_mount: None,
+        poll_interval: Duration::from_millis(200),
+        peek_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(5),
+        splice_idle_timeout: Duration::from_secs(600),
+        bypass_ttl: Duration::from_secs(300),
+        max_connections: 64,
+        write_timeout: Duration::from_secs(30),
+        health: spegel::intercept::health::HealthPolicy {
+            wedge_timeout: Duration::from_secs(5),
+            recover_after: Duration::from_secs(10),
+        },
+        probe_interval: Duration::from_secs(1),
+        #[cfg(feature = "fault-injection")]
+        accept_wedge: None,
+        #[cfg(feature = "fault-injection")]
+        attach_containing_cgroup: false,
+    };
+    let mut finder = CgroupFinder::new(config.locator.clone(), None)?;
+    let own = OwnCgroup::current(finder.mount())?;
+    let mut redirector = Redirector::load(&RedirectConfig {
+        listener_port: listener.port(),
+        ipv6_listener: listener.has_ipv6(),
+        ports: config.redirect_ports.clone(),
+        ips: Vec::new(),
+        own_cgroup: own.id,
+    })?;
+    CgroupWatcher::new(own).check(&mut finder, &mut redirector)?;
+    let pass = redirector.pass_map();
+    let bypass = Bypass::new(
+        Arc::new(pass.clone()),
+        config.bypass_ttl,
+        &mirrored,
+        Arc::new(FixedNames(vec![("mirror.test".into(), registry_ip)])),
+    );
+    let interceptor = Arc::new(
+        Interceptor::new(
+            &config,
+            Arc::new(redirector.orig_dst_table()),
+            handler.clone(),
+        )
+        .with_bypass(Arc::new(bypass)),
+    );
+    let stats = interceptor.stats();
+    let learned = || stats.bypass_learned.load(Ordering::Relaxed);
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(interceptor.serve(listener, stop.clone(), Duration::from_secs(1)));
+    let plain = format!("http://{origin_ip}/");
+
+    // The first connection is redirected and passed through; its destination is learned.
+    let got = curl(cg, &[&plain]).await?;
+    assert_eq!((got.body.as_str(), accepted(&stats)), ("plain-ok", 1));
+    wait_for(|| async { learned() == 1 }).await?;
+    // The next ones go direct: the listener sees nothing, the server answers.
+    let hits_before = hits.load(Ordering::Relaxed);
+    for _ in 0..3 {
+        let got = curl(cg, &[&plain]).await?;
+        assert_eq!(got.body, "plain-ok");
+        assert_eq!(got.remote, format!("{origin_ip}:80"));
+    }
+    assert_eq!(accepted(&stats), 1, "a learned destination was redirected");
+    assert_eq!(hits.load(Ordering::Relaxed), hits_before + 3);
+
+    // Learned per port: TLS on the same address is still redirected the first time.
+    let tls = [
+        "--cacert",
+        &origin_ca_file.to_string_lossy(),
+        "--resolve",
+        &format!("origin.test:443:{origin_ip}"),
+        "https://origin.test/",
+    ]
+    .map(String::from);
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    assert_eq!(curl(cg, &tls).await?.body, "tls-ok");
+    assert_eq!(accepted(&stats), 2);
+    wait_for(|| async { learned() == 2 }).await?;
+    assert_eq!(curl(cg, &tls).await?.body, "tls-ok");
+    assert_eq!(accepted(&stats), 2);
+
+    // Where the mirrored registry's name resolves, another name is passed through but never
+    // learned, and the registry itself still reaches the handler.
+    let other = ["-H", "Host: other.test", &format!("http://{registry_ip}/")].map(String::from);
+    let other: Vec<&str> = other.iter().map(String::as_str).collect();
+    for n in 1..=2 {
+        assert_eq!(curl(cg, &other).await?.body, "registry-ok");
+        assert_eq!(accepted(&stats), 2 + n, "not redirected on try {n}");
+    }
+    let mirror = format!("mirror.test:80:{registry_ip}");
+    let got = curl(cg, &["--resolve", &mirror, "http://mirror.test/"]).await?;
+    assert_eq!(got.body, "mirrored-ok");
+    assert_eq!(learned(), 2);
+
+    // The programs and the daemon read the same clock: an entry past its time redirects again.
+    pass.pass(SocketAddr::new(origin_ip, 80), Duration::from_millis(1))?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = accepted(&stats);
+    assert_eq!(curl(cg, &[&plain]).await?.body, "plain-ok");
+    assert_eq!(
+        accepted(&stats),
+        before + 1,
+        "an expired entry still went direct"
+    );
+
+    stop.cancel();
+    server.await?;
     Ok(())
 }
 

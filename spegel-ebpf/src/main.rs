@@ -8,6 +8,9 @@
 //!   `accept()`. This runs before the final ACK, so before `accept()` can return.
 //! - `cgroup/getpeername4`, `cgroup/getpeername6`: the client sees the original peer, not the proxy.
 //!
+//! A destination the daemon has learned carries no mirrored registry (listed in `PASS` until an
+//! expiry time) is not redirected: those connects go direct, as without spegel.
+//!
 //! Loop avoidance: the daemon runs outside the cgroup (it refuses to attach to a cgroup that
 //! contains its own); as a second guard, connects made from the daemon's own cgroup (by cgroup
 //! id, the same in every PID namespace, unlike a tgid) and connects to the listener itself are
@@ -22,7 +25,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap},
     programs::{SockAddrContext, SockOpsContext},
@@ -30,8 +33,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use spegel_common::{
     AF_INET, AF_INET6, CFG_FLAG_IPV6_LISTENER, CFG_FLAGS, CFG_LEN, CFG_OWN_CGROUP_HI,
-    CFG_OWN_CGROUP_LO, CFG_PROXY_PORT, ConnKey, ORIG_MAP_ENTRIES, OrigDst, REDIRECT_IPS_ENTRIES,
-    REDIRECT_PORTS_ENTRIES,
+    CFG_OWN_CGROUP_LO, CFG_PROXY_PORT, ConnKey, ORIG_MAP_ENTRIES, OrigDst, PASS_MAP_ENTRIES,
+    PassKey, REDIRECT_IPS_ENTRIES, REDIRECT_PORTS_ENTRIES,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -57,6 +60,11 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(O
 static ORIG_BY_PORT: LruHashMap<ConnKey, OrigDst> =
     LruHashMap::with_max_entries(ORIG_MAP_ENTRIES, 0);
 
+/// Destinations learned to carry no mirrored registry, each with the `bpf_ktime_get_ns` time until
+/// which its connects go direct. Written by the daemon only.
+#[map]
+static PASS: LruHashMap<PassKey, u64> = LruHashMap::with_max_entries(PASS_MAP_ENTRIES, 0);
+
 #[inline(always)]
 fn cfg(idx: u32) -> u32 {
     CONFIG.get(idx).copied().unwrap_or(0)
@@ -78,6 +86,19 @@ fn ip6_listed(ip: &[u32; 4]) -> bool {
 fn port_listed(port: u16) -> bool {
     // SAFETY: as above.
     unsafe { REDIRECT_PORTS.get(&port) }.is_some()
+}
+
+/// Whether connects to `key` go direct: the daemon learned it carries no mirrored registry, and
+/// that has not expired.
+#[inline(always)]
+fn passed(key: &PassKey) -> bool {
+    // SAFETY: the value is copied out at once.
+    let Some(until) = (unsafe { PASS.get(key) }).copied() else {
+        return false;
+    };
+    // SAFETY: the helper takes no argument and only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    now < until
 }
 
 /// The daemon's listener port when the connect may be redirected at all: the listener and the
@@ -122,6 +143,14 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     // which the verifier rejects.
     let listed = ip4_listed(dst_ip);
     if !listed && (is_loopback || !port_listed(port)) {
+        return Ok(());
+    }
+    let pass = PassKey {
+        family: AF_INET,
+        port: port as u32,
+        addr: [dst_ip, 0, 0, 0],
+    };
+    if passed(&pass) {
         return Ok(());
     }
     // SAFETY: the cookie helper only reads the socket behind the context.
@@ -192,6 +221,22 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
     }
     // A plain IPv6 connect can only be redirected when the daemon listens on [::1].
     if !v4_mapped && cfg(CFG_FLAGS) & CFG_FLAG_IPV6_LISTENER == 0 {
+        return Ok(());
+    }
+    let pass = if v4_mapped {
+        PassKey {
+            family: AF_INET,
+            port: port as u32,
+            addr: [dst[3], 0, 0, 0],
+        }
+    } else {
+        PassKey {
+            family: AF_INET6,
+            port: port as u32,
+            addr: dst,
+        }
+    };
+    if passed(&pass) {
         return Ok(());
     }
     // SAFETY: the cookie helper only reads the socket behind the context.

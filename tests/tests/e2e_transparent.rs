@@ -48,6 +48,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const ACCEPTED: &str = "spegel_intercept_accepted_total";
 const MIRRORED: &str = "spegel_intercept_mirrored_total";
 const SPLICED: &str = "spegel_intercept_spliced_total";
+const LEARNED: &str = "spegel_intercept_bypass_learned_total";
 
 /// Each pulled blob (config + layers of the host manifest) once.
 fn once_each(image: &TestImage) -> BTreeMap<String, usize> {
@@ -722,6 +723,14 @@ async fn scenario_splices_what_is_not_mirrored(suite: &Suite) {
     assert!(
         spliced_after >= spliced + 4.0,
         "expected 4 spliced connections, counter {spliced} → {spliced_after}"
+    );
+    // Each of those would have let its destination go direct, but all are on the address the
+    // mirrored registry was seen at: none may be left out of the redirect.
+    let metrics: Metrics = daemon.metrics().await.expect("metrics");
+    assert_eq!(
+        metrics.sum(LEARNED),
+        0.0,
+        "a destination on the mirrored registry's address was learned"
     );
 }
 

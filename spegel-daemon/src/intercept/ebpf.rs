@@ -21,7 +21,7 @@ use aya::{
 };
 use spegel_common::{
     AF_INET, AF_INET6, CFG_FLAG_IPV6_LISTENER, CFG_FLAGS, CFG_OWN_CGROUP_HI, CFG_OWN_CGROUP_LO,
-    CFG_PROXY_PORT, ConnKey, OrigDst, REDIRECT_IPS_ENTRIES, REDIRECT_PORTS_ENTRIES,
+    CFG_PROXY_PORT, ConnKey, OrigDst, PassKey, REDIRECT_IPS_ENTRIES, REDIRECT_PORTS_ENTRIES,
 };
 use tokio::task::JoinHandle;
 
@@ -165,6 +165,7 @@ pub struct Redirector {
     links: Vec<AttachedLink>,
     attached: Option<CgroupDir>,
     orig: OrigDstTable,
+    pass: PassMap,
     log_pump: Option<JoinHandle<()>>,
     ebpf: Ebpf,
 }
@@ -227,14 +228,8 @@ impl Redirector {
                 source,
             })?;
 
-        let map = ebpf.take_map("ORIG_BY_PORT").ok_or(EbpfError::Missing {
-            kind: "map",
-            name: "ORIG_BY_PORT",
-        })?;
-        let map = HashMap::try_from(map).map_err(|source| EbpfError::Map {
-            name: "ORIG_BY_PORT",
-            source,
-        })?;
+        let map = take_hash_map(&mut ebpf, "ORIG_BY_PORT")?;
+        let pass = take_hash_map(&mut ebpf, "PASS")?;
         tracing::debug!(
             listener_port = config.listener_port,
             ports = ?config.ports,
@@ -245,6 +240,7 @@ impl Redirector {
             links: Vec::new(),
             attached: None,
             orig: OrigDstTable(Arc::new(Mutex::new(map))),
+            pass: PassMap(Arc::new(Mutex::new(pass))),
             log_pump,
             ebpf,
         })
@@ -338,6 +334,22 @@ impl Redirector {
     pub fn orig_dst_table(&self) -> OrigDstTable {
         self.orig.clone()
     }
+
+    /// The destinations whose connects go direct (see [`PassMap`]).
+    pub fn pass_map(&self) -> PassMap {
+        self.pass.clone()
+    }
+}
+
+/// Takes a hash map (plain or LRU) out of the object, to own it apart from the programs.
+fn take_hash_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, EbpfError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    HashMap::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
 fn sock_addr_program<'a>(
@@ -515,6 +527,61 @@ pub(crate) fn ip6_key(ip: Ipv6Addr) -> [u32; 4] {
     })
 }
 
+/// The `PASS` key of a destination, as the programs build it (v4-mapped is IPv4).
+pub(crate) fn pass_key(dst: SocketAddr) -> PassKey {
+    let port = u32::from(dst.port());
+    match as_ipv4(dst.ip()) {
+        Some(v4) => PassKey {
+            family: AF_INET,
+            port,
+            addr: [ip4_key(v4), 0, 0, 0],
+        },
+        None => PassKey {
+            family: AF_INET6,
+            port,
+            addr: match dst.ip() {
+                IpAddr::V6(v6) => ip6_key(v6),
+                IpAddr::V4(_) => [0; 4], // handled above
+            },
+        },
+    }
+}
+
+/// The programs' `PASS` map: destinations whose connects go direct until a `CLOCK_MONOTONIC`
+/// time. Cheap to clone; it stays usable (and harmless) after the redirector is dropped.
+#[derive(Clone)]
+pub struct PassMap(Arc<Mutex<HashMap<MapData, PassKey, u64>>>);
+
+impl std::fmt::Debug for PassMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PassMap")
+    }
+}
+
+impl PassMap {
+    /// Connects to `dst` go direct until `until_ns` (`CLOCK_MONOTONIC` nanoseconds).
+    pub fn insert(&self, dst: SocketAddr, until_ns: u64) -> Result<(), EbpfError> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(pass_key(dst), until_ns, 0)
+            .map_err(|source| EbpfError::Map {
+                name: "PASS",
+                source,
+            })
+    }
+
+    /// Connects to `dst` are redirected again.
+    pub fn remove(&self, dst: SocketAddr) -> Result<(), EbpfError> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match map.remove(&pass_key(dst)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(EbpfError::Map {
+                name: "PASS",
+                source,
+            }),
+        }
+    }
+}
+
 /// The `ORIG_BY_PORT` key for a connection accepted from `peer`.
 pub(crate) fn conn_key(peer: SocketAddr) -> ConnKey {
     let family = match peer {
@@ -659,6 +726,25 @@ mod tests {
             orig_to_socket_addr(&orig),
             Err(EbpfError::BadFamily(1))
         ));
+    }
+
+    #[test]
+    fn pass_keys_as_the_programs_build_them() {
+        let key = pass_key("10.231.0.2:443".parse().unwrap());
+        assert_eq!(
+            key,
+            PassKey {
+                family: AF_INET,
+                port: 443,
+                addr: [ip4_key(v4("10.231.0.2")), 0, 0, 0]
+            }
+        );
+        // connect6 keys a v4-mapped destination as IPv4.
+        assert_eq!(pass_key("[::ffff:10.231.0.2]:443".parse().unwrap()), key);
+        let key = pass_key("[fd00::1]:5000".parse().unwrap());
+        assert_eq!(key.family, AF_INET6);
+        assert_eq!(key.port, 5000);
+        assert_eq!(key.addr, ip6_key(v6("fd00::1")));
     }
 
     #[test]

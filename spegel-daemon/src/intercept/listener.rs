@@ -22,6 +22,7 @@ use tracing::Instrument as _;
 use crate::{
     intercept::{
         InterceptConfig, InterceptError, MirroredHandler, OriginalDst,
+        bypass::Bypass,
         probe::ProbeBook,
         registries::MirroredRegistries,
         sniff::{Sniffed, sniff},
@@ -93,6 +94,8 @@ pub struct Interceptor {
     limit: Arc<Semaphore>,
     probes: Arc<ProbeBook>,
     stats: Arc<InterceptStats>,
+    /// Learns destinations that carry no mirrored registry (none: every connect is redirected).
+    bypass: Option<Arc<Bypass>>,
     #[cfg(feature = "fault-injection")]
     accept_wedge: Option<Arc<crate::fault::wedge::AcceptWedge>>,
 }
@@ -118,6 +121,7 @@ impl Interceptor {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             probes: Arc::default(),
             stats: Arc::default(),
+            bypass: None,
             #[cfg(feature = "fault-injection")]
             accept_wedge: config.accept_wedge.clone(),
         }
@@ -126,6 +130,12 @@ impl Interceptor {
     /// Counts into `stats` (e.g. counters the metrics endpoint already holds).
     pub fn with_stats(mut self, stats: Arc<InterceptStats>) -> Self {
         self.stats = stats;
+        self
+    }
+
+    /// Lets passed-through destinations go direct from then on (see [`Bypass`]).
+    pub fn with_bypass(mut self, bypass: Arc<Bypass>) -> Self {
+        self.bypass = Some(bypass);
         self
     }
 
@@ -276,12 +286,25 @@ impl Interceptor {
             Some(origin) => {
                 self.stats.mirrored.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(host = %origin.host, tls = origin.tls, "mirrored registry");
+                if let Some(bypass) = &self.bypass {
+                    bypass.saw_mirrored(dst);
+                }
                 self.handler.handle(stream, origin).await;
             }
             None if sniffed == Sniffed::Closed => {}
             None => {
                 self.stats.spliced.fetch_add(1, Ordering::Relaxed);
-                match splice::splice(stream, dst, self.splice).await {
+                // Learned alongside the splice: a name lookup never delays the connection.
+                let learn = async {
+                    if let Some(bypass) = &self.bypass
+                        && sniffed.decisive()
+                        && bypass.learn(dst).await
+                    {
+                        self.stats.bypass_learned.fetch_add(1, Ordering::Relaxed);
+                    }
+                };
+                let (_, spliced) = tokio::join!(learn, splice::splice(stream, dst, self.splice));
+                match spliced {
                     Ok(done) => {
                         tracing::debug!(%dst, up = done.up, down = done.down, "splice done")
                     }

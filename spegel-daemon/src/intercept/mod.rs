@@ -9,11 +9,13 @@
 //! daemon, [`run`] keeps them attached, [`listener`] accepts, [`origin`] says where a
 //! connection was going, [`sniff`] classifies its first bytes with [`sni`] (ClientHello),
 //! [`http_host`] (HTTP head) and [`authority`] (`host[:port]`), [`registries`] decides whether
-//! it is mirrored, and [`handler`] serves it or [`splice`] passes it through; [`stats`] counts.
+//! it is mirrored, and [`handler`] serves it or [`splice`] passes it through; [`bypass`] then
+//! lets a destination that carries no mirrored registry go direct; [`stats`] counts.
 //! Beside the data path, [`probe`] checks that the listener still accepts and [`health`] decides
 //! when a wedged listener is bypassed (programs detached) and when it is trusted again.
 
 pub mod authority;
+pub mod bypass;
 pub mod cgroup;
 pub mod ebpf;
 pub mod guard;
@@ -115,6 +117,12 @@ pub struct InterceptArgs {
     /// humantime duration ("90s", "10m"); must not be zero.
     #[arg(long, env = "SPEGEL_SPLICE_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
     pub splice_idle_timeout: Duration,
+    /// A destination whose connection was passed through because it named no mirrored registry
+    /// (or spoke neither TLS nor HTTP) is left out of the redirect for this long: containerd's
+    /// later connects to it go direct, not through the daemon. Never for an address a mirrored
+    /// registry resolves to or was seen at. `0s` redirects every connect.
+    #[arg(long, env = "SPEGEL_INTERCEPT_BYPASS_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub intercept_bypass_ttl: Duration,
     /// Intercepted connections handled at once; more wait in the listen backlog.
     #[arg(long, env = "SPEGEL_INTERCEPT_MAX_CONNECTIONS", default_value_t = 4096)]
     pub intercept_max_connections: usize,
@@ -170,6 +178,8 @@ pub struct InterceptConfig {
     pub connect_timeout: Duration,
     /// How long a splice may move no byte before it is ended.
     pub splice_idle_timeout: Duration,
+    /// How long a destination learned to carry no mirrored registry goes direct (zero: never).
+    pub bypass_ttl: Duration,
     pub max_connections: usize,
     /// How long a write to an intercepted client may make no progress.
     pub write_timeout: Duration,
@@ -250,6 +260,7 @@ impl InterceptConfig {
             peek_timeout: args.intercept_peek_timeout,
             connect_timeout: args.intercept_connect_timeout,
             splice_idle_timeout: args.splice_idle_timeout,
+            bypass_ttl: args.intercept_bypass_ttl,
             max_connections: args.intercept_max_connections,
             write_timeout: args.intercept_write_timeout,
             health: health::HealthPolicy {
@@ -328,6 +339,12 @@ pub(crate) mod tests {
         let c = config(&["--splice-idle-timeout", "90s"]);
         assert_eq!(c.splice_idle_timeout, Duration::from_secs(90));
         assert!(bad(&["--splice-idle-timeout", "0s"]));
+        assert_eq!(c.bypass_ttl, Duration::from_secs(300));
+        assert!(
+            config(&["--intercept-bypass-ttl", "0s"])
+                .bypass_ttl
+                .is_zero()
+        );
         assert_eq!(c.write_timeout, Duration::from_secs(30));
         assert_eq!(c.health.wedge_timeout, Duration::from_secs(5));
         assert_eq!(c.health.recover_after, Duration::from_secs(10));

@@ -76,6 +76,26 @@ impl MirroredRegistries {
         self.entries.iter().filter_map(Registry::port)
     }
 
+    /// The host names of the entries (IP literals left out), each once.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .entries
+            .iter()
+            .filter_map(|e| match e.host() {
+                Host::Name(name) => Some(name.to_ascii_lowercase()),
+                Host::Ip(_) => None,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// The addresses of the IP-literal entries.
+    pub fn ips(&self) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+        self.entries.iter().filter_map(Registry::ip)
+    }
+
     /// Whether a connection that named `name` (SNI, or the `Host` header) is mirrored. `port` is
     /// the port it asked for: the `Host` header's, else the original destination's.
     pub fn matches_name(&self, name: &str, port: u16, tls: bool) -> bool {
@@ -145,6 +165,15 @@ mod tests {
         let mut ports: Vec<_> = r.explicit_ports().collect();
         ports.sort_unstable();
         assert_eq!(ports, [5000, 5000]);
+        assert_eq!(r.names(), ["plain.local", "registry.local"]);
+        let ips: Vec<std::net::IpAddr> = r.ips().collect();
+        assert_eq!(
+            ips,
+            [
+                "10.1.2.3".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

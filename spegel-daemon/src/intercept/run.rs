@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::intercept::{
     InterceptConfig, InterceptError, InterceptStats, Interceptor, Listener, MirroredHandler,
+    bypass::{Bypass, SystemResolver},
     cgroup::CgroupFinder,
     ebpf::{EbpfError, RedirectConfig, Redirector},
     guard::{GuardError, OwnCgroup},
@@ -75,16 +76,24 @@ pub async fn run_with_stats(
 
     stats.set_attached(redirector.attached().map(|cgroup| cgroup.path.as_path()));
 
-    let interceptor = Arc::new(
-        Interceptor::new(&config, Arc::new(redirector.orig_dst_table()), handler)
-            .with_stats(stats.clone()),
-    );
+    let mut interceptor = Interceptor::new(&config, Arc::new(redirector.orig_dst_table()), handler)
+        .with_stats(stats.clone());
+    if !config.bypass_ttl.is_zero() {
+        interceptor = interceptor.with_bypass(Arc::new(Bypass::new(
+            Arc::new(redirector.pass_map()),
+            config.bypass_ttl,
+            &config.mirrored,
+            Arc::new(SystemResolver),
+        )));
+    }
+    let interceptor = Arc::new(interceptor);
     tracing::info!(
         port = listener.port(),
         ipv6 = listener.has_ipv6(),
         ports = ?config.redirect_ports,
         ips = ?config.redirect_ips,
         mirrored = config.mirrored.entries().len(),
+        bypass_ttl = ?config.bypass_ttl,
         "transparent interception listening"
     );
     let serve_stop = CancellationToken::new();

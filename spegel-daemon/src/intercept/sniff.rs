@@ -31,18 +31,36 @@ pub(crate) enum Sniffed {
     Closed,
 }
 
+/// [`Sniffed::Opaque`]'s reason for a record that starts like TLS but is not.
+const NOT_TLS: &str = "not TLS";
+/// [`Sniffed::Opaque`]'s reason for bytes that are neither TLS nor HTTP/1.x.
+const NEITHER: &str = "neither TLS nor HTTP/1.x";
+
+impl Sniffed {
+    /// Whether this says for sure what the client speaks and to whom: a ClientHello or request
+    /// head that parsed, a protocol that is neither, or a client that waits for the server.
+    /// Not for a malformed or oversized head (a quirk of one client, maybe a registry's).
+    pub(crate) fn decisive(&self) -> bool {
+        match self {
+            Sniffed::Tls { .. } | Sniffed::Http { .. } | Sniffed::TimedOut => true,
+            Sniffed::Opaque(why) => *why == NOT_TLS || *why == NEITHER,
+            Sniffed::Oversized | Sniffed::Closed => false,
+        }
+    }
+}
+
 fn classify(buf: &[u8]) -> Option<Sniffed> {
     if buf.first() == Some(&0x16) {
         return match sni::parse_tls_client_hello(buf) {
             TlsHello::NeedMore => None,
-            TlsHello::NotTls => Some(Sniffed::Opaque("not TLS")),
+            TlsHello::NotTls => Some(Sniffed::Opaque(NOT_TLS)),
             TlsHello::Malformed(why) => Some(Sniffed::Opaque(why)),
             TlsHello::Hello { sni } => Some(Sniffed::Tls { sni }),
         };
     }
     match http_host::parse_http_host(buf) {
         HttpRequest::NeedMore => None,
-        HttpRequest::NotHttp => Some(Sniffed::Opaque("neither TLS nor HTTP/1.x")),
+        HttpRequest::NotHttp => Some(Sniffed::Opaque(NEITHER)),
         HttpRequest::Malformed(why) => Some(Sniffed::Opaque(why)),
         HttpRequest::Head { host } => Some(Sniffed::Http { host }),
     }
@@ -90,6 +108,23 @@ mod tests {
     use tokio::{io::AsyncWriteExt as _, net::TcpListener};
 
     use super::*;
+
+    #[test]
+    fn only_a_clear_answer_is_decisive() {
+        assert!(Sniffed::Tls { sni: None }.decisive());
+        assert!(Sniffed::Http { host: None }.decisive());
+        assert!(Sniffed::TimedOut.decisive());
+        assert!(classify(b"SSH-2.0-OpenSSH_9.2\r\n").unwrap().decisive());
+        assert!(
+            classify(&[0x16, 0x01, 0x00, 0x00, 0x10])
+                .unwrap()
+                .decisive(),
+            "not TLS"
+        );
+        assert!(!Sniffed::Opaque("bad extension length").decisive());
+        assert!(!Sniffed::Oversized.decisive());
+        assert!(!Sniffed::Closed.decisive());
+    }
 
     /// A ClientHello split over two writes is still classified once the rest arrives.
     #[tokio::test]

@@ -10,6 +10,9 @@ pub struct InterceptStats {
     pub no_origin: AtomicU64,
     /// Connections passed through to their original destination.
     pub spliced: AtomicU64,
+    /// Destinations learned to carry no mirrored registry, whose connects then go direct for
+    /// `--intercept-bypass-ttl` (a renewal counts again).
+    pub bypass_learned: AtomicU64,
     /// Connections handed to the mirrored-registry handler.
     pub mirrored: AtomicU64,
     /// Passed-through connections closed because the client read nothing for the write timeout.

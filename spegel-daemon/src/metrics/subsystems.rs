@@ -174,6 +174,11 @@ impl Collector for Subsystems {
                     "Connections passed through untouched.",
                 ),
                 (
+                    "spegel_intercept_bypass_learned",
+                    &stats.bypass_learned,
+                    "Destinations learned to carry no mirrored registry; their connects then go direct.",
+                ),
+                (
                     "spegel_intercept_mirrored",
                     &stats.mirrored,
                     "Connections to mirrored registries served by spegel.",

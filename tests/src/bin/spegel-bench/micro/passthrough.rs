@@ -6,6 +6,11 @@
 //!   time to the first byte of a small one on a fresh connection (the splice's added latency:
 //!   the redirected connect completes at the daemon, which connects onwards once it has read
 //!   the request's first bytes).
+//! - **Passthrough once learned**: by default the daemon learns that a spliced destination carries
+//!   no mirrored registry and later connects to it skip the redirect (`--intercept-bypass-ttl`).
+//!   The two measurements above run with that off (every connect spliced); this one runs a second
+//!   set of daemons with it on: after one spliced connection, throughput of the same file through
+//!   the cgroup against outside it, checking that the listener accepted none of them.
 //! - **Passthrough on a rate-limited link**: the same throughput comparison with the
 //!   registry's link limited to [`LINK_BPS`] (`tc tbf`, as a datacenter NIC would be). Unlimited,
 //!   both ways are bound by this machine's CPU, and a spliced connection crosses one more TCP
@@ -50,6 +55,9 @@ pub(crate) struct PassthroughResult {
     pub(crate) link_bps: u64,
     pub(crate) link_spliced_bps: Vec<f64>,
     pub(crate) link_direct_bps: Vec<f64>,
+    /// Bytes per second, per run, from inside the cgroup once the destination is learned.
+    pub(crate) learned_bps: Vec<f64>,
+    pub(crate) learned_direct_bps: Vec<f64>,
     pub(crate) miss: miss::MissResult,
 }
 
@@ -64,9 +72,11 @@ impl PassthroughResult {
 
     pub(crate) fn summary(&self) -> String {
         format!(
-            "spliced {:.0} MB/s vs direct {:.0} MB/s ({:.0} vs {:.0} MB/s on a {} Mbit/s link); first byte spliced {:.3} ms vs direct {:.3} ms (+{:.3} ms)\n  miss: {}",
+            "spliced {:.0} MB/s vs direct {:.0} MB/s; learned {:.0} vs {:.0} MB/s ({:.0} vs {:.0} MB/s spliced on a {} Mbit/s link); first byte spliced {:.3} ms vs direct {:.3} ms (+{:.3} ms)\n  miss: {}",
             median(&self.spliced_bps) / 1e6,
             median(&self.direct_bps) / 1e6,
+            median(&self.learned_bps) / 1e6,
+            median(&self.learned_direct_bps) / 1e6,
             median(&self.link_spliced_bps) / 1e6,
             median(&self.link_direct_bps) / 1e6,
             self.link_bps / 1_000_000,
@@ -80,6 +90,7 @@ impl PassthroughResult {
     pub(crate) fn rows(&self) -> Vec<Row> {
         let throughput = median(&self.spliced_bps) / median(&self.direct_bps);
         let on_link = median(&self.link_spliced_bps) / median(&self.link_direct_bps);
+        let learned = median(&self.learned_bps) / median(&self.learned_direct_bps);
         let mut rows = vec![
             Row {
                 what: format!(
@@ -90,6 +101,19 @@ impl PassthroughResult {
                 ratio: Some(throughput),
                 goal: "≥ 0.95× direct".into(),
                 met: throughput >= 0.95,
+            },
+            Row {
+                what: format!(
+                    "Passthrough throughput once the destination is learned (connects go direct), {BIG_MIB} MiB, median of {THROUGHPUT_RUNS}"
+                ),
+                measured: format!("{:.0} MB/s", median(&self.learned_bps) / 1e6),
+                baseline: format!(
+                    "{:.0} MB/s (direct)",
+                    median(&self.learned_direct_bps) / 1e6
+                ),
+                ratio: Some(learned),
+                goal: "≥ 0.95× direct".into(),
+                met: learned >= 0.95,
             },
             Row {
                 what: format!(
@@ -134,21 +158,28 @@ pub(crate) async fn run(rig: &Rig) -> Result<PassthroughResult> {
         None,
     )
     .await?;
+    // Warnings only, but the set-up waits for the interception's "attached" line.
+    let options = || {
+        SpegelOptions::transparent()
+            .log("warn,spegel::intercept=info")
+            .intercept_ports([PORT])
+    };
     let result = async {
-        let cluster = cluster::transparent_for(
-            rig,
-            &rig_registry_hosts(rig),
-            // Warnings only, but the set-up waits for the interception's "attached" line.
-            SpegelOptions::transparent()
-                .log("warn,spegel::intercept=info")
-                .intercept_ports([PORT]),
-        )
-        .await?;
+        // Every connect spliced: nothing is learned.
+        let spliced = options().args(["--intercept-bypass-ttl", "0s"]);
+        let cluster = cluster::transparent_for(rig, &rig_registry_hosts(rig), spliced).await?;
         let measured = measure(rig, &nginx, &cluster).await;
         for daemon in &cluster.daemons {
             daemon.stop().await?;
         }
-        measured
+        let mut measured = measured?;
+        let cluster = cluster::transparent_for(rig, &rig_registry_hosts(rig), options()).await?;
+        let learned = measure_learned(rig, &nginx, &cluster.daemons[0]).await;
+        for daemon in &cluster.daemons {
+            daemon.stop().await?;
+        }
+        (measured.learned_bps, measured.learned_direct_bps) = learned?;
+        Ok(measured)
     }
     .await;
     nginx.stop().await?;
@@ -172,18 +203,11 @@ async fn measure(
         link_bps: LINK_BPS,
         link_spliced_bps: Vec::new(),
         link_direct_bps: Vec::new(),
+        learned_bps: Vec::new(),
+        learned_direct_bps: Vec::new(),
         miss: miss::MissResult::default(),
     };
-    let fetch = |in_cgroup: bool, url: String, size: u64| async move {
-        let t = client::curl(node, in_cgroup, None, &url).await?;
-        anyhow::ensure!(
-            t.status == 200 && t.bytes == size,
-            "GET {url}: {} with {} bytes",
-            t.status,
-            t.bytes
-        );
-        Ok::<CurlTimes, anyhow::Error>(t)
-    };
+    let fetch = |in_cgroup: bool, url: String, size: u64| fetch(node, in_cgroup, url, size);
     // One of each first: the page cache, and the daemon's first connection.
     fetch(true, big.clone(), BIG_MIB * MIB).await?;
     fetch(false, big.clone(), BIG_MIB * MIB).await?;
@@ -217,6 +241,60 @@ async fn measure(
     }
     link.remove().await;
     Ok(result)
+}
+
+/// One GET with curl on `node`, inside containerd's cgroup or not; it must bring `size` bytes.
+async fn fetch(
+    node: &spegel_tests::rig::Node,
+    in_cgroup: bool,
+    url: String,
+    size: u64,
+) -> Result<CurlTimes> {
+    let t = client::curl(node, in_cgroup, None, &url).await?;
+    anyhow::ensure!(
+        t.status == 200 && t.bytes == size,
+        "GET {url}: {} with {} bytes",
+        t.status,
+        t.bytes
+    );
+    Ok(t)
+}
+
+/// With learning on: one spliced GET teaches `daemon` the destination, then the runs. Returns the
+/// throughputs through the cgroup and outside it.
+async fn measure_learned(
+    rig: &Rig,
+    nginx: &Nginx,
+    daemon: &spegel_tests::rig::spegel::Spegel,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    const ACCEPTED: &str = "spegel_intercept_accepted_total";
+    const LEARNED: &str = "spegel_intercept_bypass_learned_total";
+    let node = rig.node(0);
+    nginx.wait_listening(node).await?;
+    let big = format!("http://{}/big", nginx.plain);
+    fetch(node, true, big.clone(), BIG_MIB * MIB).await?;
+    let started = std::time::Instant::now();
+    while daemon.metrics().await?.sum(LEARNED) < 1.0 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the daemon never learned the passed-through destination"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let accepted = daemon.metrics().await?.sum(ACCEPTED);
+    let (mut learned, mut direct) = (Vec::new(), Vec::new());
+    fetch(node, false, big.clone(), BIG_MIB * MIB).await?;
+    for _ in 0..THROUGHPUT_RUNS {
+        learned.push(fetch(node, true, big.clone(), BIG_MIB * MIB).await?.speed);
+        direct.push(fetch(node, false, big.clone(), BIG_MIB * MIB).await?.speed);
+    }
+    let after = daemon.metrics().await?.sum(ACCEPTED);
+    anyhow::ensure!(
+        after == accepted,
+        "{} connects to a learned destination were still redirected",
+        after - accepted
+    );
+    Ok((learned, direct))
 }
 
 const SMALL: u64 = 1024;
