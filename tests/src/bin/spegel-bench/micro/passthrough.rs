@@ -10,7 +10,8 @@
 //!   no mirrored registry and later connects to it skip the redirect (`--intercept-bypass-ttl`).
 //!   The two measurements above run with that off (every connect spliced); this one runs a second
 //!   set of daemons with it on: after one spliced connection, throughput of the same file through
-//!   the cgroup against outside it, checking that the listener accepted none of them.
+//!   the cgroup against outside it, checking that the listener accepted none of them. That nginx
+//!   runs on the other node: the registry's address is a mirrored registry's, never learned.
 //! - **Passthrough on a rate-limited link**: the same throughput comparison with the
 //!   registry's link limited to [`LINK_BPS`] (`tc tbf`, as a datacenter NIC would be). Unlimited,
 //!   both ways are bound by this machine's CPU, and a spliced connection crosses one more TCP
@@ -173,11 +174,28 @@ pub(crate) async fn run(rig: &Rig) -> Result<PassthroughResult> {
             daemon.stop().await?;
         }
         let mut measured = measured?;
-        let cluster = cluster::transparent_for(rig, &rig_registry_hosts(rig), options()).await?;
-        let learned = measure_learned(rig, &nginx, &cluster.daemons[0]).await;
-        for daemon in &cluster.daemons {
-            daemon.stop().await?;
+        let other = rig.node(1);
+        let elsewhere = Nginx::start(
+            rig,
+            "nginx-learned",
+            Some(other.netns()),
+            other.ip(),
+            &root,
+            PORT,
+            None,
+        )
+        .await?;
+        let learned = async {
+            let cluster =
+                cluster::transparent_for(rig, &rig_registry_hosts(rig), options()).await?;
+            let learned = measure_learned(rig, &elsewhere, &cluster.daemons[0]).await;
+            for daemon in &cluster.daemons {
+                daemon.stop().await?;
+            }
+            learned
         }
+        .await;
+        elsewhere.stop().await?;
         (measured.learned_bps, measured.learned_direct_bps) = learned?;
         Ok(measured)
     }
