@@ -13,7 +13,8 @@
 //! - **The first node to ask the coordinator fetches.** A node that misses a blob *claims* it at
 //!   its coordinator (`POST /spegel/v1/burst/claim/<digest>?by=<peer id>`, or its own [`Claims`]
 //!   when it is the coordinator). The coordinator records the first claimant (the *holder*) for
-//!   [`CLAIM_TTL`] and answers every claim with the holder's id. The holder goes upstream at
+//!   [`CLAIM_TTL`] and answers every claim with the holder's id; the holder claims again every
+//!   [`RENEW`] while its download runs, so a long one stays held. The holder goes upstream at
 //!   once; every other node asks the holder (a peer GET with `X-Spegel-Mirrored`, through the
 //!   ordinary peer client: cluster mTLS, verification, resume), again every [`POLL`] while it
 //!   answers 404 (its fetch has not registered yet), for at most `--burst-wait`; then it goes
@@ -62,9 +63,14 @@ use crate::{
 /// How often a node asks a blob's holder again while its fetch has not started.
 pub const POLL: Duration = Duration::from_millis(50);
 
-/// How long a coordinator names a blob's first claimant as its holder. Past that, the holder
-/// has the blob in its store (and advertises it) or failed; either way a new claim starts over.
+/// How long a coordinator names a blob's first claimant as its holder after its last claim.
+/// The holder claims again every [`RENEW`] while its download runs, so a long one (a 1 GiB
+/// layer at 100 Mbit/s takes minutes) stays held; past it, the holder has the blob in its store
+/// (and advertises it) or failed, and a new claim starts over.
 pub const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// How often a holder renews its claim while its download runs.
+pub const RENEW: Duration = Duration::from_secs(10);
 
 /// How long after its claim a holder serves its containerd's download before a byte of it is
 /// written (containerd writes an ingest in 1 MiB steps, so the first lands a while after the
@@ -129,12 +135,6 @@ impl<V> Expiring<V> {
         (now.duration_since(*at) < CLAIM_TTL).then_some(value)
     }
 
-    /// How long ago `digest`'s entry was set, unless it expired by `now`.
-    fn age(&self, digest: &Digest, now: Instant) -> Option<Duration> {
-        let (_, at) = self.entries.get(digest)?;
-        Some(now.duration_since(*at)).filter(|age| *age < CLAIM_TTL)
-    }
-
     /// Sets `digest`'s entry as of `now`, unless the map is full of live entries.
     fn insert(&mut self, digest: Digest, value: V, now: Instant) {
         if self.entries.len() >= MAX_CLAIMS && !self.entries.contains_key(&digest) {
@@ -171,7 +171,8 @@ impl Claims {
     }
 
     /// `by` claims `digest`: the holder's id, `by` itself when it is the first (or the last
-    /// holder's claim expired). This node holds what it is fetching already.
+    /// holder's claim expired). The holder claiming again renews its claim for another
+    /// [`CLAIM_TTL`]. This node holds what it is fetching already.
     pub fn claim(&self, digest: Digest, by: &str) -> String {
         let now = Instant::now();
         let mut held = self
@@ -179,7 +180,12 @@ impl Claims {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         if let Some(holder) = held.get(&digest, now) {
-            return holder.clone();
+            let holder = holder.clone();
+            if holder == by {
+                // The holder renewing its claim while its download runs.
+                held.insert(digest, holder.clone(), now);
+            }
+            return holder;
         }
         if self.in_flight.has(&digest) {
             return self.me.clone();
@@ -267,8 +273,11 @@ pub struct BurstGate {
     wait: Duration,
     /// Mirror mode: this node's containerd, whose own download a holder serves as it arrives.
     mirror: Option<Arc<dyn Ingests>>,
-    /// Blobs this node was the first to claim, as their coordinators said.
-    held: Mutex<Expiring<()>>,
+    /// Blobs this node was the first to claim, as their coordinators said, with when it first
+    /// claimed each (the entry itself is renewed with the claim).
+    held: Arc<Mutex<Expiring<Instant>>>,
+    /// Blobs whose claim a task is renewing while this node downloads them.
+    renewing: Arc<Mutex<std::collections::HashSet<Digest>>>,
 }
 
 impl BurstGate {
@@ -291,7 +300,8 @@ impl BurstGate {
             claimer,
             wait,
             mirror: None,
-            held: Mutex::default(),
+            held: Arc::default(),
+            renewing: Arc::default(),
         }
     }
 
@@ -305,10 +315,8 @@ impl BurstGate {
         self
     }
 
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, Expiring<()>> {
-        self.held
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Expiring<Instant>> {
+        lock(&self.held)
     }
 
     /// A peer's request for a blob this node holds in mirror mode: its containerd's download
@@ -316,7 +324,8 @@ impl BurstGate {
     /// the claim: a download that never started).
     async fn download_in_flight(&self, request: &ObjectRequest, digest: Digest) -> Option<Object> {
         let ingests = self.mirror.as_ref()?;
-        let age = self.lock_held().age(&digest, Instant::now())?;
+        let now = Instant::now();
+        let age = now.duration_since(*self.lock_held().get(&digest, now)?);
         let growing = ingests.growing(&digest).await?;
         if age >= STARTING && growing.written().await.ok()? == 0 {
             tracing::debug!(%digest, ?age, "this node's download of a blob it holds has not started");
@@ -342,10 +351,11 @@ impl BurstGate {
     /// The holder of `digest` when it is another member; `None`: this node fetches.
     async fn holder(&self, digest: Digest) -> Option<Peer> {
         let (me, members) = self.holders.router.members().await?;
-        let holder = match coordinator(&digest, &me, &members) {
+        let coordinator = coordinator(&digest, &me, &members);
+        let holder = match &coordinator {
             None => self.claims.claim(digest, &me),
             Some(coordinator) => {
-                let asked = self.claimer.claim(&coordinator, digest, &me);
+                let asked = self.claimer.claim(coordinator, digest, &me);
                 match tokio::time::timeout(self.wait, asked).await {
                     Ok(Ok(holder)) => holder,
                     Ok(Err(err)) => {
@@ -360,7 +370,12 @@ impl BurstGate {
             }
         };
         if holder == me {
-            self.lock_held().insert(digest, (), Instant::now());
+            let now = Instant::now();
+            let mut held = self.lock_held();
+            let first = held.get(&digest, now).copied().unwrap_or(now);
+            held.insert(digest, first, now);
+            drop(held);
+            self.keep_holding(digest, coordinator, me);
             return None;
         }
         let found = members.into_iter().find(|peer| peer.id == holder);
@@ -369,6 +384,56 @@ impl BurstGate {
         }
         found
     }
+}
+
+impl BurstGate {
+    /// While this node downloads `digest` (its shared upstream fetch, or in mirror mode its
+    /// containerd's ingest), claims it again at its coordinator every [`RENEW`], so that nodes
+    /// asking later still find this node the holder; stops when the download ends or another
+    /// node holds the blob.
+    fn keep_holding(&self, digest: Digest, coordinator: Option<Peer>, me: String) {
+        if !lock(&self.renewing).insert(digest) {
+            return; // already renewed
+        }
+        let (claims, claimer) = (Arc::clone(&self.claims), Arc::clone(&self.claimer));
+        let (in_flight, mirror) = (self.in_flight.clone(), self.mirror.clone());
+        let (held, renewing) = (Arc::clone(&self.held), Arc::clone(&self.renewing));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW).await;
+                let downloading = match &mirror {
+                    None => in_flight.has(&digest),
+                    Some(ingests) => ingests.growing(&digest).await.is_some(),
+                };
+                if !downloading {
+                    break;
+                }
+                let holder = match &coordinator {
+                    None => claims.claim(digest, &me),
+                    Some(coordinator) => match claimer.claim(coordinator, digest, &me).await {
+                        Ok(holder) => holder,
+                        Err(err) => {
+                            tracing::debug!(%digest, coordinator = %coordinator.id, %err, "cannot renew a burst claim; trying again");
+                            continue;
+                        }
+                    },
+                };
+                if holder != me {
+                    tracing::debug!(%digest, %holder, "another node holds a blob this node downloads");
+                    break;
+                }
+                let now = Instant::now();
+                let mut held = lock(&held);
+                let first = held.get(&digest, now).copied().unwrap_or(now);
+                held.insert(digest, first, now);
+            }
+            lock(&renewing).remove(&digest);
+        });
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 #[async_trait::async_trait]

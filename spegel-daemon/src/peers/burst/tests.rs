@@ -217,6 +217,25 @@ async fn an_expired_claim_goes_to_the_next_claimant() {
     assert_eq!(claims.claim(digest, "c"), "c");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_holder_claiming_again_keeps_its_claim() {
+    let shared = crate::body::shared::SharedFetch::new(Counted::new("upstream", 0), None);
+    let claims = Claims::new("me".into(), shared.in_flight());
+    let digest = Digest::of(b"blob");
+    assert_eq!(claims.claim(digest, "b"), "b");
+    for _ in 0..4 {
+        tokio::time::advance(CLAIM_TTL - Duration::from_secs(1)).await;
+        assert_eq!(
+            claims.claim(digest, "c"),
+            "b",
+            "another claimant does not renew"
+        );
+        assert_eq!(claims.claim(digest, "b"), "b");
+    }
+    tokio::time::advance(CLAIM_TTL).await;
+    assert_eq!(claims.claim(digest, "c"), "c", "unrenewed, it expires");
+}
+
 #[test]
 fn claims_stay_bounded() {
     let shared = crate::body::shared::SharedFetch::new(Counted::new("upstream", 0), None);
@@ -540,4 +559,53 @@ async fn in_mirror_mode_intercepted_and_nameless_requests_are_not_gated() {
     }
     assert_eq!(g.holder.calls(), 0);
     assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_mirror_mode_a_holder_renews_its_claim_while_its_download_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"some of it").unwrap();
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    // Coordinated elsewhere; the coordinator names this node ("a") the holder.
+    let digest = digest_coordinated_by_me("a", &IDS, false);
+    store.set_growing(digest, data, 100);
+    let g = mirror_gate(0, Ok("a"), Duration::from_secs(5), Arc::clone(&store));
+    assert!(g.gate.fetch(&mirror_blob(digest)).await.is_err());
+    assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 1);
+    // A download longer than a claim lives: renewed, and still served to peers.
+    tokio::time::sleep(CLAIM_TTL * 2).await;
+    let renewals = g.coordinator.calls.load(Ordering::SeqCst) - 1;
+    assert!(renewals >= 5, "{renewals} renewals in {:?}", CLAIM_TTL * 2);
+    let object = g.gate.fetch(&from_peer(digest)).await.unwrap();
+    assert_eq!(object.size, 100);
+    // Its download ends (containerd commits or drops the ingest): no more renewals.
+    crate::store::Ingests::discard(store.as_ref(), &digest)
+        .await
+        .unwrap();
+    tokio::time::sleep(RENEW * 2).await;
+    let calls = g.coordinator.calls.load(Ordering::SeqCst);
+    tokio::time::sleep(RENEW * 3).await;
+    assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_stops_renewing_when_another_node_holds_the_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"x").unwrap();
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    // This node coordinates: its own claims say who holds.
+    let digest = digest_coordinated_by_me("a", &IDS, true);
+    store.set_growing(digest, data, 100);
+    let g = mirror_gate(0, Err("unused"), Duration::from_secs(5), Arc::clone(&store));
+    assert!(g.gate.fetch(&mirror_blob(digest)).await.is_err());
+    tokio::time::sleep(CLAIM_TTL * 2).await;
+    assert_eq!(g.claims.claim(digest, "b"), "a", "renewed at itself");
+    // Its claim taken over (it lapsed while, say, the node was paused): it stops renewing.
+    g.claims.held.lock().unwrap().entries.clear();
+    assert_eq!(g.claims.claim(digest, "b"), "b");
+    tokio::time::sleep(RENEW * 2).await;
+    assert_eq!(g.claims.claim(digest, "c"), "b");
+    assert!(g.gate.renewing.lock().unwrap().is_empty());
 }
