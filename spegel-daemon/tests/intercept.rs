@@ -835,6 +835,35 @@ async fn passed_through_destinations_go_direct_once_learned() -> anyhow::Result<
     }
     assert_eq!(accepted(&stats), 1, "a learned destination was redirected");
     assert_eq!(hits.load(Ordering::Relaxed), hits_before + 3);
+    // connect6 finds it too, for an AF_INET6 socket dialling the v4-mapped address.
+    ensure!(
+        which("python3"),
+        "python3 is needed for the v4-mapped check"
+    );
+    {
+        let script = format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+             s.connect(('::ffff:{origin_ip}', 80))\n\
+             s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
+             print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
+        );
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec python3 -c "$1""#)
+            .arg(&cgroup.path)
+            .arg(&script)
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        ensure!(
+            out.status.success(),
+            "python: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8(out.stdout)?.trim(), "HTTP/1.1 200 OK");
+        assert_eq!(accepted(&stats), 1, "the v4-mapped connect was redirected");
+    }
 
     // Learned per port: TLS on the same address is still redirected the first time.
     let tls = [
