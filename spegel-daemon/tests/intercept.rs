@@ -358,44 +358,18 @@ fn accepted(stats: &spegel::intercept::InterceptStats) -> u64 {
     ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
 )]
 async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,spegel=debug".into()))
-        .with_test_writer()
-        .try_init();
-
     let tag = std::process::id() % 100_000;
-    let net = u8::try_from(tag % 200 + 20)?;
-    let origin_ip = IpAddr::V4(Ipv4Addr::new(10, 231, net, 2));
-    let scratch = Scratch(std::env::temp_dir().join(format!("spegel-it-{tag}")));
-    std::fs::create_dir_all(&scratch.0)?;
-    let finder_probe = CgroupFinder::new(Locator::Pid(std::process::id()), None)?;
-    let cgroup = Cgroup::create(finder_probe.mount().join(format!("spegel-it-{tag}")))?;
+    let ground = Ground::new(tag, u8::try_from(tag % 200 + 20)?)?;
+    let (scratch, cgroup, origin_ip) = (&ground.scratch, &ground.cgroup, ground.origin_ip);
     let cg = Some(cgroup.path.as_path());
-    let ns = Netns::create(tag, net)?;
 
     // The "registry" side: plain HTTP and HTTPS on 10.231.<net>.2 in the namespace, and an
     // HTTP server on [::1] here for the IPv6 path.
-    let (origin_ca, origin_cert, origin_key) =
-        ca_and_leaf("origin CA", &["origin.test", &origin_ip.to_string()])?;
-    let origin_ca_file = scratch.0.join("origin-ca.pem");
-    std::fs::write(&origin_ca_file, &origin_ca)?;
+    let origin = ground.serve_origin()?;
+    let (origin_ca_file, origin_hits) = (&origin.ca_file, &origin.hits);
     let (mirror_ca, mirror_cert, mirror_key) = ca_and_leaf("mirror CA", &["mirror.test"])?;
     let mirror_ca_file = scratch.0.join("mirror-ca.pem");
     std::fs::write(&mirror_ca_file, &mirror_ca)?;
-    let mut listeners = ns.bind(vec![
-        SocketAddr::new(origin_ip, 80),
-        SocketAddr::new(origin_ip, 443),
-    ])?;
-    let https = listeners.pop().context("https listener")?;
-    let http = listeners.pop().context("http listener")?;
-    let origin_hits = Arc::new(AtomicU64::new(0));
-    let _http = serve(http, None, "plain-ok", origin_hits.clone());
-    let _https = serve(
-        https,
-        Some(tls_acceptor(origin_cert, origin_key)?),
-        "tls-ok",
-        origin_hits.clone(),
-    );
     let v6 = TcpListener::bind("[::1]:0").await?;
     let v6_port = v6.local_addr()?.port();
     let _v6 = serve(v6, None, "v6-ok", origin_hits.clone());
@@ -411,46 +385,10 @@ async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
     // ---- Part 1: the building blocks, with the loader handle held here. ----
     let listener = Listener::bind(0).await?;
     ensure!(listener.has_ipv6(), "no [::1] listener");
-    let config = InterceptConfig {
-        listener_port: listener.port(),
-        redirect_ports: vec![80, 443],
-        redirect_ips: vec!["::1".parse()?],
-        mirrored: MirroredRegistries::parse(&["mirror.test"]).map_err(|e| anyhow!(e))?,
-        locator: Locator::Cgroup(cgroup.path.clone()),
-        cgroup2_mount: None,
-        poll_interval: Duration::from_millis(200),
-        peek_timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(5),
-        splice_idle_timeout: Duration::from_secs(600),
-        // Every connect stays redirected here; learning has its own test below.
-        bypass_ttl: Duration::ZERO,
-        max_connections: 64,
-        write_timeout: Duration::from_secs(30),
-        health: spegel::intercept::health::HealthPolicy {
-            wedge_timeout: Duration::from_secs(5),
-            recover_after: Duration::from_secs(10),
-        },
-        probe_interval: Duration::from_secs(1),
-        #[cfg(feature = "fault-injection")]
-        accept_wedge: None,
-        #[cfg(feature = "fault-injection")]
-        attach_containing_cgroup: false,
-    };
-    let mut finder = CgroupFinder::new(config.locator.clone(), None)?;
-    let own = OwnCgroup::current(finder.mount())?;
-    let mut redirector = Redirector::load(&RedirectConfig {
-        listener_port: listener.port(),
-        ipv6_listener: listener.has_ipv6(),
-        ports: config.redirect_ports.clone(),
-        ips: config.redirect_ips.clone(),
-        own_cgroup: own.id,
-    })?;
-    CgroupWatcher::new(own).check(&mut finder, &mut redirector)?;
-    ensure!(
-        redirector.attached().map(|c| c.path.as_path()) == Some(cgroup.path.as_path()),
-        "not attached: {:?}",
-        redirector.attached()
-    );
+    let mirrored = MirroredRegistries::parse(&["mirror.test"]).map_err(|e| anyhow!(e))?;
+    // Every connect stays redirected here; learning has its own test below.
+    let config = ground.config(&listener, vec!["::1".parse()?], &mirrored, Duration::ZERO);
+    let redirector = ground.redirector(&config, listener.has_ipv6())?;
     let interceptor = Arc::new(Interceptor::new(
         &config,
         Arc::new(redirector.orig_dst_table()),
@@ -551,21 +489,8 @@ async fn transparent_interception_end_to_end() -> anyhow::Result<()> {
              peer = s.getpeername()\n\
              print(peer[0], peer[1], data.split(b'\\r\\n\\r\\n', 1)[1].decode())\n"
         );
-        let out = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec python3 -c "$1""#)
-            .arg(&cgroup.path)
-            .arg(&script)
-            .kill_on_drop(true)
-            .output()
-            .await?;
-        ensure!(
-            out.status.success(),
-            "python: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert_eq!(
-            String::from_utf8(out.stdout)?.trim(),
+            python_in(&cgroup.path, &script).await?,
             format!("::ffff:{origin_ip} 80 plain-ok")
         );
         assert_eq!(
@@ -707,24 +632,15 @@ impl Resolve for FixedNames {
     ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
 )]
 async fn passed_through_destinations_go_direct_once_learned() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,spegel=debug".into()))
-        .with_test_writer()
-        .try_init();
-
     // Apart from the other test's namespace, address and cgroup (the two may run at once).
     let pid_tag = std::process::id() % 100_000;
     let tag = pid_tag + 100_000;
     let net = u8::try_from((pid_tag + 100) % 200 + 20)?;
-    let origin_ip = IpAddr::V4(Ipv4Addr::new(10, 231, net, 2));
+    let ground = Ground::new(tag, net)?;
+    let (cgroup, ns, origin_ip) = (&ground.cgroup, &ground.ns, ground.origin_ip);
+    let cg = Some(cgroup.path.as_path());
     // A second address in the namespace, where the mirrored registry's name resolves.
     let registry_ip = IpAddr::V4(Ipv4Addr::new(10, 231, net, 3));
-    let scratch = Scratch(std::env::temp_dir().join(format!("spegel-it-{tag}")));
-    std::fs::create_dir_all(&scratch.0)?;
-    let finder_probe = CgroupFinder::new(Locator::Pid(std::process::id()), None)?;
-    let cgroup = Cgroup::create(finder_probe.mount().join(format!("spegel-it-{tag}")))?;
-    let cg = Some(cgroup.path.as_path());
-    let ns = Netns::create(tag, net)?;
     run(
         "ip",
         &[
@@ -738,27 +654,13 @@ async fn passed_through_destinations_go_direct_once_learned() -> anyhow::Result<
         ],
     )?;
 
-    let (origin_ca, origin_cert, origin_key) =
-        ca_and_leaf("origin CA", &["origin.test", &origin_ip.to_string()])?;
-    let origin_ca_file = scratch.0.join("origin-ca.pem");
-    std::fs::write(&origin_ca_file, &origin_ca)?;
+    let origin = ground.serve_origin()?;
+    let (origin_ca_file, hits) = (&origin.ca_file, &origin.hits);
     let (_, mirror_cert, mirror_key) = ca_and_leaf("mirror CA", &["mirror.test"])?;
-    let mut listeners = ns.bind(vec![
-        SocketAddr::new(origin_ip, 80),
-        SocketAddr::new(origin_ip, 443),
-        SocketAddr::new(registry_ip, 80),
-    ])?;
-    let registry_http = listeners.pop().context("registry listener")?;
-    let https = listeners.pop().context("https listener")?;
-    let http = listeners.pop().context("http listener")?;
-    let hits = Arc::new(AtomicU64::new(0));
-    let _http = serve(http, None, "plain-ok", hits.clone());
-    let _https = serve(
-        https,
-        Some(tls_acceptor(origin_cert, origin_key)?),
-        "tls-ok",
-        hits.clone(),
-    );
+    let registry_http = ns
+        .bind(vec![SocketAddr::new(registry_ip, 80)])?
+        .pop()
+        .context("registry listener")?;
     let _registry = serve(registry_http, None, "registry-ok", hits.clone());
     let handler = Arc::new(TestHandler {
         tls: tls_acceptor(mirror_cert, mirror_key)?,
@@ -767,40 +669,8 @@ async fn passed_through_destinations_go_direct_once_learned() -> anyhow::Result<
 
     let listener = Listener::bind(0).await?;
     let mirrored = MirroredRegistries::parse(&["mirror.test"]).map_err(|e| anyhow!(e))?;
-    let config = InterceptConfig {
-        listener_port: listener.port(),
-        redirect_ports: vec![80, 443],
-        redirect_ips: Vec::new(),
-        mirrored: mirrored.clone(),
-        locator: Locator::Cgroup(cgroup.path.clone()),
-        cgroup2_mount: None,
-        poll_interval: Duration::from_millis(200),
-        peek_timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(5),
-        splice_idle_timeout: Duration::from_secs(600),
-        bypass_ttl: Duration::from_secs(300),
-        max_connections: 64,
-        write_timeout: Duration::from_secs(30),
-        health: spegel::intercept::health::HealthPolicy {
-            wedge_timeout: Duration::from_secs(5),
-            recover_after: Duration::from_secs(10),
-        },
-        probe_interval: Duration::from_secs(1),
-        #[cfg(feature = "fault-injection")]
-        accept_wedge: None,
-        #[cfg(feature = "fault-injection")]
-        attach_containing_cgroup: false,
-    };
-    let mut finder = CgroupFinder::new(config.locator.clone(), None)?;
-    let own = OwnCgroup::current(finder.mount())?;
-    let mut redirector = Redirector::load(&RedirectConfig {
-        listener_port: listener.port(),
-        ipv6_listener: listener.has_ipv6(),
-        ports: config.redirect_ports.clone(),
-        ips: Vec::new(),
-        own_cgroup: own.id,
-    })?;
-    CgroupWatcher::new(own).check(&mut finder, &mut redirector)?;
+    let config = ground.config(&listener, Vec::new(), &mirrored, Duration::from_secs(300));
+    let redirector = ground.redirector(&config, listener.has_ipv6())?;
     let pass = redirector.pass_map();
     let bypass = Bypass::new(
         Arc::new(pass.clone()),
@@ -848,20 +718,7 @@ async fn passed_through_destinations_go_direct_once_learned() -> anyhow::Result<
              s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
              print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
         );
-        let out = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec python3 -c "$1""#)
-            .arg(&cgroup.path)
-            .arg(&script)
-            .kill_on_drop(true)
-            .output()
-            .await?;
-        ensure!(
-            out.status.success(),
-            "python: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8(out.stdout)?.trim(), "HTTP/1.1 200 OK");
+        assert_eq!(python_in(&cgroup.path, &script).await?, "HTTP/1.1 200 OK");
         assert_eq!(accepted(&stats), 1, "the v4-mapped connect was redirected");
     }
 
@@ -908,6 +765,158 @@ async fn passed_through_destinations_go_direct_once_learned() -> anyhow::Result<
     stop.cancel();
     server.await?;
     Ok(())
+}
+
+/// The servers [`Ground::serve_origin`] started; they stop when it drops.
+struct OriginServers {
+    /// The CA that signed the HTTPS server's leaf (for curl's `--cacert`).
+    ca_file: PathBuf,
+    /// Connections the servers accepted.
+    hits: Arc<AtomicU64>,
+    _servers: Vec<AbortOnDrop>,
+}
+
+/// A task aborted when this drops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What both tests stand on: a scratch directory, a cgroup, and a namespace at 10.231.<net>.2,
+/// all named after `tag`.
+struct Ground {
+    scratch: Scratch,
+    cgroup: Cgroup,
+    ns: Netns,
+    origin_ip: IpAddr,
+}
+
+impl Ground {
+    fn new(tag: u32, net: u8) -> anyhow::Result<Self> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,spegel=debug".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let scratch = Scratch(std::env::temp_dir().join(format!("spegel-it-{tag}")));
+        std::fs::create_dir_all(&scratch.0)?;
+        let finder_probe = CgroupFinder::new(Locator::Pid(std::process::id()), None)?;
+        let cgroup = Cgroup::create(finder_probe.mount().join(format!("spegel-it-{tag}")))?;
+        let ns = Netns::create(tag, net)?;
+        Ok(Self {
+            scratch,
+            cgroup,
+            ns,
+            origin_ip: IpAddr::V4(Ipv4Addr::new(10, 231, net, 2)),
+        })
+    }
+
+    /// Plain HTTP ("plain-ok") and HTTPS ("tls-ok", a leaf for `origin.test` and the address
+    /// from a CA written to the scratch directory) on the namespace's address, ports 80 and 443.
+    fn serve_origin(&self) -> anyhow::Result<OriginServers> {
+        let (ca, cert, key) =
+            ca_and_leaf("origin CA", &["origin.test", &self.origin_ip.to_string()])?;
+        let ca_file = self.scratch.0.join("origin-ca.pem");
+        std::fs::write(&ca_file, &ca)?;
+        let mut listeners = self.ns.bind(vec![
+            SocketAddr::new(self.origin_ip, 80),
+            SocketAddr::new(self.origin_ip, 443),
+        ])?;
+        let https = listeners.pop().context("https listener")?;
+        let http = listeners.pop().context("http listener")?;
+        let hits = Arc::new(AtomicU64::new(0));
+        let servers = vec![
+            AbortOnDrop(serve(http, None, "plain-ok", hits.clone())),
+            AbortOnDrop(serve(
+                https,
+                Some(tls_acceptor(cert, key)?),
+                "tls-ok",
+                hits.clone(),
+            )),
+        ];
+        Ok(OriginServers {
+            ca_file,
+            hits,
+            _servers: servers,
+        })
+    }
+
+    /// Interception settings for `listener`, redirecting ports 80 and 443 (and `ips`) from the
+    /// cgroup, mirroring `mirrored`.
+    fn config(
+        &self,
+        listener: &Listener,
+        ips: Vec<IpAddr>,
+        mirrored: &MirroredRegistries,
+        bypass_ttl: Duration,
+    ) -> InterceptConfig {
+        InterceptConfig {
+            listener_port: listener.port(),
+            redirect_ports: vec![80, 443],
+            redirect_ips: ips,
+            mirrored: mirrored.clone(),
+            locator: Locator::Cgroup(self.cgroup.path.clone()),
+            cgroup2_mount: None,
+            poll_interval: Duration::from_millis(200),
+            peek_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+            splice_idle_timeout: Duration::from_secs(600),
+            bypass_ttl,
+            max_connections: 64,
+            write_timeout: Duration::from_secs(30),
+            health: spegel::intercept::health::HealthPolicy {
+                wedge_timeout: Duration::from_secs(5),
+                recover_after: Duration::from_secs(10),
+            },
+            probe_interval: Duration::from_secs(1),
+            #[cfg(feature = "fault-injection")]
+            accept_wedge: None,
+            #[cfg(feature = "fault-injection")]
+            attach_containing_cgroup: false,
+        }
+    }
+
+    /// The real programs, loaded for `config` and attached to the cgroup.
+    fn redirector(&self, config: &InterceptConfig, ipv6: bool) -> anyhow::Result<Redirector> {
+        let mut finder = CgroupFinder::new(config.locator.clone(), None)?;
+        let own = OwnCgroup::current(finder.mount())?;
+        let mut redirector = Redirector::load(&RedirectConfig {
+            listener_port: config.listener_port,
+            ipv6_listener: ipv6,
+            ports: config.redirect_ports.clone(),
+            ips: config.redirect_ips.clone(),
+            own_cgroup: own.id,
+        })?;
+        CgroupWatcher::new(own).check(&mut finder, &mut redirector)?;
+        ensure!(
+            redirector.attached().map(|c| c.path.as_path()) == Some(self.cgroup.path.as_path()),
+            "not attached: {:?}",
+            redirector.attached()
+        );
+        Ok(redirector)
+    }
+}
+
+/// Runs a python `script` inside `cgroup`; what it printed, trimmed.
+async fn python_in(cgroup: &Path, script: &str) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec python3 -c "$1""#)
+        .arg(cgroup)
+        .arg(script)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
 fn which(program: &str) -> bool {

@@ -561,15 +561,22 @@ async fn in_mirror_mode_intercepted_and_nameless_requests_are_not_gated() {
     assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn in_mirror_mode_a_holder_renews_its_claim_while_its_download_runs() {
+/// A containerd whose download of `digest` (100 bytes) has written 10 so far, in a directory
+/// that lives as long as the first value.
+fn downloading(digest: Digest) -> (tempfile::TempDir, Arc<crate::store::memory::MemoryStore>) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::write(&data, b"some of it").unwrap();
     let store = Arc::new(crate::store::memory::MemoryStore::new());
+    store.set_growing(digest, data, 100);
+    (dir, store)
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_mirror_mode_a_holder_renews_its_claim_while_its_download_runs() {
     // Coordinated elsewhere; the coordinator names this node ("a") the holder.
     let digest = digest_coordinated_by_me("a", &IDS, false);
-    store.set_growing(digest, data, 100);
+    let (_dir, store) = downloading(digest);
     let g = mirror_gate(0, Ok("a"), Duration::from_secs(5), Arc::clone(&store));
     assert!(g.gate.fetch(&mirror_blob(digest)).await.is_err());
     assert_eq!(g.coordinator.calls.load(Ordering::SeqCst), 1);
@@ -591,13 +598,9 @@ async fn in_mirror_mode_a_holder_renews_its_claim_while_its_download_runs() {
 
 #[tokio::test(start_paused = true)]
 async fn a_holder_stops_renewing_when_another_node_holds_the_blob() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::write(&data, b"x").unwrap();
-    let store = Arc::new(crate::store::memory::MemoryStore::new());
     // This node coordinates: its own claims say who holds.
     let digest = digest_coordinated_by_me("a", &IDS, true);
-    store.set_growing(digest, data, 100);
+    let (_dir, store) = downloading(digest);
     let g = mirror_gate(0, Err("unused"), Duration::from_secs(5), Arc::clone(&store));
     assert!(g.gate.fetch(&mirror_blob(digest)).await.is_err());
     tokio::time::sleep(CLAIM_TTL * 2).await;
