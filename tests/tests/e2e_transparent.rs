@@ -15,6 +15,10 @@
 //!   mirrored (another port, another name on the mirrored address, the plain port) is spliced:
 //!   the client sees the real server certificate. Connections from outside the cgroup are not
 //!   redirected at all.
+//! - `an_unmirrored_registry_goes_direct_after_its_first_connection`: with the registry not in
+//!   the mirrored list, A's first pull is spliced and the daemon learns the registry's address;
+//!   after a containerd restart (no connection kept) A's next pull reaches the registry without
+//!   a connection through the daemon.
 //! - `fails_open_and_resumes`: `kill -9` of A's daemon: A still pulls, straight from the
 //!   registry (fail-open); a restarted daemon intercepts the next pull again.
 //! - `peers_serve_while_the_registry_is_down`: A pulls two images; with the registry stopped,
@@ -150,6 +154,24 @@ async fn splices_what_is_not_mirrored() {
     not(spegel_e2e),
     ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
 )]
+async fn an_unmirrored_registry_goes_direct_after_its_first_connection() {
+    spegel_tests::require_e2e!();
+    let _serial = spegel_tests::serial().await;
+    run_scenario_mirroring(
+        "an_unmirrored_registry_goes_direct_after_its_first_connection",
+        two_images(),
+        // Something else: the rig's registry is not mirrored.
+        |rig| vec![format!("elsewhere.{}.test", rig.prefix())],
+        |suite: &Suite| scenario_an_unmirrored_registry_goes_direct(suite).boxed(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(spegel_e2e),
+    ignore = "end-to-end: needs root; build and run with SPEGEL_E2E=1 (cargo xtask test)"
+)]
 async fn fails_open_and_resumes() {
     spegel_tests::require_e2e!();
     let _serial = spegel_tests::serial().await;
@@ -193,6 +215,23 @@ async fn run_scenario<const N: usize>(
     images: [ImageSpec; N],
     scenario: impl for<'a> FnOnce(&'a Suite) -> BoxFuture<'a, ()>,
 ) {
+    let mirrored = |rig: &Rig| {
+        let registry = rig.registry();
+        vec![
+            registry.host(Endpoint::Tls),
+            registry.ip_host(Endpoint::Tls),
+        ]
+    };
+    run_scenario_mirroring(name, images, mirrored, scenario).await;
+}
+
+/// [`run_scenario`], the daemons mirroring what `mirrored` names instead of the registry.
+async fn run_scenario_mirroring<const N: usize>(
+    name: &str,
+    images: [ImageSpec; N],
+    mirrored: impl FnOnce(&Rig) -> Vec<String>,
+    scenario: impl for<'a> FnOnce(&'a Suite) -> BoxFuture<'a, ()>,
+) {
     let started = Instant::now();
     let mut builder = Rig::builder().nodes(3);
     for image in images {
@@ -206,11 +245,7 @@ async fn run_scenario<const N: usize>(
         started.elapsed()
     );
 
-    let registry = rig.registry();
-    let mirrored = vec![
-        registry.host(Endpoint::Tls),
-        registry.ip_host(Endpoint::Tls),
-    ];
+    let mirrored = mirrored(&rig);
     let options = SpegelOptions::transparent().intercept_ports([ALT_TLS_PORT]);
     let cluster = match cluster::transparent_for(&rig, &mirrored, options).await {
         Ok(cluster) => cluster,
@@ -731,6 +766,49 @@ async fn scenario_splices_what_is_not_mirrored(suite: &Suite) {
         metrics.sum(LEARNED),
         0.0,
         "a destination on the mirrored registry's address was learned"
+    );
+}
+
+/// The registry is not mirrored: A's first pull is passed through and teaches its daemon the
+/// registry's address; once containerd has no connection left to reuse, its next pull opens new
+/// ones that go straight to the registry, never through the daemon.
+async fn scenario_an_unmirrored_registry_goes_direct(suite: &Suite) {
+    eprintln!("--- an unmirrored registry: spliced once, then direct");
+    let rig = &suite.rig;
+    let a = rig.node(0);
+    let daemon = suite.daemon(0);
+    let first = rig.image("failopen").expect("failopen pushed");
+    let before = rig.registry_log().await.unwrap();
+    a.cri_pull(&first.reference(Endpoint::Tls))
+        .await
+        .expect("A pulls through the splice");
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert_eq!(log.blob_gets_by(a.ip()), once_each(&first));
+    let metrics: Metrics = daemon.metrics().await.expect("metrics");
+    assert!(
+        metrics.sum(SPLICED) >= 1.0,
+        "the first pull was not intercepted"
+    );
+    assert_eq!(metrics.sum(MIRRORED), 0.0);
+    assert!(
+        metrics.sum(LEARNED) >= 1.0,
+        "the registry's address was not learned"
+    );
+
+    // No connection of the first pull survives a restart.
+    a.restart_containerd().await.expect("containerd restarts");
+    let [accepted, ..] = counters(daemon).await;
+    let second = rig.image("resumed").expect("resumed pushed");
+    let before = rig.registry_log().await.unwrap();
+    a.cri_pull(&second.reference(Endpoint::Tls))
+        .await
+        .expect("A pulls directly");
+    let log = rig.registry_log().await.unwrap().since(&before);
+    assert_eq!(log.blob_gets_by(a.ip()), once_each(&second));
+    let [accepted_after, ..] = counters(daemon).await;
+    assert_eq!(
+        accepted_after, accepted,
+        "containerd's connects to a learned registry went through the daemon"
     );
 }
 
