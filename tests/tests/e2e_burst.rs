@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use spegel_tests::cluster;
+use spegel_tests::rig::shape::Shaping;
 use spegel_tests::rig::spegel::{Spegel, SpegelOptions, configure_mirror, registry_urls};
 use spegel_tests::rig::{Endpoint, ImageSpec, MIB, Node, Rig, TestImage, spegel_bin};
 
@@ -266,7 +267,19 @@ async fn a_cold_burst_in_mirror_mode_fetches_each_blob_once() {
         .seed(7303);
     let suite = Suite::start_mirror("cold_burst_mirror", spec, SpegelOptions::mirror()).await;
     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        // A registry link the holder's download takes a while on (about a second for the
+        // image): unlimited, it can be over before any other node asks, and then the others
+        // are served from its store, which says nothing of serving a download in flight.
+        let link = suite
+            .rig
+            .shape_upstream(Shaping {
+                rate_bps: Some(50_000_000),
+                rtt: Duration::ZERO,
+            })
+            .await
+            .expect("registry link shaped");
         every_node_pulls_each_blob_fetched_once(&suite.rig).await;
+        link.remove().await;
         // Served to peers from a download in flight, not only after it was committed.
         let from_ingest: usize = suite
             .daemons
