@@ -175,10 +175,7 @@ impl Claims {
     /// [`CLAIM_TTL`]. This node holds what it is fetching already.
     pub fn claim(&self, digest: Digest, by: &str) -> String {
         let now = Instant::now();
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let mut held = lock(&self.held);
         if let Some(holder) = held.get(&digest, now) {
             let holder = holder.clone();
             if holder == by {
@@ -219,19 +216,12 @@ impl HolderRouter {
     }
 
     fn set(&self, digest: Digest, holder: Peer) {
-        self.holders
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .insert(digest, holder, Instant::now());
+        lock(&self.holders).insert(digest, holder, Instant::now());
     }
 
     fn get(&self, key: &str) -> Option<Peer> {
         let digest: Digest = key.parse().ok()?;
-        let holders = self
-            .holders
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        holders.get(&digest, Instant::now()).cloned()
+        lock(&self.holders).get(&digest, Instant::now()).cloned()
     }
 }
 
@@ -315,17 +305,13 @@ impl BurstGate {
         self
     }
 
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, Expiring<Instant>> {
-        lock(&self.held)
-    }
-
     /// A peer's request for a blob this node holds in mirror mode: its containerd's download
     /// in flight (`None` once it is gone, or when nothing of it is written [`STARTING`] after
     /// the claim: a download that never started).
     async fn download_in_flight(&self, request: &ObjectRequest, digest: Digest) -> Option<Object> {
         let ingests = self.mirror.as_ref()?;
         let now = Instant::now();
-        let age = now.duration_since(*self.lock_held().get(&digest, now)?);
+        let age = now.duration_since(*lock(&self.held).get(&digest, now)?);
         let growing = ingests.growing(&digest).await?;
         if age >= STARTING && growing.written().await.ok()? == 0 {
             tracing::debug!(%digest, ?age, "this node's download of a blob it holds has not started");
@@ -370,11 +356,7 @@ impl BurstGate {
             }
         };
         if holder == me {
-            let now = Instant::now();
-            let mut held = self.lock_held();
-            let first = held.get(&digest, now).copied().unwrap_or(now);
-            held.insert(digest, first, now);
-            drop(held);
+            hold(&self.held, digest);
             self.keep_holding(digest, coordinator, me);
             return None;
         }
@@ -422,14 +404,19 @@ impl BurstGate {
                     tracing::debug!(%digest, %holder, "another node holds a blob this node downloads");
                     break;
                 }
-                let now = Instant::now();
-                let mut held = lock(&held);
-                let first = held.get(&digest, now).copied().unwrap_or(now);
-                held.insert(digest, first, now);
+                hold(&held, digest);
             }
             lock(&renewing).remove(&digest);
         });
     }
+}
+
+/// Records (or renews) that this node holds `digest`, keeping when it first claimed it.
+fn hold(held: &Mutex<Expiring<Instant>>, digest: Digest) {
+    let now = Instant::now();
+    let mut held = lock(held);
+    let first = held.get(&digest, now).copied().unwrap_or(now);
+    held.insert(digest, first, now);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
