@@ -107,6 +107,10 @@ struct Args {
     /// Keys (digests and tags) the memory micro benchmark has the daemon advertise.
     #[arg(long, env = "SPEGEL_BENCH_RSS_KEYS", default_value_t = 10_000)]
     rss_keys: usize,
+    /// The daemons' `--log` filter in the rollout and burst phases (`info,spegel=debug` to trace
+    /// a pull; the rig keeps every log under its directory).
+    #[arg(long, env = "SPEGEL_BENCH_DAEMON_LOG", default_value = "info")]
+    daemon_log: String,
 }
 
 impl Args {
@@ -284,7 +288,7 @@ async fn measure(
                 running.stop(rig).await?;
             }
             println!("\n== scenario {:?}", case.scenario);
-            current = Some(scenario::Running::start(rig, case.scenario).await?);
+            current = Some(scenario::Running::start(rig, case.scenario, &args.daemon_log).await?);
         }
         let running = current.as_ref().context("no scenario running")?;
         let image = rig

@@ -47,8 +47,8 @@ pub(crate) struct Running {
 
 impl Running {
     /// Sets `scenario` up. `Transparent` changes containerd's trust and configuration for
-    /// good; run it last.
-    pub(crate) async fn start(rig: &Rig, scenario: Scenario) -> Result<Self> {
+    /// good; run it last. `log` is the daemons' `--log` filter.
+    pub(crate) async fn start(rig: &Rig, scenario: Scenario, log: &str) -> Result<Self> {
         let mut running = Self {
             scenario,
             daemons: Vec::new(),
@@ -66,7 +66,7 @@ impl Running {
             Scenario::Mirror => {
                 let mut upstream_ca = std::ffi::OsString::from("--upstream-ca-file=");
                 upstream_ca.push(rig.ca().cert_path());
-                let options = SpegelOptions::mirror().log("info").arg(upstream_ca);
+                let options = SpegelOptions::mirror().log(log).arg(upstream_ca);
                 running.daemons = rig.start_spegel_everywhere(options).await?;
                 for (node, daemon) in rig.nodes().iter().zip(&running.daemons) {
                     configure_mirror(node, &[daemon.url()], &registry_urls(rig, Endpoint::Tls))
@@ -75,7 +75,7 @@ impl Running {
             }
             Scenario::Transparent => {
                 running.daemons =
-                    cluster::transparent(rig, SpegelOptions::transparent().log("info")).await?;
+                    cluster::transparent(rig, SpegelOptions::transparent().log(log)).await?;
             }
         }
         Ok(running)
