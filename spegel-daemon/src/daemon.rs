@@ -265,7 +265,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         let handler = RegistryHandler {
             registry: Arc::clone(&registry),
             tls: TlsTerminator::new(cas).context("cannot build the TLS terminator")?,
-            passthrough: Arc::new(UpstreamPassthrough(upstream_client)),
+            passthrough: Arc::new(UpstreamPassthrough(upstream_client.clone())),
+            upstream: upstream_client,
             shutdown: stop.clone(),
             uncovered: intercept::SpliceHandler {
                 timeouts: intercept::splice::SpliceTimeouts {

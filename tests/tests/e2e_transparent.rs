@@ -447,6 +447,17 @@ async fn scenario_pulls_fetch_each_blob_once(suite: &Suite) {
             .any(|s| s.kind == "manifest" && s.digest == four.digest() && s.source == "upstream"),
         "the tag was not resolved upstream first: {served:#?}"
     );
+    // The first request upstream did not wait for its own dial: the daemon dialled the
+    // registry while containerd was still in its handshake.
+    let took_warm = daemon_a
+        .events_since(mark)
+        .iter()
+        .any(|e| e.message == "a request took the upstream connection dialled ahead");
+    assert!(
+        took_warm,
+        "A's daemon did not dial the registry ahead of its first request:\n{}",
+        daemon_a.log_tail(40)
+    );
     let [accepted, mirrored, _] = counters(daemon_a).await;
     assert!(
         accepted > accepted_before,

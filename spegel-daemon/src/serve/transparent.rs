@@ -50,6 +50,10 @@ pub struct RegistryHandler {
     pub registry: Arc<Registry>,
     pub tls: TlsTerminator,
     pub passthrough: Arc<dyn Passthrough>,
+    /// Dials the origin while containerd is still in its handshake with this daemon, so the
+    /// connection's first request (a tag's `HEAD`, always asked upstream) does not wait for
+    /// the upstream's TCP and TLS round trips ([`UpstreamClient::warm_up`]).
+    pub upstream: UpstreamClient,
     pub shutdown: CancellationToken,
     /// Where TLS connections the trusted CA does not cover go: to their original destination,
     /// untouched (what the client sent first was only peeked at, so it is replayed as is).
@@ -84,6 +88,9 @@ impl MirroredHandler for RegistryHandler {
                 "the node CA containerd trusts does not cover this registry: passed through"
             );
             return self.uncovered.handle(stream, origin).await;
+        }
+        if self.upstream.warm_up(&origin) {
+            tracing::debug!(host = %origin.host, "dialling the upstream ahead");
         }
         let result = if origin.tls {
             match self.tls.accept(stream, origin.addr).await {

@@ -36,6 +36,8 @@ use crate::{
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, BoxBody>,
+    /// The pool's connector, for dials made ahead of a request.
+    connector: Connector,
     timeouts: Timeouts,
 }
 
@@ -65,6 +67,17 @@ impl UpstreamClient {
         Self::build(roots, timeouts, RedirectAddrs::default())
     }
 
+    /// [`Self::with_roots`], a connection dialled ahead closed after `keep` if nothing took it.
+    #[cfg(test)]
+    pub(super) fn with_warm_keep(
+        roots: RootCertStore,
+        timeouts: Timeouts,
+        keep: Duration,
+    ) -> Result<Self, UpstreamError> {
+        let connector = Self::connector(roots, timeouts, RedirectAddrs::default())?;
+        Ok(Self::pooled(connector.with_warm_keep(keep), timeouts))
+    }
+
     /// [`Self::with_roots`], redirects allowed to any address within `allowed` too (tests
     /// whose servers are all on loopback).
     pub fn with_roots_allowing_redirects_to(
@@ -80,18 +93,55 @@ impl UpstreamClient {
         timeouts: Timeouts,
         redirects: RedirectAddrs,
     ) -> Result<Self, UpstreamError> {
+        Ok(Self::pooled(
+            Self::connector(roots, timeouts, redirects)?,
+            timeouts,
+        ))
+    }
+
+    fn connector(
+        roots: RootCertStore,
+        timeouts: Timeouts,
+        redirects: RedirectAddrs,
+    ) -> Result<Connector, UpstreamError> {
         let config = trust::client_config(roots)?;
-        let connector = Connector::new(
+        Ok(Connector::new(
             TlsConnector::from(Arc::new(config)),
             timeouts.connect,
             redirects,
-        );
+        ))
+    }
+
+    fn pooled(connector: Connector, timeouts: Timeouts) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(32)
-            .build(connector);
-        Ok(Self { client, timeouts })
+            .build(connector.clone());
+        Self {
+            client,
+            connector,
+            timeouts,
+        }
+    }
+
+    /// Dials `origin` ahead of a request that is about to come (containerd is still in its
+    /// TLS handshake with this daemon), unless this client used it within the last 30 s (the
+    /// pool most likely has a connection) or is dialling it already. The request's own dial
+    /// takes that connection, or waits for it; one nothing takes is closed after 10 s.
+    /// Whether a dial started.
+    pub fn warm_up(&self, origin: &Origin) -> bool {
+        let Ok(target) = Target::from_origin(origin) else {
+            return false;
+        };
+        let Some(key) = target
+            .uri("/")
+            .ok()
+            .and_then(|uri| uri.authority().map(|a| a.as_str().to_owned()))
+        else {
+            return false;
+        };
+        self.connector.warm_up(target, key)
     }
 
     /// The waits this client bounds.
@@ -178,7 +228,13 @@ impl UpstreamClient {
         request: Request<BoxBody>,
         header_timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(header_timeout, self.client.request(request)).await {
+        let key = request.uri().authority().map(|a| a.as_str().to_owned());
+        let sent = tokio::time::timeout(header_timeout, self.client.request(request)).await;
+        if let Some(key) = key {
+            // Answered: the pool has a connection; failed: no point dialling ahead for a while.
+            self.connector.warm().used(&key);
+        }
+        match sent {
             Err(_) => Err(UpstreamError::Timeout {
                 target: target.to_string(),
                 timeout: header_timeout,

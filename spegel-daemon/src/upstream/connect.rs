@@ -2,10 +2,21 @@
 //! decodes the [`Target`], connects (pinned address, or DNS for redirect targets, whose resolved
 //! addresses must pass the redirect address policy; bounded by the connect timeout) and does the
 //! verified TLS handshake.
+//!
+//! A connection may also be dialled *ahead* ([`Connector::warm_up`]): when containerd opens a
+//! connection to a mirrored registry, its first request (a tag's `HEAD`, which always asks
+//! upstream) follows a TLS handshake with this daemon; dialling the upstream meanwhile takes
+//! its TCP and TLS round trips off that request's path. The pool's next dial for that target
+//! takes the warm connection, or waits for the dial in progress, instead of starting another.
 use std::{
+    collections::HashMap,
     io,
     net::SocketAddr,
     pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -19,6 +30,7 @@ use rustls_pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
+    sync::oneshot,
     time::Instant,
 };
 use tokio_rustls::TlsConnector;
@@ -39,12 +51,82 @@ impl Connection for Box<dyn Io> {
     }
 }
 
+/// How long a connection dialled ahead waits for a request to take it; then it is closed.
+pub(super) const WARM_KEEP: Duration = Duration::from_secs(10);
+
+/// A target used this recently (a request answered, a dial failed) is not dialled ahead: the
+/// pool most likely holds an idle connection to it (hyper-util keeps them 90 s), or it is
+/// failing.
+pub(super) const WARM_RECENT: Duration = Duration::from_secs(30);
+
+/// Most targets dialled ahead at once, and most targets whose last use is remembered.
+const WARM_MAX: usize = 64;
+
 /// Dials [`Target`]s decoded from the synthetic URI: the pinned address, or DNS otherwise.
 #[derive(Clone)]
 pub(super) struct Connector {
     tls: TlsConnector,
     timeout: Duration,
     redirects: RedirectAddrs,
+    warm: Arc<Warm>,
+}
+
+/// Connections dialled ahead, by pool key (the synthetic authority), and when each target was
+/// last used.
+pub(super) struct Warm {
+    ahead: Mutex<HashMap<String, Ahead>>,
+    recent: Mutex<HashMap<String, Instant>>,
+    next_id: AtomicU64,
+    /// [`WARM_KEEP`], shorter in tests.
+    keep: Duration,
+}
+
+impl Default for Warm {
+    fn default() -> Self {
+        Self {
+            ahead: Mutex::default(),
+            recent: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            keep: WARM_KEEP,
+        }
+    }
+}
+
+/// A dial made ahead: send it where to deliver the connection (once dialled) to take it.
+struct Ahead {
+    id: u64,
+    take: oneshot::Sender<oneshot::Sender<io::Result<Conn>>>,
+}
+
+impl Warm {
+    /// Notes that `key` was just used: no dial ahead for it for [`WARM_RECENT`].
+    pub(super) fn used(&self, key: &str) {
+        let now = Instant::now();
+        let mut recent = lock(&self.recent);
+        if recent.len() >= WARM_MAX && !recent.contains_key(key) {
+            recent.retain(|_, at| now.duration_since(*at) < WARM_RECENT);
+            if recent.len() >= WARM_MAX {
+                return;
+            }
+        }
+        recent.insert(key.to_owned(), now);
+    }
+
+    fn used_recently(&self, key: &str) -> bool {
+        lock(&self.recent)
+            .get(key)
+            .is_some_and(|at| at.elapsed() < WARM_RECENT)
+    }
+
+    /// Takes the dial made ahead for `key`, if any.
+    fn take(&self, key: &str) -> Option<Ahead> {
+        lock(&self.ahead).remove(key)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps: nothing a panicking holder could leave half-done.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 impl Connector {
@@ -55,6 +137,86 @@ impl Connector {
             tls,
             timeout,
             redirects,
+            warm: Arc::default(),
+        }
+    }
+
+    /// Dials made ahead wait `keep` instead of [`WARM_KEEP`] to be taken.
+    #[cfg(test)]
+    pub(super) fn with_warm_keep(mut self, keep: Duration) -> Self {
+        self.warm = Arc::new(Warm {
+            keep,
+            ..Warm::default()
+        });
+        self
+    }
+
+    /// What the pool's dials and the client's requests share about dials made ahead.
+    pub(super) fn warm(&self) -> Arc<Warm> {
+        Arc::clone(&self.warm)
+    }
+
+    /// Starts dialling `target` (pool key `key`) ahead of a request, unless it was used within
+    /// [`WARM_RECENT`], a dial ahead for it is pending, or [`WARM_MAX`] are. The next dial the
+    /// pool makes for `key` within [`WARM_KEEP`] takes it; otherwise it is closed. Whether a
+    /// dial started.
+    pub(super) fn warm_up(&self, target: Target, key: String) -> bool {
+        if self.warm.used_recently(&key) {
+            return false;
+        }
+        let (take, taken) = oneshot::channel();
+        let id = self.warm.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut ahead = lock(&self.warm.ahead);
+            if ahead.contains_key(&key) || ahead.len() >= WARM_MAX {
+                return false;
+            }
+            ahead.insert(key.clone(), Ahead { id, take });
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let dialled = this.connect_within(&target, started + this.timeout).await;
+            if let Err(err) = &dialled {
+                tracing::debug!(%target, %err, "dialling an upstream ahead failed");
+                this.warm.used(&key);
+            }
+            match tokio::time::timeout_at(started + this.warm.keep, taken).await {
+                Ok(Ok(deliver)) => {
+                    tracing::debug!(%target, ahead = ?started.elapsed(), "a request took the upstream connection dialled ahead");
+                    let _ = deliver.send(dialled);
+                }
+                // Nobody took it: dropped, so closed.
+                _ => tracing::debug!(%target, "nothing took the upstream connection dialled ahead"),
+            }
+            let mut ahead = lock(&this.warm.ahead);
+            if ahead.get(&key).is_some_and(|entry| entry.id == id) {
+                ahead.remove(&key);
+            }
+        });
+        true
+    }
+
+    /// [`Self::connect`] bounded by `deadline`.
+    async fn connect_within(&self, target: &Target, deadline: Instant) -> io::Result<Conn> {
+        match tokio::time::timeout_at(deadline, self.connect(target)).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {target} took longer than {:?}", self.timeout),
+            )),
+        }
+    }
+
+    /// The connection dialled ahead for `key`, waiting for the dial if it is still going (by
+    /// `deadline` at most); `None`: there is none, or it failed.
+    async fn take_warm(&self, key: &str, deadline: Instant) -> Option<Conn> {
+        let ahead = self.warm.take(key)?;
+        let (deliver, delivered) = oneshot::channel();
+        ahead.take.send(deliver).ok()?;
+        match tokio::time::timeout_at(deadline, delivered).await {
+            Ok(Ok(Ok(conn))) => Some(conn),
+            _ => None,
         }
     }
 }
@@ -73,13 +235,14 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let target = Target::decode(&uri)?;
             let deadline = Instant::now() + this.timeout;
-            match tokio::time::timeout_at(deadline, this.connect(&target)).await {
-                Ok(result) => result.map(TokioIo::new),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connecting to {target} took longer than {:?}", this.timeout),
-                )),
+            if let Some(key) = uri.authority().map(|a| a.as_str())
+                && let Some(conn) = this.take_warm(key, deadline).await
+            {
+                return Ok(TokioIo::new(conn));
             }
+            this.connect_within(&target, deadline)
+                .await
+                .map(TokioIo::new)
         })
     }
 }

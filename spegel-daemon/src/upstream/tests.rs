@@ -4,7 +4,10 @@ use std::{
     convert::Infallible,
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -22,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{Timeouts, UpstreamClient, UpstreamSource, redirect::MAX_REDIRECTS};
 
 mod faults;
+mod warm;
 use crate::{
     oci::{ByteRange, Kind, Reference, digest::Digest},
     source::{Body, ObjectRequest, Origin, Source as _, SourceError},
@@ -48,7 +52,15 @@ type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
 struct Fake {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted, and those of them that ended.
+    connections: Arc<Connections>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Connections {
+    accepted: AtomicUsize,
+    ended: AtomicUsize,
 }
 
 impl Drop for Fake {
@@ -68,11 +80,15 @@ async fn fake(tls: Option<Arc<ServerConfig>>, handler: Handler) -> Fake {
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen_by_server = Arc::clone(&seen);
+    let connections = Arc::new(Connections::default());
+    let counted = Arc::clone(&connections);
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            counted.accepted.fetch_add(1, Ordering::SeqCst);
+            let counted = Arc::clone(&counted);
             let handler = Arc::clone(&handler);
             let seen = Arc::clone(&seen_by_server);
             let tls = tls.clone();
@@ -102,20 +118,26 @@ async fn fake(tls: Option<Arc<ServerConfig>>, handler: Handler) -> Fake {
                 });
                 let builder = hyper::server::conn::http1::Builder::new();
                 let _ = match tls {
-                    Some(config) => {
-                        let Ok(stream) = TlsAcceptor::from(config).accept(tcp).await else {
-                            return;
-                        };
-                        builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                    }
+                    Some(config) => match TlsAcceptor::from(config).accept(tcp).await {
+                        Ok(stream) => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Err(_) => Ok(()),
+                    },
                     None => builder.serve_connection(TokioIo::new(tcp), service).await,
                 };
+                counted.ended.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    Fake { addr, seen, task }
+    Fake {
+        addr,
+        seen,
+        connections,
+        task,
+    }
 }
 
 /// A test CA and a server certificate for `registry.test`, `localhost` and 127.0.0.1.
