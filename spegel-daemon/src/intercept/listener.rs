@@ -327,7 +327,11 @@ impl Interceptor {
                 host.as_ref().and_then(|h| h.port).unwrap_or(dst.port()),
                 false,
             ),
-            Sniffed::Opaque(_) | Sniffed::TimedOut | Sniffed::Oversized | Sniffed::Closed => {
+            Sniffed::Other
+            | Sniffed::Malformed(_)
+            | Sniffed::TimedOut
+            | Sniffed::Oversized
+            | Sniffed::Closed => {
                 return None;
             }
         };
@@ -448,7 +452,8 @@ mod tests {
                 .is_some()
         );
         for other in [
-            Sniffed::Opaque("x"),
+            Sniffed::Other,
+            Sniffed::Malformed("x"),
             Sniffed::TimedOut,
             Sniffed::Oversized,
             Sniffed::Closed,

@@ -21,8 +21,10 @@ pub(crate) enum Sniffed {
     Http {
         host: Option<sni::Authority>,
     },
-    /// Neither TLS nor HTTP/1.x, or a malformed one of them.
-    Opaque(&'static str),
+    /// Neither TLS nor HTTP/1.x (a record that starts like TLS but is not counts here).
+    Other,
+    /// A TLS ClientHello or HTTP/1.x head that does not parse, and why.
+    Malformed(&'static str),
     /// The client sent nothing (or not enough) in time: maybe a server-speaks-first protocol.
     TimedOut,
     /// The head did not fit into [`PEEK_LIMIT`].
@@ -31,20 +33,14 @@ pub(crate) enum Sniffed {
     Closed,
 }
 
-/// [`Sniffed::Opaque`]'s reason for a record that starts like TLS but is not.
-const NOT_TLS: &str = "not TLS";
-/// [`Sniffed::Opaque`]'s reason for bytes that are neither TLS nor HTTP/1.x.
-const NEITHER: &str = "neither TLS nor HTTP/1.x";
-
 impl Sniffed {
     /// Whether this says for sure what the client speaks and to whom: a ClientHello or request
     /// head that parsed, a protocol that is neither, or a client that waits for the server.
     /// Not for a malformed or oversized head (a quirk of one client, maybe a registry's).
     pub(crate) fn decisive(&self) -> bool {
         match self {
-            Sniffed::Tls { .. } | Sniffed::Http { .. } | Sniffed::TimedOut => true,
-            Sniffed::Opaque(why) => *why == NOT_TLS || *why == NEITHER,
-            Sniffed::Oversized | Sniffed::Closed => false,
+            Sniffed::Tls { .. } | Sniffed::Http { .. } | Sniffed::Other | Sniffed::TimedOut => true,
+            Sniffed::Malformed(_) | Sniffed::Oversized | Sniffed::Closed => false,
         }
     }
 }
@@ -53,15 +49,15 @@ fn classify(buf: &[u8]) -> Option<Sniffed> {
     if buf.first() == Some(&0x16) {
         return match sni::parse_tls_client_hello(buf) {
             TlsHello::NeedMore => None,
-            TlsHello::NotTls => Some(Sniffed::Opaque(NOT_TLS)),
-            TlsHello::Malformed(why) => Some(Sniffed::Opaque(why)),
+            TlsHello::NotTls => Some(Sniffed::Other),
+            TlsHello::Malformed(why) => Some(Sniffed::Malformed(why)),
             TlsHello::Hello { sni } => Some(Sniffed::Tls { sni }),
         };
     }
     match http_host::parse_http_host(buf) {
         HttpRequest::NeedMore => None,
-        HttpRequest::NotHttp => Some(Sniffed::Opaque(NEITHER)),
-        HttpRequest::Malformed(why) => Some(Sniffed::Opaque(why)),
+        HttpRequest::NotHttp => Some(Sniffed::Other),
+        HttpRequest::Malformed(why) => Some(Sniffed::Malformed(why)),
         HttpRequest::Head { host } => Some(Sniffed::Http { host }),
     }
 }
@@ -121,7 +117,7 @@ mod tests {
                 .decisive(),
             "not TLS"
         );
-        assert!(!Sniffed::Opaque("bad extension length").decisive());
+        assert!(!Sniffed::Malformed("bad extension length").decisive());
         assert!(!Sniffed::Oversized.decisive());
         assert!(!Sniffed::Closed.decisive());
     }
