@@ -200,8 +200,9 @@ pub trait Claimer: Send + Sync {
     async fn claim(&self, coordinator: &Peer, digest: Digest, me: &str) -> Result<String, String>;
 }
 
-/// A router whose only provider of a digest is its holder, as the gate last learnt it: it
-/// points the ordinary peer client at the holder.
+/// A router whose only provider of a digest is its holder, as the gate last learnt it (named
+/// again while a body from it arrives): it points the ordinary peer client, and its resumes,
+/// at the holder.
 pub struct HolderRouter {
     router: Arc<dyn Router>,
     holders: Mutex<Expiring<Peer>>,
@@ -369,6 +370,21 @@ impl BurstGate {
 }
 
 impl BurstGate {
+    /// Names `holder` as `digest`'s holder again every [`RENEW`] while `object`'s body
+    /// arrives, so that a resume late in a long transfer (the peer client looks the holder up
+    /// again when its stream breaks) still finds it after [`CLAIM_TTL`].
+    fn keep_naming(&self, object: &mut Object, digest: Digest, holder: Peer) {
+        let holders = Arc::clone(&self.holders);
+        let named = Mutex::new(Instant::now());
+        object.body.observe(move |_| {
+            let mut named = lock(&named);
+            if named.elapsed() >= RENEW {
+                holders.set(digest, holder.clone());
+                *named = Instant::now();
+            }
+        });
+    }
+
     /// While this node downloads `digest` (its shared upstream fetch, or in mirror mode its
     /// containerd's ingest), claims it again at its coordinator every [`RENEW`], so that nodes
     /// asking later still find this node the holder; stops when the download ends or another
@@ -459,8 +475,9 @@ impl Source for BurstGate {
         let deadline = Instant::now() + self.wait;
         loop {
             match self.from_holder.fetch(request).await {
-                Ok(object) => {
+                Ok(mut object) => {
                     tracing::debug!(%digest, holder = %holder.id, "blob from its burst holder");
+                    self.keep_naming(&mut object, digest, holder);
                     return Ok(object);
                 }
                 Err(err) => {

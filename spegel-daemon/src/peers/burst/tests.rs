@@ -612,3 +612,70 @@ async fn a_holder_stops_renewing_when_another_node_holds_the_blob() {
     assert_eq!(g.claims.claim(digest, "c"), "b");
     assert!(g.gate.renewing.lock().unwrap().is_empty());
 }
+
+/// Answers with a body of `chunks` one-byte chunks, `every` apart.
+struct Slow {
+    chunks: usize,
+    every: Duration,
+}
+
+#[async_trait::async_trait]
+impl Source for Slow {
+    async fn fetch(&self, _: &ObjectRequest) -> Result<Object, SourceError> {
+        let (chunks, every) = (self.chunks, self.every);
+        let body = futures::stream::unfold(0, move |sent| async move {
+            if sent == chunks {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok(bytes::Bytes::from_static(b"x")), sent + 1))
+        });
+        Ok(Object {
+            digest: Digest::of(b""),
+            media_type: "x".into(),
+            size: chunks as u64,
+            range: None,
+            body: Payload::Stream(Box::pin(body)),
+            source: "peer",
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_stays_named_while_its_blob_arrives() {
+    let router = Arc::new(Members {
+        me: "a",
+        others: vec![peer("b"), peer("c"), peer("d")],
+    });
+    let upstream = Counted::new("upstream", 0);
+    let shared = crate::body::shared::SharedFetch::new(upstream.clone(), None);
+    let claims = Arc::new(Claims::new("a".into(), shared.in_flight()));
+    let coordinator = Arc::new(Coordinator {
+        holder: Ok("c".into()),
+        calls: AtomicUsize::new(0),
+    });
+    let holders = Arc::new(HolderRouter::new(router));
+    // A long transfer from the holder: 8 chunks 5 s apart, 40 s in all.
+    let from_holder = Arc::new(Slow {
+        chunks: 8,
+        every: Duration::from_secs(5),
+    });
+    let gate = BurstGate::new(
+        upstream.clone(),
+        shared.in_flight(),
+        (from_holder, Arc::clone(&holders)),
+        (claims, coordinator),
+        Duration::from_secs(5),
+    );
+    let digest = digest_coordinated_by_me("a", &IDS, false);
+    let object = gate.fetch(&blob(digest)).await.unwrap();
+    assert_eq!(object.source, "peer");
+    assert_eq!(read_all(object).await.len(), 8);
+    assert_eq!(upstream.calls(), 0);
+    // Past CLAIM_TTL since the holder was learnt: still the one a resume would ask.
+    let named = || holders.get(&digest.to_string()).map(|peer| peer.id);
+    assert_eq!(named(), Some("c".to_owned()));
+    // Once nothing arrives from it, the record lapses as before.
+    tokio::time::sleep(CLAIM_TTL).await;
+    assert_eq!(named(), None);
+}
