@@ -177,7 +177,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         .with_access(access_stats)
         .with_fallbacks(Arc::clone(&fallback_stats));
     let metrics = Arc::new(match transparent {
-        true => metrics.with_ca(Arc::clone(&ca_stats)),
+        true => metrics
+            .with_ca(Arc::clone(&ca_stats))
+            .with_dials_ahead(upstream_client.dials_ahead()),
         false => metrics,
     });
     let local: Arc<dyn Source> = Arc::new(LocalSource::new(Arc::clone(&store)));

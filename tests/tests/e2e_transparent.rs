@@ -449,12 +449,9 @@ async fn scenario_pulls_fetch_each_blob_once(suite: &Suite) {
     );
     // The first request upstream did not wait for its own dial: the daemon dialled the
     // registry while containerd was still in its handshake.
-    let took_warm = daemon_a
-        .events_since(mark)
-        .iter()
-        .any(|e| e.message == "a request took the upstream connection dialled ahead");
+    let metrics = daemon_a.metrics().await.expect("metrics");
     assert!(
-        took_warm,
+        metrics.sum("spegel_upstream_dials_ahead_taken_total") >= 1.0,
         "A's daemon did not dial the registry ahead of its first request:\n{}",
         daemon_a.log_tail(40)
     );

@@ -35,7 +35,8 @@ pub fn exposition_of_every_family() -> String {
     .with_tags(Arc::new(TagStats::default()))
     .with_fallbacks(Arc::new(super::FallbackStats::default()))
     .with_ca(Arc::new(CaStats::default()))
-    .with_access(Arc::new(AccessStats::default()));
+    .with_access(Arc::new(AccessStats::default()))
+    .with_dials_ahead(Arc::new(crate::upstream::DialsAhead::default()));
     metrics
         .encode()
         .expect("encoding into a String cannot fail")
@@ -56,6 +57,7 @@ mod tests {
             "spegel_registry_unauthorized_requests",
             "spegel_access_withheld",
             "spegel_upstream_fallbacks",
+            "spegel_upstream_dials_ahead",
             "spegel_p2p_lookup_duration_seconds",
             "spegel_peer_first_byte_seconds",
             "spegel_peer_fetch_duration_seconds",

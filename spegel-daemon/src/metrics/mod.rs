@@ -13,6 +13,7 @@ use crate::{intercept::InterceptStats, p2p::P2pRouter, peers::FetchMetrics};
 mod access;
 mod ca;
 mod collect;
+mod dials;
 mod exposition;
 mod fallbacks;
 mod format;
@@ -98,6 +99,13 @@ impl Metrics {
     pub fn with_fallbacks(mut self, stats: Arc<FallbackStats>) -> Self {
         self.registry
             .register_collector(Box::new(fallbacks::FallbackCollector(stats)));
+        self
+    }
+
+    /// Also exports what became of the upstream dials made ahead (`spegel_upstream_dials_ahead_*`).
+    pub fn with_dials_ahead(mut self, stats: Arc<crate::upstream::DialsAhead>) -> Self {
+        self.registry
+            .register_collector(Box::new(dials::DialsCollector(stats)));
         self
     }
 

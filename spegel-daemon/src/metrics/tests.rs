@@ -120,8 +120,13 @@ async fn busy_metrics() -> (Arc<Metrics>, Instrumented) {
     fallbacks.count(FallbackReason::Peers(
         crate::source::miss::PeerMiss::NoProviders,
     ));
+    let dials = Arc::new(crate::upstream::DialsAhead::default());
+    dials.started.fetch_add(4, Ordering::Relaxed);
+    dials.taken.fetch_add(3, Ordering::Relaxed);
     let metrics = Arc::new(
-        Metrics::new(Some(fetch), Some(intercept), Some(router)).with_fallbacks(fallbacks),
+        Metrics::new(Some(fetch), Some(intercept), Some(router))
+            .with_fallbacks(fallbacks)
+            .with_dials_ahead(dials),
     );
     let api = metrics.connection_stats();
     api.refused.fetch_add(11, Ordering::Relaxed);
@@ -179,6 +184,9 @@ async fn openmetrics_scrape_is_complete() {
         "spegel_upstream_fallbacks_total{reason=\"tag\"} 2",
         "spegel_upstream_fallbacks_total{reason=\"no_providers\"} 1",
         "spegel_upstream_fallbacks_total{reason=\"peers_timeout\"} 0",
+        "spegel_upstream_dials_ahead_total 4",
+        "spegel_upstream_dials_ahead_taken_total 3",
+        "spegel_upstream_dials_ahead_failed_total 0",
         "spegel_peer_first_byte_seconds_count{kind=\"blob\"} 1",
         "spegel_peer_first_byte_seconds_count{kind=\"manifest\"} 0",
         "spegel_peer_fetch_duration_seconds_sum{kind=\"blob\"} 1.5",

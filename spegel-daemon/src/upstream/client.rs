@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use super::{
     Timeouts, UpstreamArgs, UpstreamError,
     body::idle_bounded,
-    connect::Connector,
+    connect::{Connector, DialsAhead},
     error::error_chain,
     hop_by_hop::strip_hop_by_hop,
     redirect::{self, Decision, Hop},
@@ -123,6 +123,11 @@ impl UpstreamClient {
             connector,
             timeouts,
         }
+    }
+
+    /// What became of the dials [`Self::warm_up`] made (for `/metrics`).
+    pub fn dials_ahead(&self) -> Arc<DialsAhead> {
+        self.connector.dials_ahead()
     }
 
     /// Dials `origin` ahead of a request that is about to come (containerd is still in its

@@ -71,6 +71,17 @@ pub(super) struct Connector {
     warm: Arc<Warm>,
 }
 
+/// What became of the upstream dials made ahead (`spegel_upstream_dials_ahead_*`).
+#[derive(Debug, Default)]
+pub struct DialsAhead {
+    /// Dials started ahead of a request.
+    pub started: AtomicU64,
+    /// Connections a request took.
+    pub taken: AtomicU64,
+    /// Dials that failed (the request then dials itself).
+    pub failed: AtomicU64,
+}
+
 /// Connections dialled ahead, by pool key (the synthetic authority), and when each target was
 /// last used.
 pub(super) struct Warm {
@@ -79,6 +90,7 @@ pub(super) struct Warm {
     next_id: AtomicU64,
     /// [`WARM_KEEP`], shorter in tests.
     keep: Duration,
+    stats: Arc<DialsAhead>,
 }
 
 impl Default for Warm {
@@ -88,6 +100,7 @@ impl Default for Warm {
             recent: Mutex::default(),
             next_id: AtomicU64::new(0),
             keep: WARM_KEEP,
+            stats: Arc::default(),
         }
     }
 }
@@ -156,6 +169,11 @@ impl Connector {
         Arc::clone(&self.warm)
     }
 
+    /// The counters of dials made ahead.
+    pub(super) fn dials_ahead(&self) -> Arc<DialsAhead> {
+        Arc::clone(&self.warm.stats)
+    }
+
     /// Starts dialling `target` (pool key `key`) ahead of a request, unless it was used within
     /// [`WARM_RECENT`], a dial ahead for it is pending, or [`WARM_MAX`] are. The next dial the
     /// pool makes for `key` within [`WARM_KEEP`] takes it; otherwise it is closed. Whether a
@@ -173,18 +191,24 @@ impl Connector {
             }
             ahead.insert(key.clone(), Ahead { id, take });
         }
+        self.warm.stats.started.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let dialled = this.connect_within(&target, started + this.timeout).await;
             if let Err(err) = &dialled {
                 tracing::debug!(%target, %err, "dialling an upstream ahead failed");
+                this.warm.stats.failed.fetch_add(1, Ordering::Relaxed);
                 this.warm.used(&key);
             }
             match tokio::time::timeout_at(started + this.warm.keep, taken).await {
                 Ok(Ok(deliver)) => {
-                    tracing::debug!(%target, ahead = ?started.elapsed(), "a request took the upstream connection dialled ahead");
-                    let _ = deliver.send(dialled);
+                    let connected = dialled.is_ok();
+                    // Not taken after all when the dial that asked for it was given up.
+                    if deliver.send(dialled).is_ok() && connected {
+                        this.warm.stats.taken.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%target, ahead = ?started.elapsed(), "a request took the upstream connection dialled ahead");
+                    }
                 }
                 // Nobody took it: dropped, so closed.
                 _ => tracing::debug!(%target, "nothing took the upstream connection dialled ahead"),

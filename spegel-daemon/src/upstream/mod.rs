@@ -36,6 +36,7 @@ mod trust;
 pub use args::{Timeouts, UpstreamArgs};
 pub use backoff::Backoff;
 pub use client::UpstreamClient;
+pub use connect::DialsAhead;
 pub use error::UpstreamError;
 pub use reachability::Reachability;
 pub use source::UpstreamSource;

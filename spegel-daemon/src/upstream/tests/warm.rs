@@ -10,7 +10,7 @@ use super::{Connections, Fake, blob_handler, fake, origin, pki, request};
 use crate::{
     oci::{Kind, Reference, digest::Digest},
     source::Source as _,
-    upstream::{Timeouts, UpstreamClient, UpstreamSource},
+    upstream::{Timeouts, UpstreamClient, UpstreamSource, connect::WARM_KEEP},
 };
 
 /// Waits (2 s at most) until `check` holds for the fake's connections.
@@ -25,23 +25,42 @@ async fn until(fake: &Fake, what: &str, check: impl Fn(&Connections) -> bool) {
     }
 }
 
+/// The client's dials ahead: started, taken, failed.
+fn counts(client: &UpstreamClient) -> [u64; 3] {
+    let dials = client.dials_ahead();
+    [&dials.started, &dials.taken, &dials.failed].map(|n| n.load(Ordering::SeqCst))
+}
+
 fn accepted(fake: &Fake) -> usize {
     fake.connections.accepted.load(Ordering::SeqCst)
 }
 
-fn blob_request(fake: &Fake) -> crate::source::ObjectRequest {
-    request(
+/// The TLS fake serving the test blob, and a client trusting it whose dials ahead wait `keep`.
+async fn registry_and_client(keep: Duration) -> (Fake, UpstreamClient) {
+    let pki = pki();
+    let registry = fake(Some(Arc::clone(&pki.server)), blob_handler()).await;
+    let client = UpstreamClient::with_warm_keep(pki.roots, Timeouts::default(), keep).unwrap();
+    (registry, client)
+}
+
+/// Fetches the test blob from `registry` through `client`; it must arrive whole.
+async fn fetch_blob(client: &UpstreamClient, registry: &Fake) {
+    let request = request(
         Kind::Blob,
         Reference::Digest(Digest::of(super::BLOB)),
-        Some(origin(fake, true)),
-    )
+        Some(origin(registry, true)),
+    );
+    let object = UpstreamSource::new(client.clone())
+        .fetch(&request)
+        .await
+        .unwrap();
+    let body = super::collect(object.body.into_body().unwrap()).await;
+    assert_eq!(body.unwrap(), super::BLOB);
 }
 
 #[tokio::test]
 async fn the_first_request_takes_the_connection_dialled_ahead() {
-    let pki = pki();
-    let registry = fake(Some(Arc::clone(&pki.server)), blob_handler()).await;
-    let client = UpstreamClient::with_roots(pki.roots.clone(), Timeouts::default()).unwrap();
+    let (registry, client) = registry_and_client(WARM_KEEP).await;
     assert!(client.warm_up(&origin(&registry, true)));
     // Dialled before any request was made...
     until(&registry, "the connection dialled ahead", |c| {
@@ -50,50 +69,34 @@ async fn the_first_request_takes_the_connection_dialled_ahead() {
     .await;
     // ...and a second warm-up while it waits adds nothing.
     assert!(!client.warm_up(&origin(&registry, true)));
-    let object = UpstreamSource::new(client)
-        .fetch(&blob_request(&registry))
-        .await
-        .unwrap();
-    assert_eq!(object.size, 10);
+    fetch_blob(&client, &registry).await;
     assert_eq!(registry.seen().len(), 1);
     assert_eq!(accepted(&registry), 1, "the request dialled again");
+    assert_eq!(counts(&client), [1, 1, 0]);
 }
 
 #[tokio::test]
 async fn a_request_waits_for_the_dial_ahead_in_progress() {
-    let pki = pki();
-    let registry = fake(Some(Arc::clone(&pki.server)), blob_handler()).await;
-    let client = UpstreamClient::with_roots(pki.roots.clone(), Timeouts::default()).unwrap();
+    let (registry, client) = registry_and_client(WARM_KEEP).await;
     // The request comes at once, while the connection dialled ahead is still being set up.
     assert!(client.warm_up(&origin(&registry, true)));
-    let object = UpstreamSource::new(client)
-        .fetch(&blob_request(&registry))
-        .await
-        .unwrap();
-    assert_eq!(object.size, 10);
+    fetch_blob(&client, &registry).await;
     assert_eq!(accepted(&registry), 1, "the request dialled again");
 }
 
 #[tokio::test]
 async fn an_upstream_used_moments_ago_is_not_dialled_ahead() {
-    let pki = pki();
-    let registry = fake(Some(Arc::clone(&pki.server)), blob_handler()).await;
-    let client = UpstreamClient::with_roots(pki.roots.clone(), Timeouts::default()).unwrap();
-    let upstream = UpstreamSource::new(client.clone());
-    upstream.fetch(&blob_request(&registry)).await.unwrap();
+    let (registry, client) = registry_and_client(WARM_KEEP).await;
+    fetch_blob(&client, &registry).await;
     // The pool holds that connection: nothing to dial ahead.
     assert!(!client.warm_up(&origin(&registry, true)));
-    upstream.fetch(&blob_request(&registry)).await.unwrap();
+    fetch_blob(&client, &registry).await;
     assert_eq!(accepted(&registry), 1);
 }
 
 #[tokio::test]
 async fn a_connection_nothing_takes_is_closed() {
-    let pki = pki();
-    let registry = fake(Some(Arc::clone(&pki.server)), blob_handler()).await;
-    let keep = Duration::from_millis(200);
-    let client =
-        UpstreamClient::with_warm_keep(pki.roots.clone(), Timeouts::default(), keep).unwrap();
+    let (registry, client) = registry_and_client(Duration::from_millis(200)).await;
     assert!(client.warm_up(&origin(&registry, true)));
     until(&registry, "the connection dialled ahead", |c| {
         c.accepted.load(Ordering::SeqCst) == 1
@@ -104,19 +107,18 @@ async fn a_connection_nothing_takes_is_closed() {
     })
     .await;
     // Gone from the client too: the next request dials its own connection and succeeds.
-    let object = UpstreamSource::new(client)
-        .fetch(&blob_request(&registry))
-        .await
-        .unwrap();
-    assert_eq!(object.size, 10);
+    fetch_blob(&client, &registry).await;
     assert_eq!(accepted(&registry), 2);
+    assert_eq!(
+        counts(&client),
+        [1, 0, 0],
+        "counted as neither taken nor failed"
+    );
 }
 
 #[tokio::test]
 async fn a_failed_dial_ahead_leaves_the_request_its_own_dial() {
-    let pki = pki();
-    let registry = fake(Some(Arc::clone(&pki.server)), blob_handler()).await;
-    let client = UpstreamClient::with_roots(pki.roots.clone(), Timeouts::default()).unwrap();
+    let (registry, client) = registry_and_client(WARM_KEEP).await;
     // Dialled ahead under a name the registry's certificate does not carry: the handshake
     // fails. The request to the real name dials itself and is answered.
     let mut wrong = origin(&registry, true);
@@ -128,9 +130,7 @@ async fn a_failed_dial_ahead_leaves_the_request_its_own_dial() {
     .await;
     // A failed upstream is not dialled ahead again for a while.
     assert!(!client.warm_up(&wrong));
-    let object = UpstreamSource::new(client)
-        .fetch(&blob_request(&registry))
-        .await
-        .unwrap();
-    assert_eq!(object.size, 10);
+    fetch_blob(&client, &registry).await;
+    assert_eq!(accepted(&registry), 2);
+    assert_eq!(counts(&client), [1, 0, 1]);
 }
