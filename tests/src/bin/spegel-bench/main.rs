@@ -6,8 +6,9 @@
 //! `mirror`: spegel in mirror mode; `transparent`: spegel with eBPF interception) runs every
 //! phase (`rollout`: node 1 alone, then the others in batches; `burst`: all nodes at once
 //! behind one barrier) for every image (sizes × layer counts), each measurement with an image
-//! nobody has pulled before. Output: every raw number as JSON under `target/bench/`, a markdown
-//! table of ratios against `direct`, and a PNG chart. Nothing here asserts a timing.
+//! nobody has pulled before, on nodes whose containerd has pulled once before (see
+//! [`scenario::Running::warm_up`]). Output: every raw number as JSON under `target/bench/`, a
+//! markdown table of ratios against `direct`, and a PNG chart. Nothing here asserts a timing.
 //!
 //! `micro` runs the per-path benchmarks instead (`micro/`): DHT lookups, peer serving against
 //! nginx, passthrough and a miss against direct, the daemon's memory with 10,000 keys.
@@ -216,7 +217,10 @@ async fn main() -> Result<()> {
             .map(|(s, l)| format!("{} MiB/{l} layer(s)", s / MIB))
             .collect::<Vec<_>>()
     );
-    let mut builder = Rig::builder().nodes(args.nodes).image(preflight_image());
+    let mut builder = Rig::builder()
+        .nodes(args.nodes)
+        .image(preflight_image())
+        .image(scenario::warm_up_image());
     for case in &cases {
         builder = builder.image(case.image_spec());
     }
@@ -288,7 +292,9 @@ async fn measure(
                 running.stop(rig).await?;
             }
             println!("\n== scenario {:?}", case.scenario);
-            current = Some(scenario::Running::start(rig, case.scenario, &args.daemon_log).await?);
+            let running = scenario::Running::start(rig, case.scenario, &args.daemon_log).await?;
+            running.warm_up(rig).await?;
+            current = Some(running);
         }
         let running = current.as_ref().context("no scenario running")?;
         let image = rig

@@ -1,11 +1,11 @@
 //! The ways a node can get its images, each set up and torn down on the same rig.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::ValueEnum;
 use spegel_tests::{
     cluster,
     rig::{
-        Endpoint, Rig,
+        AUTH_PASSWORD, AUTH_USER, Endpoint, ImageSpec, Rig,
         proxycache::ProxyCache,
         spegel::{Spegel, SpegelOptions, configure_mirror, registry_urls, undo_mirror},
     },
@@ -100,8 +100,46 @@ impl Running {
         Ok(())
     }
 
+    /// Has every node's containerd pull a small image once, through what the scenario set up,
+    /// before anything is measured: a node in a rollout is not a containerd that started a
+    /// moment ago. Its first TLS connection loads the system roots (tens of milliseconds of
+    /// parsing and garbage collection on these cores), and a scenario that restarts containerd
+    /// (transparent mode trusts the node CA that way) would otherwise pay that in its first
+    /// measured pull only. The image comes from the registry's other listener
+    /// ([`Endpoint::Auth`], with its credentials), so no upstream connection, lookup or cached
+    /// answer for the measured listener is warmed (a daemon's certificate for the registry's
+    /// name is, as on any node that has pulled from it before); it is removed again.
+    pub(crate) async fn warm_up(&self, rig: &Rig) -> Result<()> {
+        let image = rig.image(WARM_UP_IMAGE).context("warm-up image missing")?;
+        let reference = image.reference(Endpoint::Auth);
+        let host = reference
+            .split_once('/')
+            .map(|(host, _)| host)
+            .context("warm-up reference without a host")?;
+        let server = format!("https://{host}");
+        for node in rig.nodes() {
+            // That listener's certificate is the rig CA's, which containerd is told only for
+            // the measured listener; this tells it for the warm-up's too.
+            node.write_hosts_toml(host, Some(&server), Some(rig.ca().cert_path()), &[])?;
+            node.cri_pull_with_credentials(&reference, AUTH_USER, AUTH_PASSWORD)
+                .await
+                .with_context(|| format!("warming up {} with {reference}", node.name()))?;
+            node.cri_remove(&reference).await?;
+        }
+        Ok(())
+    }
+
     /// Whether peers can serve what another node pulled.
     pub(crate) fn has_peers(&self) -> bool {
         !self.daemons.is_empty()
     }
+}
+
+const WARM_UP_IMAGE: &str = "bench-warm-up";
+
+/// The image [`Running::warm_up`] pulls: one small layer.
+pub(crate) fn warm_up_image() -> ImageSpec {
+    ImageSpec::new(WARM_UP_IMAGE)
+        .layers([64 << 10])
+        .seed(0x3a4d)
 }
