@@ -139,13 +139,7 @@ impl UpstreamClient {
         let Ok(target) = Target::from_origin(origin) else {
             return false;
         };
-        let Some(key) = target
-            .uri("/")
-            .ok()
-            .and_then(|uri| uri.authority().map(|a| a.as_str().to_owned()))
-        else {
-            return false;
-        };
+        let key = target.pool_key();
         self.connector.warm_up(target, key)
     }
 

@@ -103,21 +103,26 @@ impl Target {
         self.tls == other.tls && self.host == other.host && self.port == other.port
     }
 
-    /// The URI handed to hyper: real scheme and path, synthetic authority carrying the target
-    /// (hex keeps every part a valid reg-name). The pool keys connections by it.
+    /// The URI handed to hyper: real scheme and path, synthetic authority ([`Self::pool_key`])
+    /// carrying the target.
     pub(crate) fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
+        format!("{}://{}{path_and_query}", self.scheme(), self.pool_key())
+            .parse()
+            .map_err(|e| UpstreamError::InvalidRequest(format!("cannot build a request URI: {e}")))
+    }
+
+    /// The synthetic authority of [`Self::uri`], by which the pool keys connections: host,
+    /// port and dialled address, hex keeping every part a valid reg-name.
+    pub(crate) fn pool_key(&self) -> String {
         let pinned = self
             .pinned
             .map_or_else(|| "dns".to_owned(), |addr| hex::encode(addr.to_string()));
-        let uri = format!(
-            "{}://{}.{}.{}{SYNTHETIC_SUFFIX}{path_and_query}",
-            self.scheme(),
+        format!(
+            "{}.{}.{}{SYNTHETIC_SUFFIX}",
             hex::encode(&self.host),
             self.port,
             pinned
-        );
-        uri.parse()
-            .map_err(|e| UpstreamError::InvalidRequest(format!("cannot build a request URI: {e}")))
+        )
     }
 
     /// Inverse of [`Self::uri`], in the connector.
@@ -205,6 +210,7 @@ mod tests {
         ] {
             let uri = target.uri("/v2/x/blobs/y?a=b").unwrap();
             assert_eq!(Target::decode(&uri).unwrap(), target);
+            assert_eq!(uri.authority().unwrap().as_str(), target.pool_key());
             assert_eq!(uri.path_and_query().unwrap(), "/v2/x/blobs/y?a=b");
         }
         assert!(Target::decode(&"https://registry.test/".parse().unwrap()).is_err());
