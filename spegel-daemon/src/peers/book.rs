@@ -1,11 +1,14 @@
 //! What this node knows about other peers across requests: how busy each is (for least-used
-//! selection) and which are banned for a while (bad bytes, or unreachable).
+//! selection), which this node finished a request with moments ago (its connection is likely
+//! still pooled) and which are banned for a while (bad bytes, or unreachable).
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
 };
 
 use tokio::time::Instant;
+
+use super::POOL_IDLE;
 
 /// Beyond this many entries, entries that carry no information any more are dropped.
 const PRUNE_ABOVE: usize = 1024;
@@ -14,6 +17,21 @@ const PRUNE_ABOVE: usize = 1024;
 struct Entry {
     active: usize,
     banned_until: Option<Instant>,
+    /// When this node's last request to the peer ended.
+    idle_since: Option<Instant>,
+}
+
+impl Entry {
+    /// Whether the connection of the last request is likely still in the pool.
+    fn warm(&self, now: Instant) -> bool {
+        self.idle_since
+            .is_some_and(|t| now.saturating_duration_since(t) < POOL_IDLE)
+    }
+
+    /// Whether the entry still says anything.
+    fn informative(&self, now: Instant) -> bool {
+        self.active > 0 || self.banned_until.is_some_and(|t| t > now) || self.warm(now)
+    }
 }
 
 /// Per-peer state shared by all fetches.
@@ -33,10 +51,7 @@ impl PeerBook {
         let mut entries = self.lock();
         let entry = entries.entry(id.to_owned()).or_default();
         entry.banned_until = Some(entry.banned_until.map_or(until, |old| old.max(until)));
-        if entries.len() > PRUNE_ABOVE {
-            let now = Instant::now();
-            entries.retain(|_, e| e.active > 0 || e.banned_until.is_some_and(|t| t > now));
-        }
+        prune(&mut entries);
     }
 
     /// Whether `id` is banned right now.
@@ -48,8 +63,9 @@ impl PeerBook {
     }
 
     /// Drops banned and excluded peers from `candidates` and removes and returns the least busy
-    /// of the rest (the earliest found among equals). Returns the peer and how many were dropped
-    /// for being banned.
+    /// of the rest; among equally busy ones, one this node finished a request with within the
+    /// pool's idle timeout (no new connection, no handshake), then the earliest found. Returns
+    /// the peer and how many were dropped for being banned.
     pub(super) fn pick<T>(
         &self,
         candidates: &mut Vec<T>,
@@ -70,14 +86,22 @@ impl PeerBook {
         let best = candidates
             .iter()
             .enumerate()
-            .min_by_key(|(i, c)| (entries.get(id(c)).map_or(0, |e| e.active), *i))
+            .min_by_key(|(i, c)| {
+                let entry = entries.get(id(c));
+                let active = entry.map_or(0, |e| e.active);
+                let cold = !entry.is_some_and(|e| e.warm(now));
+                (active, cold, *i)
+            })
             .map(|(i, _)| i);
         (best.map(|i| candidates.remove(i)), banned)
     }
 
     /// Count a request to `id` as active until the guard is dropped.
     pub(super) fn activate(self: &Arc<Self>, id: &str) -> Active {
-        self.lock().entry(id.to_owned()).or_default().active += 1;
+        let mut entries = self.lock();
+        entries.entry(id.to_owned()).or_default().active += 1;
+        prune(&mut entries);
+        drop(entries);
         Active {
             book: Arc::clone(self),
             id: id.to_owned(),
@@ -96,10 +120,16 @@ impl Drop for Active {
         let mut entries = self.book.lock();
         if let Some(entry) = entries.get_mut(&self.id) {
             entry.active = entry.active.saturating_sub(1);
-            if entry.active == 0 && entry.banned_until.is_none() {
-                entries.remove(&self.id);
-            }
+            entry.idle_since = Some(Instant::now());
         }
+    }
+}
+
+/// Beyond [`PRUNE_ABOVE`] entries, drops those that say nothing any more.
+fn prune(entries: &mut HashMap<String, Entry>) {
+    if entries.len() > PRUNE_ABOVE {
+        let now = Instant::now();
+        entries.retain(|_, e| e.informative(now));
     }
 }
 
@@ -140,6 +170,42 @@ mod tests {
             let _b2 = book.activate("b");
             assert_eq!(book.lock()["b"].active, 2);
         }
-        assert!(!book.lock().contains_key("b"));
+        assert_eq!(book.lock()["b"].active, 0);
+    }
+
+    #[test]
+    fn among_equally_busy_peers_one_just_used_comes_first() {
+        let book = Arc::new(PeerBook::default());
+        drop(book.activate("b"));
+        let now = Instant::now();
+        let mut peers = vec!["a", "b", "c"];
+        assert_eq!(book.pick(&mut peers, |p| p, |_| false, now).0, Some("b"));
+
+        // Busy outweighs warm: a peer still answering another request is not piled on.
+        let busy = book.activate("b");
+        let mut peers = vec!["a", "b"];
+        assert_eq!(book.pick(&mut peers, |p| p, |_| false, now).0, Some("a"));
+        drop(busy);
+
+        // Once the pool has closed its connection, it is one peer among others.
+        let later = Instant::now() + POOL_IDLE;
+        let mut peers = vec!["a", "b"];
+        assert_eq!(book.pick(&mut peers, |p| p, |_| false, later).0, Some("a"));
+    }
+
+    #[test]
+    fn entries_that_say_nothing_are_pruned() {
+        let book = Arc::new(PeerBook::default());
+        for i in 0..=PRUNE_ABOVE {
+            drop(book.activate(&i.to_string()));
+        }
+        // All warm: nothing to prune yet.
+        assert_eq!(book.lock().len(), PRUNE_ABOVE + 1);
+        let long_ago = Instant::now() - POOL_IDLE;
+        for entry in book.lock().values_mut() {
+            entry.idle_since = Some(long_ago);
+        }
+        drop(book.activate("x"));
+        assert_eq!(book.lock().len(), 1);
     }
 }

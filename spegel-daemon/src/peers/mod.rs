@@ -74,6 +74,8 @@ use crate::{
     },
 };
 
+/// How long an idle connection to a peer stays in the pool.
+const POOL_IDLE: Duration = Duration::from_secs(30);
 /// What a request is looked up and asked for as.
 struct Target {
     /// The routing key: the digest, or `registry/repository:tag`.
@@ -122,7 +124,7 @@ impl PeerSource {
         let connector = PeerConnector::new(config.connect_timeout, tls);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(POOL_IDLE)
             .build(connector);
         Self {
             inner: Arc::new(Inner {

@@ -5,7 +5,10 @@ use std::{collections::HashSet, future::Future};
 
 use futures::{StreamExt, stream::FuturesUnordered};
 use http::Method;
-use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio::{
+    sync::mpsc::error::TryRecvError,
+    time::{Instant, sleep_until, timeout_at},
+};
 
 use super::{AttemptError, Inner, Target, attempt::PeerResponse, bump};
 use crate::{
@@ -111,6 +114,19 @@ impl Inner {
                 && !queue.is_empty()
                 && (inflight.is_empty() || next_hedge <= now);
             if may_start {
+                // Every peer the lookup has named by now is a candidate, not only the first:
+                // the pick prefers one whose connection is still pooled.
+                while lookup_open {
+                    match found.try_recv() {
+                        Ok(peer) => {
+                            if seen.insert(peer.id.clone()) {
+                                queue.push(peer);
+                            }
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => lookup_open = false,
+                    }
+                }
                 let (picked, banned) = self.peers.pick(
                     &mut queue,
                     |p| p.id.as_str(),

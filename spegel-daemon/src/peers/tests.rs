@@ -76,6 +76,8 @@ struct PeerState {
     behaviour: Mutex<Behaviour>,
     objects: Mutex<HashMap<String, Stored>>,
     seen: Mutex<Vec<Seen>>,
+    /// Connections accepted.
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 struct FakePeer {
@@ -93,10 +95,14 @@ impl FakePeer {
             behaviour: Mutex::new(behaviour),
             objects: Mutex::new(HashMap::new()),
             seen: Mutex::new(Vec::new()),
+            connections: std::sync::atomic::AtomicUsize::new(0),
         });
         let shared = Arc::clone(&state);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                shared
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let state = Arc::clone(&shared);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -982,6 +988,37 @@ async fn unreachable_peer_is_skipped_for_a_while() {
     fetch_ok(&source, &blob_request(digest)).await;
     // The second fetch went straight to the good peer.
     assert_eq!(source.metrics().snapshot().attempts, attempts + 1);
+}
+
+/// The objects of one pull go to the peer this node has just used, over the connection still
+/// in the pool, rather than to whichever provider a lookup happens to name first.
+#[tokio::test]
+async fn the_next_object_goes_to_the_peer_just_used() {
+    let (config_bytes, layer_bytes) = (blob_bytes(1_000), blob_bytes(50_000));
+    let a = FakePeer::start("a", Behaviour::Good).await;
+    let b = FakePeer::start("b", Behaviour::Good).await;
+    let config_digest = b.blob(&config_bytes);
+    let layer_digest = b.blob(&layer_bytes);
+    a.blob(&layer_bytes);
+    let router = Arc::new(FakeRouter::default());
+    router.provide(config_digest, &[&b]);
+    // `a` is named first.
+    router.provide(layer_digest, &[&a, &b]);
+    let source = source(&router, config());
+
+    for (digest, bytes) in [(config_digest, &config_bytes), (layer_digest, &layer_bytes)] {
+        let object = fetch_ok(&source, &blob_request(digest)).await;
+        let (got, err) = drain(object.body.into_body().unwrap()).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(&got, bytes);
+    }
+    assert!(a.seen().is_empty(), "{:?}", a.seen());
+    assert_eq!(b.seen().len(), 2);
+    let connections = b
+        .state
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(connections, 1, "both requests over one connection");
 }
 
 #[test]
