@@ -139,8 +139,7 @@ impl UpstreamClient {
         let Ok(target) = Target::from_origin(origin) else {
             return false;
         };
-        let key = target.pool_key();
-        self.connector.warm_up(target, key)
+        self.connector.warm_up(target)
     }
 
     /// The waits this client bounds.

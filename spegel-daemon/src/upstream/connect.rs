@@ -174,11 +174,12 @@ impl Connector {
         Arc::clone(&self.warm.stats)
     }
 
-    /// Starts dialling `target` (pool key `key`) ahead of a request, unless it was used within
+    /// Starts dialling `target` ahead of a request, unless it was used within
     /// [`WARM_RECENT`], a dial ahead for it is pending, or [`WARM_MAX`] are. The next dial the
-    /// pool makes for `key` within [`WARM_KEEP`] takes it; otherwise it is closed. Whether a
+    /// pool makes for it (its [`Target::pool_key`]) within [`WARM_KEEP`] takes it; otherwise it is closed. Whether a
     /// dial started.
-    pub(super) fn warm_up(&self, target: Target, key: String) -> bool {
+    pub(super) fn warm_up(&self, target: Target) -> bool {
+        let key = target.pool_key();
         if self.warm.used_recently(&key) {
             return false;
         }

@@ -292,9 +292,8 @@ async fn measure(
                 running.stop(rig).await?;
             }
             println!("\n== scenario {:?}", case.scenario);
-            let running = scenario::Running::start(rig, case.scenario, &args.daemon_log).await?;
-            running.warm_up(rig).await?;
-            current = Some(running);
+            current = Some(scenario::Running::start(rig, case.scenario, &args.daemon_log).await?);
+            scenario::Running::warm_up(rig).await?;
         }
         let running = current.as_ref().context("no scenario running")?;
         let image = rig

@@ -109,7 +109,7 @@ impl Running {
     /// ([`Endpoint::Auth`], with its credentials), so no upstream connection, lookup or cached
     /// answer for the measured listener is warmed (a daemon's certificate for the registry's
     /// name is, as on any node that has pulled from it before); it is removed again.
-    pub(crate) async fn warm_up(&self, rig: &Rig) -> Result<()> {
+    pub(crate) async fn warm_up(rig: &Rig) -> Result<()> {
         let image = rig.image(WARM_UP_IMAGE).context("warm-up image missing")?;
         let reference = image.reference(Endpoint::Auth);
         let host = reference
