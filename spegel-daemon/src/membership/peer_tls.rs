@@ -8,7 +8,12 @@
 //! name-constrained to [`PEER_SERVER_NAME`], so even a member cannot use it to pass for a
 //! registry, and it is trusted by nothing but these two configs. TLS 1.3 only: both ends are
 //! spegel.
-use std::sync::Arc;
+//!
+//! A client addresses a peer by its IP address, not by the shared name: rustls keeps resumption
+//! tickets per server name, so one name for every peer would offer each peer another's ticket
+//! and never resume. The certificate is still checked against [`PEER_SERVER_NAME`], whatever
+//! the address ([`FixedName`]); no SNI is sent for an address, and the server needs none.
+use std::{net::IpAddr, sync::Arc};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
@@ -16,8 +21,12 @@ use rcgen::{
     PKCS_ECDSA_P256_SHA256, PKCS_ED25519, SanType, SerialNumber,
 };
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
     server::WebPkiClientVerifier,
 };
 use time::{Duration, OffsetDateTime};
@@ -134,15 +143,23 @@ impl PeerTls {
             .with_single_cert(chain.clone(), key_der())
             .map_err(|e| tls_error("server")(e.to_string()))?;
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = ServerName::try_from(PEER_SERVER_NAME)
+            .map_err(|e| tls_error("peer name")(e.to_string()))?;
+        let server_verifier =
+            WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(&provider))
+                .build()
+                .map_err(|e| tls_error("server verifier")(e.to_string()))?;
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_error("client")(e.to_string()))?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(FixedName {
+                inner: server_verifier,
+                name: name.clone(),
+            }))
             .with_client_auth_cert(chain, key_der())
             .map_err(|e| tls_error("client")(e.to_string()))?;
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let name = ServerName::try_from(PEER_SERVER_NAME)
-            .map_err(|e| tls_error("peer name")(e.to_string()))?;
         Ok(Self {
             server: Arc::new(server),
             client: Arc::new(client),
@@ -160,9 +177,57 @@ impl PeerTls {
         Arc::clone(&self.client)
     }
 
-    /// The name a client asks the server for.
-    pub fn server_name(&self) -> ServerName<'static> {
-        self.name.clone()
+    /// What a client connecting to the peer at `peer` asks for: its address when known (so its
+    /// resumption tickets are its own), else the shared name.
+    pub fn server_name(&self, peer: Option<IpAddr>) -> ServerName<'static> {
+        match peer {
+            Some(ip) => ServerName::IpAddress(ip.into()),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// Checks a peer's certificate with the cluster roots against [`PEER_SERVER_NAME`], whatever
+/// name or address the connection was made for: every member's leaf carries that one name.
+#[derive(Debug)]
+struct FixedName {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for FixedName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _addressed_as: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -191,8 +256,20 @@ mod tests {
         PeerTls::new(&ClusterSecrets::new(secrets).unwrap()).unwrap()
     }
 
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
     /// Whether a client with `client` completes a handshake and one exchange with `server`.
     async fn talk(client: &PeerTls, server: &PeerTls) -> bool {
+        exchange(client, server, Some(PEER)).await.is_some()
+    }
+
+    /// How a client with `client`, dialling `server` at `peer`, got through its handshake, when it
+    /// completes one exchange (which also delivers the server's resumption tickets).
+    async fn exchange(
+        client: &PeerTls,
+        server: &PeerTls,
+        peer: Option<IpAddr>,
+    ) -> Option<rustls::HandshakeKind> {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let acceptor = TlsAcceptor::from(server.server_config());
         let connector = TlsConnector::from(client.client_config());
@@ -205,15 +282,15 @@ mod tests {
             Some(())
         };
         let ask = async move {
-            let mut tls = connector.connect(client.server_name(), a).await.ok()?;
+            let mut tls = connector.connect(client.server_name(peer), a).await.ok()?;
             tls.write_all(b"ping").await.ok()?;
             tls.flush().await.ok()?;
             let mut buf = [0; 4];
             tls.read_exact(&mut buf).await.ok()?;
-            Some(buf)
+            (buf == *b"pong").then(|| tls.get_ref().1.handshake_kind())?
         };
-        let (served, answer) = tokio::join!(serve, ask);
-        served.is_some() && answer == Some(*b"pong")
+        let (served, kind) = tokio::join!(serve, ask);
+        served.and(kind)
     }
 
     #[test]
@@ -228,6 +305,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn members_talk_by_the_shared_name_too() {
+        assert!(exchange(&tls(&[OLD]), &tls(&[OLD]), None).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn each_peer_resumes_its_own_session() {
+        let (client, one, two) = (tls(&[OLD]), tls(&[OLD]), tls(&[OLD]));
+        let other = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 3));
+        let full = Some(rustls::HandshakeKind::Full);
+        assert_eq!(exchange(&client, &one, Some(PEER)).await, full);
+        assert_eq!(exchange(&client, &two, Some(other)).await, full);
+        // Under one name for both, the ticket offered here would be `two`'s, and `one` would
+        // decline it.
+        assert_eq!(
+            exchange(&client, &one, Some(PEER)).await,
+            Some(rustls::HandshakeKind::Resumed)
+        );
+    }
+
+    #[tokio::test]
     async fn members_seal_blobs_with_aes_128_gcm() {
         let (client, server) = (tls(&[OLD]), tls(&[OLD]));
         let (a, b) = tokio::io::duplex(64 * 1024);
@@ -235,7 +332,7 @@ mod tests {
         let connector = TlsConnector::from(client.client_config());
         let (served, asked) = tokio::join!(
             acceptor.accept(b),
-            connector.connect(client.server_name(), a)
+            connector.connect(client.server_name(Some(PEER)), a)
         );
         let (served, asked) = (served.unwrap(), asked.unwrap());
         for suite in [
@@ -272,7 +369,7 @@ mod tests {
                 .with_no_client_auth();
         let connector = TlsConnector::from(Arc::new(anonymous));
         let ask = async move {
-            let mut tls = connector.connect(server.server_name(), a).await.ok()?;
+            let mut tls = connector.connect(server.server_name(None), a).await.ok()?;
             tls.write_all(b"ping").await.ok()?;
             tls.flush().await.ok()?;
             let mut buf = [0; 4];

@@ -1,5 +1,6 @@
 //! Dialling peers: TCP (hyper-util's connector: connect timeout, `TCP_NODELAY`), then mutual TLS
-//! with this node's cluster leaf unless the cluster runs open or authenticated plaintext.
+//! with this node's cluster leaf unless the cluster runs open or authenticated plaintext. The
+//! TLS connection is made for the address dialled, so each peer resumes its own sessions.
 use std::{
     io,
     pin::Pin,
@@ -67,7 +68,8 @@ impl tower_service::Service<Uri> for PeerConnector {
                 return Ok(TokioIo::new(Box::new(tcp) as PeerConn));
             };
             let connector = TlsConnector::from(tls.client_config());
-            let handshake = connector.connect(tls.server_name(), tcp);
+            let peer = tcp.peer_addr().ok().map(|addr| addr.ip());
+            let handshake = connector.connect(tls.server_name(peer), tcp);
             match tokio::time::timeout(timeout, handshake).await {
                 Ok(Ok(stream)) => Ok(TokioIo::new(Box::new(stream) as PeerConn)),
                 Ok(Err(err)) => Err(io::Error::new(

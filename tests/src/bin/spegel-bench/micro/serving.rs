@@ -133,7 +133,7 @@ async fn measure(
     let peer_tls = PeerTls::new(&secrets)?;
     let peer_tls = Tls {
         config: peer_tls.client_config(),
-        name: peer_tls.server_name(),
+        name: peer_tls.server_name(None),
     };
     let plaintext = PlaintextAuth::new(&secrets);
     let reference = image.reference(Endpoint::Tls);
