@@ -7,8 +7,10 @@
 //! phase (`rollout`: node 1 alone, then the others in batches; `burst`: all nodes at once
 //! behind one barrier) for every image (sizes × layer counts), each measurement with an image
 //! nobody has pulled before, on nodes whose containerd has pulled once before (see
-//! [`scenario::Running::warm_up`]). Output: every raw number as JSON under `target/bench/`, a
-//! markdown table of ratios against `direct`, and a PNG chart. Nothing here asserts a timing.
+//! [`scenario::Running::warm_up`]). `--repeat N` runs all of it N times over, each round with
+//! images of its own, the scenarios taking turns so a machine's drift reaches them alike.
+//! Output: every raw number as JSON under `target/bench/`, a markdown table of ratios against
+//! `direct` (each node's median over the rounds), and a PNG chart. Nothing here asserts a timing.
 //!
 //! `micro` runs the per-path benchmarks instead (`micro/`): DHT lookups, peer serving against
 //! nginx, passthrough and a miss against direct, the daemon's memory with 10,000 keys.
@@ -77,6 +79,10 @@ struct Args {
     #[arg(long, env = "SPEGEL_BENCH_SCENARIOS", value_delimiter = ',', value_enum,
           default_values_t = [Scenario::Direct, Scenario::Proxy, Scenario::Mirror, Scenario::Transparent])]
     scenarios: Vec<Scenario>,
+    /// Rounds of every case (each with images of its own), scenario after scenario so drift
+    /// reaches every scenario alike; the table and chart show each node's median.
+    #[arg(long, env = "SPEGEL_BENCH_REPEAT", default_value_t = 1)]
+    repeat: usize,
     /// Nodes per batch after the first in a rollout.
     #[arg(long, env = "SPEGEL_BENCH_BATCH", default_value_t = 2)]
     batch: usize,
@@ -168,7 +174,10 @@ struct Record {
     shaping: String,
     nodes: usize,
     batch: usize,
+    /// Rounds of every case (`--repeat`).
+    repeat: usize,
     preflight: Option<Preflight>,
+    /// Every round's measurements, in the order they were made.
     results: Vec<phase::Measurement>,
 }
 
@@ -177,6 +186,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     ensure!((1..=8).contains(&args.nodes), "--nodes must be 1 to 8");
     ensure!(args.batch >= 1, "--batch must be at least 1");
+    ensure!(args.repeat >= 1, "--repeat must be at least 1");
     ensure!(
         args.layers.iter().all(|l| *l >= 1),
         "--layers must be at least 1"
@@ -199,16 +209,19 @@ async fn main() -> Result<()> {
     let scenarios = args.scenarios();
     let images = args.images();
     let mut cases = Vec::new();
-    for scenario in &scenarios {
-        for phase in &phases {
-            for (size, layers) in &images {
-                cases.push(Case::new(*scenario, *phase, *size, *layers));
+    for round in 0..args.repeat {
+        for scenario in &scenarios {
+            for phase in &phases {
+                for (size, layers) in &images {
+                    cases.push(Case::new(*scenario, *phase, *size, *layers, round));
+                }
             }
         }
     }
     println!(
-        "spegel bench: {} node(s), upstream {}, scenarios {:?}, phases {:?}, images {:?}",
+        "spegel bench: {} node(s), {} round(s), upstream {}, scenarios {:?}, phases {:?}, images {:?}",
         args.nodes,
+        args.repeat,
         shaping.describe(),
         scenarios,
         phases,
@@ -249,6 +262,7 @@ async fn run(rig: &Rig, args: &Args, shaping: Shaping, cases: &[Case]) -> Result
         shaping: shaping.describe(),
         nodes: args.nodes,
         batch: args.batch,
+        repeat: args.repeat,
         preflight,
         results,
     })
@@ -291,7 +305,11 @@ async fn measure(
             if let Some(running) = current.take() {
                 running.stop(rig).await?;
             }
-            println!("\n== scenario {:?}", case.scenario);
+            println!(
+                "\n== scenario {:?}, round {}",
+                case.scenario,
+                case.round + 1
+            );
             current = Some(scenario::Running::start(rig, case.scenario, &args.daemon_log).await?);
             scenario::Running::warm_up(rig).await?;
         }

@@ -34,22 +34,35 @@ pub(crate) struct Case {
     pub(crate) phase: Phase,
     pub(crate) size: u64,
     pub(crate) layers: usize,
+    /// 0-based repetition (`--repeat`).
+    pub(crate) round: usize,
 }
 
 impl Case {
-    pub(crate) fn new(scenario: Scenario, phase: Phase, size: u64, layers: usize) -> Self {
+    pub(crate) fn new(
+        scenario: Scenario,
+        phase: Phase,
+        size: u64,
+        layers: usize,
+        round: usize,
+    ) -> Self {
         Self {
             scenario,
             phase,
             size,
             layers,
+            round,
         }
     }
 
-    /// A name unique per case, so every measurement pulls digests nobody has.
+    /// A name unique per case and round, so every measurement pulls digests nobody has.
     pub(crate) fn image_name(&self) -> String {
+        let round = match self.round {
+            0 => String::new(),
+            n => format!("-r{n}"),
+        };
         format!(
-            "b-{:?}-{:?}-{}m-{}l",
+            "b-{:?}-{:?}-{}m-{}l{round}",
             self.scenario,
             self.phase,
             self.size / MIB,
@@ -89,6 +102,8 @@ pub(crate) struct Measurement {
     pub(crate) image_bytes: u64,
     pub(crate) size_mib: u64,
     pub(crate) layers: usize,
+    /// 0-based repetition; in [`medians`], how many rounds were folded.
+    pub(crate) round: usize,
     pub(crate) pulls: Vec<Pull>,
     /// From the first pull's start until every node has the image.
     pub(crate) wall_secs: f64,
@@ -131,6 +146,53 @@ impl Measurement {
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let v: Vec<f64> = values.collect();
     v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// The middle value (the mean of the two middle ones for an even count; `NaN` for none).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One measurement per scenario, phase and image, in the order they first appear: each node's
+/// median pull time and the median wall time over the rounds, the largest upstream egress and
+/// daemon RSS of any round (`round` says how many rounds were folded).
+pub(crate) fn medians(results: &[Measurement]) -> Vec<Measurement> {
+    let key = |m: &Measurement| (m.scenario, m.phase, m.size_mib, m.layers);
+    let mut folded: Vec<Measurement> = Vec::new();
+    for m in results {
+        if folded.iter().any(|f| key(f) == key(m)) {
+            continue;
+        }
+        let rounds: Vec<&Measurement> = results.iter().filter(|r| key(r) == key(m)).collect();
+        let pulls = m
+            .pulls
+            .iter()
+            .map(|p| Pull {
+                secs: median(
+                    rounds
+                        .iter()
+                        .flat_map(|r| r.pulls.iter().filter(|q| q.node == p.node))
+                        .map(|q| q.secs),
+                ),
+                ..p.clone()
+            })
+            .collect();
+        folded.push(Measurement {
+            round: rounds.len(),
+            pulls,
+            wall_secs: median(rounds.iter().map(|r| r.wall_secs)),
+            upstream_bytes: rounds.iter().map(|r| r.upstream_bytes).max().unwrap_or(0),
+            daemon_peak_rss_kib: rounds.iter().filter_map(|r| r.daemon_peak_rss_kib).max(),
+            ..m.clone()
+        });
+    }
+    folded
 }
 
 /// Runs `case` with `image` (nobody has it yet) and removes nothing; the caller cleans up.
@@ -205,6 +267,7 @@ pub(crate) async fn run(
         image_bytes,
         size_mib: case.size / MIB,
         layers: case.layers,
+        round: case.round,
         pulls,
         wall_secs: secs(wall),
         upstream_bytes,
@@ -253,9 +316,63 @@ mod tests {
 
     #[test]
     fn every_case_has_its_own_image() {
-        let a = Case::new(Scenario::Direct, Phase::Burst, 10 * MIB, 4);
-        let b = Case::new(Scenario::Proxy, Phase::Burst, 10 * MIB, 4);
+        let a = Case::new(Scenario::Direct, Phase::Burst, 10 * MIB, 4, 0);
+        let b = Case::new(Scenario::Proxy, Phase::Burst, 10 * MIB, 4, 0);
+        let again = Case::new(Scenario::Direct, Phase::Burst, 10 * MIB, 4, 1);
         assert_ne!(a.image_name(), b.image_name());
         assert_eq!(a.image_name(), "b-direct-burst-10m-4l");
+        assert_eq!(again.image_name(), "b-direct-burst-10m-4l-r1");
+    }
+
+    fn measured(scenario: Scenario, round: usize, secs: [f64; 3], egress: u64) -> Measurement {
+        Measurement {
+            scenario,
+            phase: Phase::Rollout,
+            image_bytes: 100,
+            size_mib: 10,
+            layers: 1,
+            round,
+            pulls: (0..3)
+                .map(|node| Pull {
+                    node,
+                    batch: node.min(1),
+                    secs: secs[node],
+                })
+                .collect(),
+            wall_secs: secs.iter().sum(),
+            upstream_bytes: egress,
+            daemon_peak_rss_kib: None,
+        }
+    }
+
+    #[test]
+    fn rounds_fold_into_each_nodes_median() {
+        let results = [
+            measured(Scenario::Direct, 0, [1.0, 2.0, 9.0], 100),
+            measured(Scenario::Mirror, 0, [1.0, 0.2, 0.2], 100),
+            measured(Scenario::Direct, 1, [3.0, 4.0, 3.0], 100),
+            measured(Scenario::Mirror, 1, [1.0, 0.4, 0.3], 250),
+            measured(Scenario::Direct, 2, [2.0, 3.0, 5.0], 100),
+            measured(Scenario::Mirror, 2, [1.0, 0.9, 0.1], 100),
+        ];
+        let folded = medians(&results);
+        assert_eq!(folded.len(), 2);
+        let (direct, mirror) = (&folded[0], &folded[1]);
+        assert_eq!(
+            (direct.scenario, mirror.scenario),
+            (Scenario::Direct, Scenario::Mirror)
+        );
+        assert_eq!(direct.round, 3);
+        let secs = |m: &Measurement| m.pulls.iter().map(|p| p.secs).collect::<Vec<_>>();
+        assert_eq!(secs(direct), [2.0, 3.0, 5.0]);
+        assert_eq!(secs(mirror), [1.0, 0.4, 0.2]);
+        assert_eq!(direct.wall_secs, 10.0);
+        assert_eq!(mirror.upstream_bytes, 250, "egress: the worst round");
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_middle_pair_s_mean() {
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), 2.5);
+        assert!(median(std::iter::empty()).is_nan());
     }
 }

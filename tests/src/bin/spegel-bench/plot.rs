@@ -1,5 +1,6 @@
 //! The chart: per phase (one row each), the pull time of every node per scenario (left) and the
-//! upstream egress in images per scenario (right), for the largest image measured. Text is
+//! upstream egress in images per scenario (right), for the largest image measured (each node's
+//! median over `--repeat` rounds, the worst round's egress). Text is
 //! drawn with a system TrueType font; without one the chart is skipped (the table has it all).
 
 use std::path::Path;
@@ -9,7 +10,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use crate::Record;
-use crate::phase::{Measurement, Phase};
+use crate::phase::{Measurement, Phase, medians};
 use crate::report::phase_label;
 
 /// Fonts tried in order (Debian's `fonts-dejavu-core`, `fonts-liberation`).
@@ -40,8 +41,9 @@ fn register_font() -> Result<()> {
 /// Draws `record` into `path` (PNG).
 pub(crate) fn draw(path: &Path, record: &Record) -> Result<()> {
     register_font()?;
+    let results = medians(&record.results);
     let mut phases: Vec<Phase> = Vec::new();
-    for m in &record.results {
+    for m in &results {
         if !phases.contains(&m.phase) {
             phases.push(m.phase);
         }
@@ -55,7 +57,7 @@ pub(crate) fn draw(path: &Path, record: &Record) -> Result<()> {
     let rows = root.split_evenly((phases.len(), 1));
     for (phase, row) in phases.iter().zip(&rows) {
         let (left, right) = row.split_horizontally(900);
-        let ms = largest_case(record, *phase);
+        let ms = largest_case(&results, *phase);
         draw_pulls(&left, *phase, &ms, record.nodes).map_err(|e| anyhow!("{e}"))?;
         draw_egress(&right, *phase, &ms).map_err(|e| anyhow!("{e}"))?;
     }
@@ -64,15 +66,13 @@ pub(crate) fn draw(path: &Path, record: &Record) -> Result<()> {
 }
 
 /// The measurements of `phase` for its largest image (most layers on a tie), scenario order.
-fn largest_case(record: &Record, phase: Phase) -> Vec<&Measurement> {
-    let key = record
-        .results
+fn largest_case(results: &[Measurement], phase: Phase) -> Vec<&Measurement> {
+    let key = results
         .iter()
         .filter(|m| m.phase == phase)
         .map(|m| (m.size_mib, m.layers))
         .max();
-    record
-        .results
+    results
         .iter()
         .filter(|m| m.phase == phase && Some((m.size_mib, m.layers)) == key)
         .collect()

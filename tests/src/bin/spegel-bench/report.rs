@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 
 use crate::Record;
-use crate::phase::{Measurement, Phase};
+use crate::phase::{Measurement, Phase, medians};
 use crate::scenario::Scenario;
 
 /// Where the README's generated section starts and ends.
@@ -131,8 +131,9 @@ pub(crate) fn replace_section(text: &str, section: &str, start: &str, end: &str)
 }
 
 /// The markdown table: per phase and image, each scenario's times and egress, with ratios
-/// against `direct` of the same phase and image.
+/// against `direct` of the same phase and image (over `--repeat` rounds: each node's median).
 pub(crate) fn table(record: &Record) -> String {
+    let results = medians(&record.results);
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -156,8 +157,8 @@ pub(crate) fn table(record: &Record) -> String {
         "| phase | image | scenario | node 1 / slowest (s) | later nodes, mean (s) | all nodes done (s) | later vs direct | all done vs direct | upstream egress (× image) |"
     );
     let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|");
-    for m in &record.results {
-        let direct = record.results.iter().find(|d| {
+    for m in &results {
+        let direct = results.iter().find(|d| {
             d.scenario == Scenario::Direct
                 && d.phase == m.phase
                 && d.size_mib == m.size_mib
@@ -191,6 +192,13 @@ pub(crate) fn table(record: &Record) -> String {
         "\nRollout: node 1 alone, then the others in batches of {} (each once the previous batch's content is findable and the lookups that found it are stale; all done: the batches' pull times added up); burst: every node at once (the slowest pull shown). In every scenario each node's containerd has pulled a small image from the registry's other listener first. Ratios below 1 are faster than direct.",
         record.batch
     );
+    if record.repeat > 1 {
+        let _ = writeln!(
+            s,
+            "\nEvery row: {} rounds, each with images of its own, the scenarios taking turns; each node's median pull time and the median of all done (ratios from those), the largest upstream egress of any round.",
+            record.repeat
+        );
+    }
     s
 }
 
